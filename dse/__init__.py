@@ -1,0 +1,28 @@
+"""dse: design-space exploration of low-rank decompositions of LLM weights.
+
+The public API is small; heavy modules (transformers, optuna, lm-eval) load on first use.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "decompose_": "dse.decompose", "restore_": "dse.decompose", "is_decomposed": "dse.decompose",
+    "Plan": "dse.plan", "PlanError": "dse.plan", "uniform_plan": "dse.plan",
+    "LowRankLinear": "dse.lowrank",
+    "METHODS": "dse.methods", "register_method": "dse.methods", "SVDConfig": "dse.methods",
+    "Tucker2Config": "dse.methods",
+    "FactorCache": "dse.cache",
+    "find_projections": "dse.arch", "register_family": "dse.arch", "Family": "dse.arch",
+    "load_model": "dse.models", "load_config": "dse.models",
+    "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dse' has no attribute {name!r}")

@@ -1,0 +1,138 @@
+"""Rank plans: which modules to decompose, at what rank, with which method. Plain data.
+
+A plan is an ordered map from fully qualified module name to a rank (or an ``(r_out, r_in)``
+pair for ``tucker2``), plus the method, its options and a format version. It round-trips through
+JSON and is validated against a model's projection table before anything is mutated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from .methods import Rank, as_pair, get_method, make_config
+
+PLAN_FORMAT = 1
+
+
+class PlanError(ValueError):
+    """A plan that does not fit its model; the message names the offending field."""
+
+
+@dataclass
+class Plan:
+    ranks: Dict[str, Rank] = field(default_factory=dict)
+    method: str = "svd"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ranks = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in self.ranks.items()}
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def config(self):
+        return make_config(self.method, self.method_options)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": PLAN_FORMAT, "method": self.method, "method_options": dict(self.method_options),
+                "ranks": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ranks.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        if not isinstance(data, Mapping):
+            raise PlanError(f"plan: expected an object, got {type(data).__name__}")
+        fmt = data.get("format", PLAN_FORMAT)
+        if fmt != PLAN_FORMAT:
+            raise PlanError(f"plan.format: {fmt!r} is not supported (this dse reads {PLAN_FORMAT})")
+        unknown = sorted(set(data) - {"format", "method", "method_options", "ranks"})
+        if unknown:
+            raise PlanError(f"plan.{unknown[0]}: unknown key")
+        ranks = data.get("ranks", {})
+        if not isinstance(ranks, Mapping):
+            raise PlanError("plan.ranks: expected an object of module name -> rank")
+        plan = cls(dict(ranks), data.get("method", "svd"), dict(data.get("method_options") or {}))
+        try:
+            plan.config  # method and options exist
+        except ValueError as e:
+            raise PlanError(f"plan.{e}") from None
+        return plan
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return cls.from_dict(data)
+
+    def save(self, path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json(indent=1))
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        return cls.from_json(Path(path).read_text())
+
+    def validate(self, table: Mapping) -> None:
+        """Check every entry against ``table`` (from :func:`dse.arch.find_projections`).
+
+        Raises :class:`PlanError` naming the first bad field: unknown module, rank that is not a
+        positive integer, rank above ``min(out, in)``, a rank pair for a method that takes one rank.
+        """
+        method = get_method(self.method)
+        for name, rank in self.ranks.items():
+            where = f"plan.ranks[{name!r}]"
+            if name not in table:
+                raise PlanError(f"{where}: no such decomposable module in this model")
+            if isinstance(rank, tuple):
+                if not method.pair_ranks:
+                    raise PlanError(f"{where}: method {self.method} takes one rank, got a pair {list(rank)}")
+                if len(rank) != 2:
+                    raise PlanError(f"{where}: a rank pair is [r_out, r_in], got {list(rank)}")
+            for r in (rank if isinstance(rank, tuple) else (rank,)):
+                if isinstance(r, bool) or not isinstance(r, int):
+                    raise PlanError(f"{where}: rank must be an integer, got {r!r}")
+                if r <= 0:
+                    raise PlanError(f"{where}: rank must be >= 1, got {r}")
+                full = table[name].full_rank
+                if r > full:
+                    p = table[name]
+                    raise PlanError(f"{where}: rank {r} exceeds min({p.out_features}, {p.in_features}) = {full}")
+
+    def params(self, table: Mapping) -> int:
+        """Parameters of all factors in the plan (biases excluded)."""
+        method = get_method(self.method)
+        return sum(method.params(r, table[n].out_features, table[n].in_features) for n, r in self.ranks.items())
+
+    def summary(self) -> str:
+        if not self.ranks:
+            return "dense"
+        pairs = {as_pair(r) for r in self.ranks.values()}
+        rs = sorted(p[0] for p in pairs)
+        return f"{len(self.ranks)} modules, {self.method}, rank {rs[0]}" + (f"..{rs[-1]}" if len(rs) > 1 else "")
+
+
+def uniform_plan(table: Mapping, rank=None, *, ratio: Optional[float] = None, method: str = "svd",
+                 method_options=None, types=None, layers=None) -> Plan:
+    """Every selected module at one rank, or at the rank that removes ``ratio`` of its parameters.
+
+    With ``ratio=R`` the rank is ``int(m·n·(1−R)/(m+n))`` per ``m × n`` weight (SVD-LLM's rule).
+    """
+    if (rank is None) == (ratio is None):
+        raise ValueError("uniform_plan: give exactly one of rank and ratio")
+    ranks = {}
+    for name, p in table.items():
+        if (types and p.type not in types) or (layers is not None and p.layer not in layers):
+            continue
+        m, n = p.out_features, p.in_features
+        r = rank if ratio is None else int(m * n * (1 - ratio) / (m + n))
+        ranks[name] = max(1, min(r, p.full_rank))
+    return Plan(ranks, method, dict(method_options or {}))
