@@ -1,0 +1,254 @@
+"""Study configuration: the YAML a user writes under ``studies/``, validated into dataclasses.
+
+Every error is one line naming the field (``study.sampler: unknown 'tpee'; choose one of ...``).
+Relative paths (space file, data directory, text files, storage file) resolve against the
+study file's folder, so a study runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import yaml
+
+from .methods import make_config
+
+# objective name -> (optuna direction, trial attribute it reads)
+OBJECTIVES = {
+    "accuracy": ("maximize", "accuracy"),
+    "params": ("minimize", "params_ratio"),
+    "perplexity": ("minimize", "perplexity"),
+    "latency": ("minimize", "latency_ms_per_token"),
+}
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+class ConfigError(ValueError):
+    """A bad study or space file; the message names the field."""
+
+
+def read_yaml(path, what: str) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what}: YAML syntax error{where} in {path}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def check_keys(data: Mapping, allowed, where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def typed(data: Mapping, key: str, kind, where: str, default=None, *, positive=False):
+    """``data[key]`` checked against ``kind`` (a type or tuple), or ``default`` when absent/None."""
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
+    return value
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
+                        "list": "a list", "dict": "a mapping"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Feasibility limits: ``max_drop`` in accuracy points (fraction, 0.10 = 10 points) below the
+    undecomposed baseline, ``max_params`` as a fraction of the model's parameters."""
+
+    max_drop: Optional[float] = None
+    max_params: Optional[float] = None
+    max_perplexity: Optional[float] = None
+
+    def violations(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> List[float]:
+        """Optuna's convention: one value per constraint, feasible when <= 0."""
+        out = []
+        if self.max_drop is not None:
+            out.append((baseline["accuracy"] - self.max_drop) - metrics["accuracy"])
+        if self.max_params is not None:
+            out.append(metrics["params_ratio"] - self.max_params)
+        if self.max_perplexity is not None:
+            out.append(metrics["perplexity"] - self.max_perplexity)
+        return out
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: Optional[Path]  # the YAML file, or None for a config built in code
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    space: Any = None  # dse.space.Space
+    method: str = "svd"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None  # dse.calibration.CalibrationSpec or None
+    evaluation: Any = None  # dse.evaluate.EvalConfig
+    objectives: tuple = ("accuracy", "params")
+    sampler: str = "tpe"
+    seed: int = 0
+    n_trials: int = 20
+    timeout: Optional[float] = None
+    storage: Optional[str] = None
+    constraints: Constraints = Constraints()
+    baselines: tuple = ()
+    cache_dir: Optional[str] = None
+
+    @property
+    def directions(self) -> List[str]:
+        return [OBJECTIVES[o][0] for o in self.objectives]
+
+    @property
+    def storage_url(self) -> str:
+        """The storage URL; by default a SQLite file beside the study file."""
+        if self.storage:
+            return self.storage
+        folder = self.path.parent if self.path else Path.cwd()
+        return f"sqlite:///{(folder / 'runs' / f'{self.name}.db').resolve()}"
+
+
+STUDY_KEYS = {f.name for f in dataclasses.fields(StudyConfig)} - {"path"}
+
+
+def load_study_config(path) -> StudyConfig:
+    path = Path(path).resolve()
+    return study_config_from_dict(read_yaml(path, "study"), path)
+
+
+def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None) -> StudyConfig:
+    """Validate a study mapping; ``path`` (the YAML file) anchors relative paths."""
+    from .calibration import calibration_spec_from_dict
+    from .evaluate import EvalConfig
+    from .space import Space
+
+    where = "study"
+    base = path.parent if path else Path.cwd()
+    check_keys(data, STUDY_KEYS, where)
+    name = typed(data, "name", str, where, default=path.stem if path else None)
+    if not name:
+        raise ConfigError("study.name: required")
+
+    space = data.get("space")
+    if isinstance(space, str):
+        space = Space.load(_resolve(base, space))
+    elif isinstance(space, Mapping):
+        space = Space.from_dict(space)
+    else:
+        raise ConfigError("study.space: expected a path to a space YAML or an inline mapping")
+
+    method = typed(data, "method", str, where, default="svd")
+    method_options = typed(data, "method_options", dict, where, default={})
+    try:
+        method_config = make_config(method, method_options)
+    except ValueError as e:
+        raise ConfigError(f"study.{e}") from None
+
+    calibration = data.get("calibration")
+    if calibration is not None:
+        calibration = calibration_spec_from_dict(calibration, base)
+    if method_config.needs_calibration and calibration is None:
+        raise ConfigError(f"study.calibration: method {method} needs calibration data; add a calibration: section")
+
+    evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
+
+    objectives = data.get("objectives", ["accuracy", "params"])
+    if not isinstance(objectives, list) or not objectives:
+        raise ConfigError("study.objectives: expected a non-empty list")
+    for i, o in enumerate(objectives):
+        if o not in OBJECTIVES:
+            raise ConfigError(f"study.objectives[{i}]: unknown {o!r}; choose from {', '.join(OBJECTIVES)}")
+    if len(set(objectives)) != len(objectives):
+        raise ConfigError("study.objectives: listed twice")
+    if "accuracy" in objectives and not evaluation.tasks:
+        raise ConfigError("study.objectives: 'accuracy' needs evaluation.tasks")
+    if "perplexity" in objectives and evaluation.perplexity is None:
+        raise ConfigError("study.objectives: 'perplexity' needs evaluation.perplexity")
+    if "latency" in objectives and not evaluation.latency:
+        raise ConfigError("study.objectives: 'latency' needs evaluation.latency: true")
+
+    sampler = typed(data, "sampler", str, where, default="tpe")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"study.sampler: unknown {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    timeout = typed(data, "timeout", (int, float), where, positive=True)
+
+    cons = typed(data, "constraints", dict, where, default={})
+    check_keys(cons, {f.name for f in dataclasses.fields(Constraints)}, "study.constraints")
+    constraints = Constraints(**{k: float(typed(cons, k, (int, float), "study.constraints")) for k in cons})
+    if constraints.max_params is not None and not 0 < constraints.max_params <= 1:
+        raise ConfigError(f"study.constraints.max_params: a fraction in (0, 1], got {constraints.max_params}")
+    if constraints.max_drop is not None and not 0 <= constraints.max_drop <= 1:
+        raise ConfigError(f"study.constraints.max_drop: a fraction in [0, 1] (0.1 = 10 points), got {constraints.max_drop}")
+    if constraints.max_drop is not None and not evaluation.tasks:
+        raise ConfigError("study.constraints.max_drop: needs evaluation.tasks")
+
+    baselines = typed(data, "baselines", list, where, default=[])
+    for i, b in enumerate(baselines):
+        parse_baseline(b, f"study.baselines[{i}]")
+
+    storage = typed(data, "storage", str, where)
+    if storage is not None and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        storage = f"sqlite:///{_resolve(base, storage[len('sqlite:///'):])}"
+    cache_dir = typed(data, "cache_dir", str, where)
+    device = typed(data, "device", str, where, default="cpu")
+    dtype = typed(data, "dtype", str, where, default="float32")
+    from .models import DTYPES
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"study.dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
+        raise ConfigError(f"study.device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+
+    return StudyConfig(
+        name=name, path=path, model=typed(data, "model", str, where, default="smollm2-135m"),
+        device=device, dtype=dtype, space=space, method=method, method_options=method_options,
+        calibration=calibration, evaluation=evaluation, objectives=tuple(objectives), sampler=sampler,
+        seed=typed(data, "seed", int, where, default=0),
+        n_trials=typed(data, "n_trials", int, where, default=20, positive=True), timeout=timeout,
+        storage=storage, constraints=constraints, baselines=tuple(baselines),
+        cache_dir=str(_resolve(base, cache_dir)) if cache_dir else None)
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (base / q).resolve()
+
+
+def parse_baseline(spec, where: str):
+    """``"dense"``, ``{"uniform": RANK_OR_FRACTION}`` or ``{"ratio": R}`` -> (kind, value)."""
+    if spec == "dense":
+        return ("dense", None)
+    if isinstance(spec, Mapping) and len(spec) == 1:
+        (kind, value), = spec.items()
+        if kind == "uniform" and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return (kind, value)
+        if kind == "ratio" and isinstance(value, (int, float)) and 0 < value < 1:
+            return (kind, float(value))
+    raise ConfigError(f"{where}: expected 'dense', {{uniform: RANK or FRACTION}} or {{ratio: R in (0, 1)}}, got {spec!r}")
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

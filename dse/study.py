@@ -1,0 +1,137 @@
+"""Optuna studies over rank plans: storage, sampler, baselines, and the optimisation loop.
+
+``run_study(config)`` creates or resumes the study named in ``config`` in its storage, evaluates
+the undecomposed baseline once (kept in the study's user attributes), enqueues the configured
+baseline plans once, and runs trials until ``n_trials`` trials have finished (complete or pruned),
+so running it again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from .config import ConfigError, StudyConfig, parse_baseline
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_S = 30
+GRACE_S = 120
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def make_storage(url: str):
+    """An Optuna storage from a URL.
+
+    ``sqlite:///FILE``, ``postgresql://...``, ``mysql://...``: RDB storage with heartbeats (a trial
+    whose worker died is failed after ``GRACE_S`` seconds and re-queued once);
+    ``journal:///FILE``: Optuna's journal file storage (several processes on one host).
+    """
+    from pathlib import Path
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):].removeprefix("//"))  # journal:///abs or journal:rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise StorageError(f"storage: {url!r} is not a URL (sqlite:///FILE, postgresql://..., journal:///FILE)")
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except Exception as e:  # sqlalchemy: bad URL, missing driver, server unreachable
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"storage: cannot open {_redact(url)}: {msg}") from None
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def make_sampler(config: StudyConfig):
+    constraints_func = _constraints if config.constraints else None
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
+                                          constraints_func=constraints_func, n_startup_trials=8)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints_func)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=config.seed, constraints_func=constraints_func)
+    return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def _constraints(trial):
+    return trial.user_attrs.get("constraints", [])
+
+
+def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bool = True) -> optuna.Study:
+    """The study ``config.name`` in ``storage`` (or the config's), created if ``create``."""
+    storage_obj = make_storage(storage or config.storage_url)
+    if create:
+        study = optuna.create_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config),
+                                    directions=config.directions, load_if_exists=True)
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in config.directions]:
+            raise ConfigError(f"study.objectives: the stored study {config.name!r} has other directions; "
+                              "use a new study name")
+        return study
+    try:
+        return optuna.load_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config))
+    except KeyError:
+        raise StorageError(f"storage: no study named {config.name!r} in {_redact(storage or config.storage_url)}") from None
+
+
+def enqueue_baselines(study: optuna.Study, config: StudyConfig) -> None:
+    """Enqueue the configured baseline plans once per study (marked in the study's attributes)."""
+    if study.user_attrs.get("baselines_enqueued"):
+        return
+    for i, spec in enumerate(config.baselines):
+        kind, value = parse_baseline(spec, f"study.baselines[{i}]")
+        label = kind if value is None else f"{kind}-{value}"
+        study.enqueue_trial({}, user_attrs={"baseline": label, "baseline_spec": [kind, value]})
+    study.set_user_attr("baselines_enqueued", True)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
+              progress: bool = True, worker=None) -> optuna.Study:
+    """Create or resume the study and run trials until ``n_trials`` have finished in total.
+
+    ``worker`` (a :class:`dse.worker.Worker`) may be passed to reuse a loaded model.
+    KeyboardInterrupt marks the running trial failed (it is retried on resume) and propagates.
+    """
+    from .worker import Worker
+
+    target = n_trials or config.n_trials
+    study = open_study(config, storage)
+    done = finished_trials(study)
+    if done >= target:
+        return study
+    worker = worker or Worker.from_config(config, progress=progress)
+    worker.prepare(study)
+    enqueue_baselines(study, config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    study.optimize(worker.objective, n_trials=target - done, timeout=config.timeout, catch=(Exception,),
+                   callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
+                   gc_after_trial=False)
+    worker.close()
+    return study
