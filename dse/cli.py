@@ -22,15 +22,23 @@ def _cmd_space(args) -> None:
         print(format_counts(space, space.projections()))
 
 
-def _cmd_run(args) -> None:
+def _cmd_run(args, join: bool = False) -> None:
     from .config import load_study_config
-    from .study import finished_trials, run_study
+    from .study import finished_trials, run_study, run_workers
 
     config = load_study_config(args.study)
     storage = args.storage or config.storage_url
     print(f"dse: study {config.name!r} in {storage}", file=sys.stderr)
-    study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet)
+    if getattr(args, "workers", 1) > 1:
+        study = run_workers(config, args.workers, n_trials=args.n_trials, storage=args.storage)
+    else:
+        study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet,
+                          join=join)
     print(f"dse: {finished_trials(study)} trials finished; `dse status {args.study}` for the table", file=sys.stderr)
+
+
+def _cmd_worker(args) -> None:
+    _cmd_run(args, join=True)
 
 
 def _cmd_status(args) -> None:
@@ -40,6 +48,100 @@ def _cmd_status(args) -> None:
 
     config = load_study_config(args.study)
     print(format_status(open_study(config, args.storage, create=False)))
+
+
+def _open(args):
+    from .config import load_study_config
+    from .study import open_study
+
+    return open_study(load_study_config(args.study), args.storage, create=False)
+
+
+def _cmd_pareto(args) -> None:
+    from .results import pareto_front, require_completed, trials_frame
+    from .status import format_front
+
+    study = _open(args)
+    require_completed(study)
+    front = pareto_front(study)
+    print(format_front(front))
+    if args.out:
+        from .io import atomic_path
+
+        for name, frame in (("front", front), ("trials", trials_frame(study))):
+            for ext, write in (("csv", frame.to_csv), ("parquet", frame.to_parquet)):
+                with atomic_path(f"{args.out}/{name}.{ext}") as tmp:
+                    write(tmp, index=False)
+        print(f"dse: wrote front and trials (CSV, Parquet) to {args.out}", file=sys.stderr)
+
+
+def _cmd_plot(args) -> None:
+    from .plots import save_plots
+    from .results import require_completed
+
+    study = _open(args)
+    require_completed(study)
+    for path in save_plots(study, args.out):
+        print(path)
+
+
+def _cmd_export(args) -> None:
+    from .export import export_front, rank_config, select_trial
+
+    study = _open(args)
+    if args.front:
+        for path in export_front(study, args.out):
+            print(path)
+        return
+    trial = select_trial(study, max_params=args.max_params, min_accuracy=args.min_accuracy, max_drop=args.max_drop)
+    config = rank_config(study, trial)
+    config.save(args.out)
+    m = config.metrics
+    print(f"dse: trial {trial.number} ({m.get('plan_summary')}, params {m.get('params_ratio', float('nan')):.1%}"
+          + (f", accuracy {m['accuracy']:.4f}" if "accuracy" in m else "") + f") -> {args.out}", file=sys.stderr)
+
+
+def _cmd_apply(args) -> None:
+    from .compressed import apply_config
+    from .export import load_config_file
+
+    out = apply_config(load_config_file(args.config), args.out, merge=args.merge, device=args.device,
+                       progress=not args.quiet)
+    print(f"dse: wrote {'merged dense' if args.merge else 'low-rank'} model to {out}", file=sys.stderr)
+
+
+def _add_result_verbs(sub) -> None:
+    p = sub.add_parser("pareto", help="print the feasible Pareto front; --out writes CSV and Parquet")
+    p.add_argument("study", metavar="STUDY_YAML")
+    p.add_argument("--storage")
+    p.add_argument("--out", metavar="DIR", help="write front.{csv,parquet} and trials.{csv,parquet} here")
+    p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("plot", help="front, hypervolume, module heatmap and per-task plots (PNG and SVG)")
+    p.add_argument("study", metavar="STUDY_YAML")
+    p.add_argument("--storage")
+    p.add_argument("--out", metavar="DIR", required=True)
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("export", help="write the rank config of a front trial chosen by rule (JSON)")
+    p.add_argument("study", metavar="STUDY_YAML")
+    p.add_argument("--storage")
+    p.add_argument("--out", required=True, metavar="FILE", help="the JSON file (a folder with --front)")
+    p.add_argument("--max-params", type=float, metavar="FRACTION", help="at most this fraction of the parameters")
+    p.add_argument("--min-accuracy", type=float, help="at least this mean accuracy")
+    p.add_argument("--max-drop", type=float, metavar="FRACTION",
+                   help="at most this accuracy drop below the undecomposed model (0.05 = 5 points)")
+    p.add_argument("--front", action="store_true", help="export every front config into the --out folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("apply", help="write the compressed model of a rank config (loads with dse.load_compressed)")
+    p.add_argument("config", metavar="CONFIG_JSON")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--merge", action="store_true",
+                   help="multiply the factors back: a dense model that transformers loads as is")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_apply)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="finished trials to reach in total (default: the study's n_trials)")
     p.add_argument("--storage", help="storage URL (default: the study's, or a SQLite file beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local worker processes (needs a journal:/// or postgresql:// storage)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("worker", help="join a running study (one process; start as many as you like)")
+    p.add_argument("study", metavar="STUDY_YAML")
+    p.add_argument("--storage", help="the study's storage URL (postgresql://..., journal:///FILE)")
+    p.add_argument("--n-trials", type=int, help="stop when the study has this many finished trials")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("status", help="trials of a study: counts, baseline and best so far")
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage")
     p.set_defaults(func=_cmd_status)
+    _add_result_verbs(sub)
     return parser
 
 

