@@ -16,6 +16,8 @@ _LAZY = {
     "FactorCache": "dse.cache",
     "find_projections": "dse.arch", "register_family": "dse.arch", "Family": "dse.arch",
     "load_model": "dse.models", "load_config": "dse.models",
+    "Space": "dse.space", "SpaceError": "dse.space", "format_counts": "dse.space",
+    "projection_table": "dse.shapes",
     "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
 }
 

@@ -19,7 +19,7 @@ def _cmd_space(args) -> None:
 
     for path in args.files:
         space = Space.load(path)
-        print(format_counts(space, space.projections()))
+        print(format_counts(space, space.table()), end="\n\n" if path != args.files[-1] else "\n")
 
 
 def _cmd_run(args, join: bool = False) -> None:

@@ -22,6 +22,7 @@ from .config import OBJECTIVES, StudyConfig, finite
 from .decompose import decompose_, restore_
 from .plan import Plan, uniform_plan
 from .size import plan_size
+from .space import resolve_rank
 
 
 class TrialFailed(RuntimeError):
@@ -108,16 +109,13 @@ class Worker:
         spec = trial.user_attrs.get("baseline_spec")
         method, options = self.config.method, dict(self.config.method_options)
         if spec is None:
-            plan = self.config.space.suggest(trial, self.table)
-            return Plan(plan.ranks, method, options)
+            return self.config.space.suggest(trial, self.table, method, options)
         kind, value = spec
         if kind == "dense":
             return Plan({}, method, options)
         if kind == "ratio":
             return uniform_plan(self.table, ratio=value, method=method, method_options=options)
-        ranks = {n: max(1, min(p.full_rank, int(value) if value >= 1 else round(value * p.full_rank)))
-                 for n, p in self.table.items()}
-        return Plan(ranks, method, options)
+        return Plan({n: resolve_rank(value, p.full_rank) for n, p in self.table.items()}, method, options)
 
     def measure(self, plan: Plan) -> Dict[str, Any]:
         """Decompose with ``plan``, evaluate, restore; return sizes and metrics."""
