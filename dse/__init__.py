@@ -18,6 +18,9 @@ _LAZY = {
     "load_model": "dse.models", "load_config": "dse.models",
     "Space": "dse.space", "SpaceError": "dse.space", "format_counts": "dse.space",
     "projection_table": "dse.shapes",
+    "load_compressed": "dse.compressed", "apply_config": "dse.compressed",
+    "RankConfig": "dse.export", "load_config_file": "dse.export",
+    "trials_frame": "dse.results", "pareto_front": "dse.results", "hypervolume_history": "dse.results",
     "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
 }
 

@@ -42,12 +42,9 @@ def _cmd_worker(args) -> None:
 
 
 def _cmd_status(args) -> None:
-    from .config import load_study_config
     from .status import format_status
-    from .study import open_study
 
-    config = load_study_config(args.study)
-    print(format_status(open_study(config, args.storage, create=False)))
+    print(format_status(_open(args)))
 
 
 def _open(args):

@@ -49,7 +49,7 @@ class LowRankLinear(nn.Module):
         """
         weight = module.weight
         transposed = type(module).__name__ == "Conv1D"
-        factors = [f.to(device=weight.device, dtype=weight.dtype) for f in factors]
+        factors = [f.to(device=weight.device, dtype=weight.dtype).contiguous() for f in factors]
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         if factors[0].shape[1] != in_f or factors[-1].shape[0] != out_f:
             raise ValueError(f"factors map {factors[0].shape[1]} -> {factors[-1].shape[0]}, "

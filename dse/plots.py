@@ -1,0 +1,200 @@
+"""Plots of a study: the front over all trials, hypervolume, where the front decomposes, per-task accuracy.
+
+Data comes from :mod:`dse.results`; each ``plot_*`` function draws on the ``ax`` given (or on a
+new figure) and returns the Axes. Figures are built with :class:`matplotlib.figure.Figure`, not
+pyplot, so nothing opens a window or touches global state. :func:`save_plots` writes PNG and SVG.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .arch import CANONICAL_TYPES, FAMILIES
+from .results import front_trials, hypervolume_history, pareto_front, quality_key, reference_point, trials_frame
+
+LABELS = {
+    "accuracy": "mean accuracy (fraction correct)",
+    "perplexity": "perplexity",
+    "latency_ms_per_token": "latency (ms per token)",
+}
+PARAMS_LABEL = "parameters (% of the undecomposed model)"
+
+
+def _axes(ax: Optional[Axes], size=(8, 5.5)) -> Axes:
+    return ax if ax is not None else Figure(figsize=size, layout="constrained").add_subplot()
+
+
+def _millions_axis(ax: Axes, study) -> None:
+    """A top x axis in millions of parameters for an x axis in percent of the undecomposed model."""
+    base = (study.user_attrs.get("baseline") or {}).get("params")
+    if not base:
+        return
+    scale = base / 1e6 / 100.0
+    top = ax.secondary_xaxis("top", functions=(lambda p: p * scale, lambda m: m / scale))
+    top.set_xlabel("parameters (millions)")
+
+
+def plot_front(study, ax: Optional[Axes] = None) -> Axes:
+    """Quality against size for every completed trial, the feasible front, and the baselines."""
+    ax = _axes(ax)
+    metric = quality_key(study)[0]
+    df = trials_frame(study)
+    done = df[df["state"] == "COMPLETE"]
+    front = pareto_front(study)
+    feasible, infeasible = done[done["feasible"]], done[~done["feasible"]]
+    ax.scatter(feasible["params_pct"], feasible[metric], s=18, color="0.6", label=f"feasible trial ({len(feasible)})")
+    if len(infeasible):
+        ax.scatter(infeasible["params_pct"], infeasible[metric], s=22, marker="x", color="0.75",
+                   label=f"trial violating the constraints ({len(infeasible)})")
+    ax.step(front["params_pct"], front[metric], where="post", color="C0", alpha=0.5)  # attainment curve
+    ax.plot(front["params_pct"], front[metric], "o", color="C0", ms=7, label=f"Pareto front ({len(front)})")
+    marks = iter(["s", "D", "^", "v", "P", "X"])
+    for _, row in done[done["baseline"].notna() & (done["baseline"] != "dense")].iterrows():
+        ax.plot(row["params_pct"], row[metric], next(marks, "s"), color="C1", ms=8, mec="k",
+                label=f"{row['baseline']} baseline (trial {row['number']})")
+    base = study.user_attrs.get("baseline") or {}
+    if metric in base:
+        ax.plot(100.0, base[metric], "*", color="C3", ms=15, mec="k", label="undecomposed model (dense)")
+    ax.set_xlabel(PARAMS_LABEL)
+    ax.set_ylabel(LABELS.get(metric, metric))
+    _millions_axis(ax, study)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{study.study_name}: {metric} vs. size, {len(done)} completed trials")
+    return ax
+
+
+def plot_hypervolume(study, ax: Optional[Axes] = None, reference=None) -> Axes:
+    """Hypervolume of the feasible trials so far, after each trial."""
+    ax = _axes(ax, (7, 4))
+    hist = hypervolume_history(study, reference)
+    ref = reference_point(study, reference)
+    ax.step(hist["number"], hist["hypervolume"], where="post", color="C0", label="feasible trials so far")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"hypervolume ({' × '.join(ref)})")
+    ax.set_title("Hypervolume after each trial\nreference point: "
+                 + ", ".join(f"{k} {v:g}" for k, v in ref.items()), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+_NUMBERED = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<rel>[^.].*)$")
+
+
+def locate(name: str) -> Tuple[int, str]:
+    """``(layer, tensor type)`` of a module name, by the registered families' layouts.
+
+    ``model.layers.3.self_attn.q_proj`` -> ``(3, "q")``; a name no family knows falls back to its
+    last number and last component (``blocks.2.attn.proj`` -> ``(2, "proj")``).
+    """
+    m = _NUMBERED.match(name)
+    if not m:
+        raise ValueError(f"module {name!r}: no layer number in its name")
+    for fam in FAMILIES.values():
+        if m["prefix"] == fam.layers and m["rel"] in fam.projections:
+            return int(m["layer"]), fam.projections[m["rel"]]
+    return int(m["layer"]), m["rel"].rsplit(".", 1)[-1]
+
+
+@dataclass
+class ModuleUsage:
+    """Per layer (rows) and tensor type (columns): the fraction of front configs decomposing the
+    module, and its mean rank (first rank of a pair) where decomposed; ``n`` front configs."""
+
+    fraction: pd.DataFrame
+    mean_rank: pd.DataFrame
+    n: int
+
+
+def module_usage(study) -> ModuleUsage:
+    """How often, and at what rank, the front's plans decompose each module.
+
+    The grid spans every module named in any trial's plan (the uniform baselines name them all).
+    """
+    names = {n for t in study.get_trials(deepcopy=False) for n in t.user_attrs.get("plan", {}).get("ranks", {})}
+    cells = {n: locate(n) for n in names}
+    layers = sorted({layer for layer, _ in cells.values()})
+    present = {t for _, t in cells.values()}
+    types = [t for t in CANONICAL_TYPES if t in present] + sorted(present - set(CANONICAL_TYPES))
+    count = pd.DataFrame(0.0, index=layers, columns=types)
+    rank_sum = count.copy()
+    front = front_trials(study)
+    for trial in front:
+        for name, rank in trial.user_attrs["plan"]["ranks"].items():
+            layer, ttype = cells[name]
+            count.loc[layer, ttype] += 1
+            rank_sum.loc[layer, ttype] += rank[0] if isinstance(rank, list) else rank
+    n = max(len(front), 1)
+    return ModuleUsage(count / n, (rank_sum / count.where(count > 0)), len(front))
+
+
+def plot_module_usage(study, ax: Optional[Axes] = None) -> Axes:
+    """Layer x tensor-type heatmap of how often the front decomposes each module; text: mean rank."""
+    usage = module_usage(study)
+    rows, cols = usage.fraction.shape
+    ax = _axes(ax, (1.6 + 0.75 * cols, 1.8 + 0.3 * rows))
+    image = ax.imshow(usage.fraction.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for i in range(rows):
+        for j in range(cols):
+            r = usage.mean_rank.iat[i, j]
+            if np.isfinite(r):
+                dark = usage.fraction.iat[i, j] > 0.6
+                ax.text(j, i, f"{r:.0f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    ax.set_xticks(range(cols), usage.fraction.columns)
+    ax.set_yticks(range(rows), usage.fraction.index)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Modules decomposed by the {usage.n} front configs\n(colour: fraction of configs; "
+                 "text: mean rank when decomposed)", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label="fraction of front configs", shrink=0.8)
+    return ax
+
+
+def plot_task_accuracy(study, ax: Optional[Axes] = None) -> Axes:
+    """Per-task accuracy of the front's configs against size; dashed: the undecomposed model."""
+    ax = _axes(ax)
+    front = pareto_front(study)
+    base = study.user_attrs.get("baseline") or {}
+    task_cols = [c for c in front.columns if c.startswith("acc/")]
+    for i, col in enumerate(task_cols):
+        color = f"C{i % 10}"
+        ax.plot(front["params_pct"], front[col], "o-", color=color, ms=4, label=col[4:])
+        if col in base:
+            ax.axhline(base[col], color=color, ls="--", lw=1, alpha=0.7)
+    ax.plot(front["params_pct"], front["accuracy"], "k-", lw=2.5, label="mean")
+    ax.plot([], [], "k--", lw=1, label="undecomposed model (per task)")
+    ax.set_xlabel(PARAMS_LABEL)
+    ax.set_ylabel("accuracy (fraction correct)")
+    _millions_axis(ax, study)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"Per-task accuracy along the Pareto front ({len(front)} configs)")
+    return ax
+
+
+def save_plots(study, out_dir, *, formats=("png", "svg")) -> List[Path]:
+    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths."""
+    from .io import atomic_path
+
+    plots = {"front": plot_front, "hypervolume": plot_hypervolume, "ranks": plot_module_usage}
+    if any(k.startswith("acc/") for t in front_trials(study) for k in t.user_attrs):
+        plots["tasks"] = plot_task_accuracy
+    out_dir = Path(out_dir)
+    written = []
+    for name, plot in plots.items():
+        figure = plot(study).figure
+        for fmt in formats:
+            path = out_dir / f"{name}.{fmt}"
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format=fmt, dpi=150)
+            written.append(path)
+    return written

@@ -1,0 +1,239 @@
+"""Results of a real tiny study: trials table, feasible front, hypervolume, plots and status.
+
+The study is run by :class:`dse.worker.Worker` on a tiny random llama saved to disk with a
+word-level tokenizer (so ``dse.load_model`` can reload it by path). Its evaluator measures real
+quantities of the decomposed model on fixed random tokens: ``perplexity`` and, per "task", the
+top-1 agreement with the undecomposed model's predictions (1.0 for the dense model).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_tiny
+
+class AgreementEvaluator:
+    """Real metrics of the model in its current (decomposed) state on fixed random tokens."""
+
+    def __init__(self, model, n_tasks: int = 2):
+        g = torch.Generator().manual_seed(1)
+        self.model = model
+        self.inputs = [torch.randint(0, model.config.vocab_size, (2, 24), generator=g) for _ in range(n_tasks)]
+        self.reference = [self._logits(x).argmax(-1) for x in self.inputs]
+
+    def _logits(self, ids):
+        with torch.no_grad():
+            return self.model(ids).logits
+
+    def run(self, progress=False):
+        out = {}
+        nll = []
+        for i, (ids, ref) in enumerate(zip(self.inputs, self.reference)):
+            logits = self._logits(ids)
+            out[f"acc/task{i}"] = float((logits.argmax(-1) == ref).float().mean())
+            nll.append(float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())))
+        out["accuracy"] = float(np.mean([out[f"acc/task{i}"] for i in range(len(self.inputs))]))
+        out["perplexity"] = math.exp(float(np.mean(nll)))
+        out["eval_seconds"] = 0.0
+        return out
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny random llama plus a word-level tokenizer in ``folder`` (loadable by dse.load_model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny("llama")
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size - 1)} | {"<unk>": model.config.vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+STUDY_YAML = """\
+name: tiny
+model: {model}
+space: {{name: tiny, model: {model}, ranks: [4, 8, dense], group: module}}
+evaluation: {{tasks: [task0, task1]}}
+objectives: [accuracy, params]
+sampler: random
+n_trials: {n_trials}
+constraints: {{max_params: 0.97}}
+baselines: [dense, {{uniform: 4}}, {{ratio: 0.3}}]
+storage: sqlite:///study.db
+"""
+
+
+def build_study(root: Path, n_trials: int = 14):
+    """Run a real tiny study from ``root/tiny.yaml`` into ``root/study.db``.
+
+    Returns ``(study, config, model)``; the model is the one the worker measured (dense again).
+    """
+    from dse.config import load_study_config
+    from dse.models import load_model
+    from dse.study import run_study
+    from dse.worker import Worker
+
+    model_dir = save_tiny_llama(root / "tiny-llama")
+    (root / "tiny.yaml").write_text(STUDY_YAML.format(model=model_dir, n_trials=n_trials))
+    config = load_study_config(root / "tiny.yaml")
+    model, tokenizer = load_model(str(model_dir))
+    worker = Worker(config, model, tokenizer, AgreementEvaluator(model), progress=False)
+    study = run_study(config, worker=worker, progress=False)
+    return study, config, model
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    return build_study(tmp_path_factory.mktemp("study"))
+
+
+def test_trials_frame_has_one_row_per_trial(tiny_study):
+    from dse.results import trials_frame
+
+    study, config, _ = tiny_study
+    df = trials_frame(study)
+    assert len(df) == len(study.trials) == config.n_trials
+    assert list(df["number"]) == [t.number for t in study.trials]
+    assert {"acc/task0", "acc/task1", "accuracy", "perplexity", "params_pct", "params_m"} <= set(df.columns)
+    dense = df[df["baseline"] == "dense"].iloc[0]
+    assert dense["params_pct"] == pytest.approx(100.0)
+    assert dense["accuracy"] == pytest.approx(1.0)  # agreement with itself
+    base = study.user_attrs["baseline"]
+    assert dense["params_m"] == pytest.approx(base["params"] / 1e6)
+    for _, row in df.iterrows():
+        t = study.trials[row["number"]]
+        assert row["params_pct"] == pytest.approx(100 * t.user_attrs["params_ratio"])
+        assert row["feasible"] == (t.user_attrs["params_ratio"] <= 0.97)
+
+
+def test_front_is_feasible_and_non_dominated(tiny_study):
+    from dse.results import pareto_front, trials_frame
+
+    study, _, _ = tiny_study
+    df, front = trials_frame(study), pareto_front(study)
+    assert len(front) >= 2
+    assert front["feasible"].all()
+    assert list(front["params_pct"]) == sorted(front["params_pct"])
+    feasible = df[df["feasible"]]
+    for _, f in front.iterrows():  # no feasible trial dominates a front member
+        dom = (feasible["accuracy"] >= f["accuracy"]) & (feasible["params_pct"] <= f["params_pct"]) & (
+            (feasible["accuracy"] > f["accuracy"]) | (feasible["params_pct"] < f["params_pct"]))
+        assert not dom.any()
+    for _, t in feasible.iterrows():  # every feasible non-front trial is dominated by the front
+        if t["number"] in set(front["number"]):
+            continue
+        assert ((front["accuracy"] >= t["accuracy"]) & (front["params_pct"] <= t["params_pct"])).any()
+    # Optuna's own front computation over the same feasible trials agrees.
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    ours = [t for t in study.trials if t.number in set(feasible["number"])]
+    assert {t.number for t in _get_pareto_front_trials_by_trials(ours, study.directions)} == set(front["number"])
+    assert 100.0 not in set(front["params_pct"])  # the dense model violates max_params 0.97
+
+
+def _hv_2d(points, ref):
+    """Exact 2-D hypervolume of (loss1, loss2) points below ``ref`` by a sweep (test oracle)."""
+    pts = sorted(p for p in points if p[0] < ref[0] and p[1] < ref[1])
+    hv, best_y = 0.0, ref[1]
+    for i, (x, y) in enumerate(pts):
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else ref[0]
+        best_y = min(best_y, y)
+        hv += (nxt - x) * (ref[1] - best_y)
+    return hv
+
+
+def test_hypervolume_history_matches_exact_2d(tiny_study):
+    from dse.results import hypervolume_history, is_feasible
+
+    study, _, _ = tiny_study
+    hist = hypervolume_history(study)
+    assert list(hist["number"]) == sorted(t.number for t in study.trials)
+    assert (np.diff(hist["hypervolume"]) >= -1e-12).all()  # never decreases
+    pts = [(-t.values[0], t.values[1]) for t in study.trials if is_feasible(t)]
+    assert hist["hypervolume"].iloc[-1] == pytest.approx(_hv_2d(pts, (0.0, 1.0)), rel=1e-12)
+    assert 0 < hist["hypervolume"].iloc[-1] <= 1.0
+    tighter = hypervolume_history(study, reference={"accuracy": 0.5})
+    assert tighter["hypervolume"].iloc[-1] == pytest.approx(_hv_2d(pts, (-0.5, 1.0)), rel=1e-12)
+
+
+def test_bad_reference_and_empty_study_are_clear_errors(tiny_study):
+    from dse.results import ResultsError, hypervolume_history, pareto_front, require_completed
+
+    study, _, _ = tiny_study
+    with pytest.raises(ResultsError, match=r"reference\.perplexity: not an objective"):
+        hypervolume_history(study, reference={"perplexity": 10.0})
+    empty = optuna.create_study(directions=["maximize", "minimize"])
+    empty.set_user_attr("dse", {"objectives": ["accuracy", "params"], "tasks": ["task0"]})
+    assert pareto_front(empty).empty
+    with pytest.raises(ResultsError, match="no completed trials"):
+        require_completed(empty)
+
+
+def test_plots_are_written_and_labelled(tiny_study, tmp_path):
+    from dse.plots import plot_front, save_plots
+
+    study, _, _ = tiny_study
+    ax = plot_front(study)
+    assert "%" in ax.get_xlabel() and ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("dense" in label for label in labels) and any("uniform" in label for label in labels)
+    paths = save_plots(study, tmp_path / "plots")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(f"{stem}.{ext}" for stem in ("front", "hypervolume", "ranks", "tasks")
+                           for ext in ("png", "svg"))
+    for p in paths:
+        assert p.stat().st_size > 1000
+
+
+def test_module_heatmap_counts_front_configs(tiny_study):
+    from dse.plots import module_usage
+    from dse.results import front_trials
+
+    study, _, _ = tiny_study
+    usage = module_usage(study)
+    front = front_trials(study)
+    name = "model.layers.1.self_attn.q_proj"
+    expected = sum(name in t.user_attrs["plan"]["ranks"] for t in front) / len(front)
+    assert usage.fraction.loc[1, "q"] == pytest.approx(expected)
+    assert list(usage.fraction.columns) == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert list(usage.fraction.index) == [0, 1, 2]
+
+
+def test_status_lists_counts_baseline_and_front(tiny_study):
+    from dse.status import format_status
+
+    study, config, _ = tiny_study
+    text = format_status(study)
+    assert f"{config.n_trials} trials" in text and "complete" in text
+    assert "baseline" in text and "front" in text
+
+
+def test_failed_and_running_trials_are_listed_but_not_on_the_front(tiny_study):
+    from dse.results import hypervolume_history, pareto_front, trials_frame
+
+    study, _, _ = tiny_study
+    copy = optuna.create_study(directions=study.directions, study_name="copy")
+    for key, value in study.user_attrs.items():
+        copy.set_user_attr(key, value)
+    copy.add_trials(study.trials)
+    copy.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                             user_attrs={"error": "RuntimeError: out of memory"}))
+    running = copy.ask()
+    df = trials_frame(copy)
+    assert list(df["state"].iloc[-2:]) == ["FAIL", "RUNNING"]
+    assert df["error"].iloc[-2] == "RuntimeError: out of memory"
+    assert not df["feasible"].iloc[-2:].any()
+    pd.testing.assert_frame_equal(pareto_front(copy), pareto_front(study))
+    hist = hypervolume_history(copy)
+    assert hist["hypervolume"].iloc[-1] == hypervolume_history(study)["hypervolume"].iloc[-1]
+    copy.tell(running, state=optuna.trial.TrialState.FAIL)
