@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         print("\ndse: interrupted; the running trial is marked failed. Run the same command to resume.",
               file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if os.environ.get("DSE_DEBUG"):
             raise
         print(f"dse: error: {e}", file=sys.stderr)

@@ -148,3 +148,5 @@ def truncate_three(form: SVDForm, rank: Rank) -> List[torch.Tensor]:
 
 register_method(SVDConfig, _svd_factorize, truncate_two)
 register_method(Tucker2Config, _svd_factorize, truncate_three, pair_ranks=True)
+
+from . import data_aware  # noqa: E402,F401  registers asvd and svdllm

@@ -65,6 +65,8 @@ def _source(name: str) -> Tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         return str(path), {}
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise ModelNotFoundError(f"model {name!r}: no such local folder ({path})")
     return name, {}
 
 

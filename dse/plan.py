@@ -37,6 +37,13 @@ class Plan:
     def config(self):
         return make_config(self.method, self.method_options)
 
+    def checked_config(self):
+        """:attr:`config`, with an unknown method or option raised as a :class:`PlanError`."""
+        try:
+            return self.config
+        except ValueError as e:
+            raise PlanError(f"plan.{e}") from None
+
     def to_dict(self) -> Dict[str, Any]:
         return {"format": PLAN_FORMAT, "method": self.method, "method_options": dict(self.method_options),
                 "ranks": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ranks.items()}}
@@ -54,11 +61,11 @@ class Plan:
         ranks = data.get("ranks", {})
         if not isinstance(ranks, Mapping):
             raise PlanError("plan.ranks: expected an object of module name -> rank")
-        plan = cls(dict(ranks), data.get("method", "svd"), dict(data.get("method_options") or {}))
-        try:
-            plan.config  # method and options exist
-        except ValueError as e:
-            raise PlanError(f"plan.{e}") from None
+        options = data.get("method_options") or {}
+        if not isinstance(options, Mapping):
+            raise PlanError("plan.method_options: expected an object of option name -> value")
+        plan = cls(dict(ranks), data.get("method", "svd"), dict(options))
+        plan.checked_config()
         return plan
 
     def to_json(self, **kw) -> str:
@@ -84,9 +91,11 @@ class Plan:
     def validate(self, table: Mapping) -> None:
         """Check every entry against ``table`` (from :func:`dse.arch.find_projections`).
 
-        Raises :class:`PlanError` naming the first bad field: unknown module, rank that is not a
-        positive integer, rank above ``min(out, in)``, a rank pair for a method that takes one rank.
+        Raises :class:`PlanError` naming the first bad field: unknown method or option, unknown
+        module, rank that is not a positive integer, rank above ``min(out, in)``, a rank pair for a
+        method that takes one rank.
         """
+        self.checked_config()
         method = get_method(self.method)
         for name, rank in self.ranks.items():
             where = f"plan.ranks[{name!r}]"
