@@ -143,7 +143,7 @@ def truncate_three(form: SVDForm, rank: Rank) -> List[torch.Tensor]:
     core = torch.zeros(r_out, r_in, dtype=form.S.dtype, device=form.S.device)
     d = min(r_out, r_in)
     core[range(d), range(d)] = form.S[:d]
-    return [form.Vh[:r_in], core, form.U[:, :r_out]]
+    return [form.Vh[:r_in].clone(), core, form.U[:, :r_out].clone()]  # never views of the cache
 
 
 register_method(SVDConfig, _svd_factorize, truncate_two)

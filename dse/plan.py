@@ -126,7 +126,7 @@ class Plan:
             return "dense"
         pairs = {as_pair(r) for r in self.ranks.values()}
         rs = sorted(p[0] for p in pairs)
-        return f"{len(self.ranks)} modules, {self.method}, rank {rs[0]}" + (f"..{rs[-1]}" if len(rs) > 1 else "")
+        return f"{len(self.ranks)} module{'s' if len(self.ranks) > 1 else ''}, {self.method}, rank {rs[0]}" + (f"..{rs[-1]}" if len(rs) > 1 else "")
 
 
 def uniform_plan(table: Mapping, rank=None, *, ratio: Optional[float] = None, method: str = "svd",
