@@ -45,8 +45,15 @@ def write_study(tmp_path, model_dir, name, n_trials):
 
 
 def start_workers(path, storage, n):
+    """``n`` ``dse worker`` processes, one thread each (four on two cores would fight over OpenMP)."""
     cmd = [sys.executable, "-m", "dse.cli", "worker", str(path), "--storage", storage, "--quiet"]
-    return [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for i in range(n):
+        log = open(path.parent / f"worker-{i}.log", "w")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env))
+        procs[-1].log = path.parent / f"worker-{i}.log"
+    return procs
 
 
 def wait_all(procs, timeout):
@@ -84,7 +91,7 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     procs[0].send_signal(signal.SIGKILL)
     wait_all(procs[1:], timeout=600)
     for p in procs[1:]:
-        assert p.returncode == 0, p.stderr.read()[-2000:]
+        assert p.returncode == 0, p.log.read_text()[-2000:]
 
     trials = study.get_trials()
     states = [t.state for t in trials]
@@ -114,7 +121,7 @@ def test_journal_storage_two_workers(tmp_path, tiny_llama_dir):
     open_study(config, url)
     procs = start_workers(path, url, 2)
     wait_all(procs, timeout=600)
-    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr.read()[-2000:]
+    assert [p.returncode for p in procs] == [0, 0], procs[0].log.read_text()[-2000:]
     study = open_study(config, url, create=False)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert 6 <= len(complete) <= 7  # the second worker may finish the trial it had started
