@@ -31,18 +31,19 @@ class ConfigError(ValueError):
     """A bad study or space file; the message names the field."""
 
 
-def read_yaml(path, what: str) -> Dict[str, Any]:
+def read_yaml(path, what: str, error: type = ConfigError) -> Dict[str, Any]:
+    """The mapping in a YAML file; a missing file, bad syntax or a non-mapping raise ``error``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what}: file not found: {path}")
+        raise error(f"{what}: file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what}: YAML syntax error{where} in {path}: {getattr(e, 'problem', e)}") from None
+        raise error(f"{what}: YAML syntax error{where} in {path}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} must hold a mapping of keys, got {type(data).__name__}")
+        raise error(f"{what}: {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 

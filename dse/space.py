@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .arch import CANONICAL_TYPES, tensor_types
+from .config import ConfigError, read_yaml
 from .plan import Plan
 
 DENSE = "dense"
@@ -76,7 +77,7 @@ Choice = Union[int, float, str]
 Choose = Callable[[str, tuple], Any]  # (parameter name, options) -> one of the options
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """A bad space; the one-line message names the field (``space.ranks[2]: ...``)."""
 
 
@@ -138,20 +139,7 @@ class Space:
 
     @classmethod
     def load(cls, path) -> "Space":
-        import yaml
-
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise SpaceError(f"space: cannot read {path}: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as e:
-            line = e.problem_mark.line + 1 if e.problem_mark else "?"
-            raise SpaceError(f"space: YAML syntax error at line {line}: {e.problem}") from None
-        except yaml.YAMLError as e:
-            raise SpaceError(f"space: YAML error: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml(path, "space", SpaceError))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Space":
