@@ -27,14 +27,13 @@ def _cmd_run(args, join: bool = False) -> None:
     from .study import finished_trials, run_study, run_workers
 
     config = load_study_config(args.study)
-    storage = args.storage or config.storage_url
-    print(f"dse: study {config.name!r} in {storage}", file=sys.stderr)
     if getattr(args, "workers", 1) > 1:
         study = run_workers(config, args.workers, n_trials=args.n_trials, storage=args.storage)
     else:
         study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet,
                           join=join)
-    print(f"dse: {finished_trials(study)} trials finished; `dse status {args.study}` for the table", file=sys.stderr)
+    print(f"dse: study {config.name!r}: {finished_trials(study)} trials finished, stored in "
+          f"{args.storage or config.storage_url}; `dse status {args.study}` for the table", file=sys.stderr)
 
 
 def _cmd_worker(args) -> None:

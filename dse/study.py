@@ -8,8 +8,10 @@ so running it again resumes where it stopped.
 
 from __future__ import annotations
 
-import logging
 import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import optuna
@@ -19,6 +21,14 @@ from optuna.trial import TrialState
 from .config import ConfigError, StudyConfig, parse_baseline
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@contextmanager
+def _quiet_optuna():
+    """Optuna's experimental-feature warnings (heartbeats, grouped TPE) are not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 class StorageError(RuntimeError):
@@ -32,8 +42,6 @@ def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 120):
     whose worker fell silent for ``grace_s`` seconds is failed and re-queued once);
     ``journal:///FILE``: Optuna's journal file storage (several processes on one host).
     """
-    from pathlib import Path
-
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -45,10 +53,11 @@ def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 120):
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        with _quiet_optuna():
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as e:  # sqlalchemy: bad URL, missing driver, server unreachable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"storage: cannot open {_redact(url)}: {msg}") from None
@@ -64,6 +73,11 @@ def _redact(url: str) -> str:
 
 
 def make_sampler(config: StudyConfig):
+    with _quiet_optuna():
+        return _sampler(config)
+
+
+def _sampler(config: StudyConfig):
     constraints_func = _constraints if config.constraints else None
     if config.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
@@ -81,7 +95,10 @@ def _constraints(trial):
 
 def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bool = True) -> optuna.Study:
     """The study ``config.name`` in ``storage`` (or the config's), created if ``create``."""
-    storage_obj = make_storage(storage or config.storage_url, config.heartbeat_s, config.grace_s)
+    url = storage or config.storage_url
+    if not create and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise StorageError(f"storage: no study database at {url[len('sqlite:///'):]} (run `dse run` first)")
+    storage_obj = make_storage(url, config.heartbeat_s, config.grace_s)
     if create:
         study = optuna.create_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config),
                                     directions=config.directions, load_if_exists=True)
@@ -92,7 +109,7 @@ def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bo
     try:
         return optuna.load_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config))
     except KeyError:
-        raise StorageError(f"storage: no study named {config.name!r} in {_redact(storage or config.storage_url)}") from None
+        raise StorageError(f"storage: no study named {config.name!r} in {_redact(url)}") from None
 
 
 def enqueue_baselines(study: optuna.Study, config: StudyConfig) -> None:
@@ -121,6 +138,9 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     """
     from .worker import Worker
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if worker is None:
+        config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made
     target = n_trials or config.n_trials
     study = open_study(config, storage, create=not join)
     if not join:
@@ -130,8 +150,6 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
         return study
     worker = worker or Worker.from_config(config, progress=progress)
     worker.prepare(study)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
     deadline = time.monotonic() + config.timeout if config.timeout else None
     try:
         # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.
@@ -156,6 +174,7 @@ def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] 
     import sys
 
     url = storage or config.storage_url
+    config.evaluation.check_tasks()
     if url.startswith("sqlite"):
         raise ConfigError("study.storage: several workers need journal:///FILE (one host) or "
                           "postgresql://... (many hosts), not SQLite")

@@ -1,0 +1,141 @@
+"""The bad-input corpus: each malformed input gets one line naming the field, exit status 2,
+and leaves every file as it was (no half-written output, no stray study database).
+
+Inputs go through the real command line (``dse.cli.main``), as a user would give them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import yaml
+
+from dse.cli import main
+
+from conftest import BENCHMARKS
+
+WIKI = str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl")
+SPACE = {"name": "s", "model_config": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
+                                       "intermediate_size": 48, "num_attention_heads": 4, "vocab_size": 97},
+         "ranks": [2, "dense"], "group": "layer"}
+STUDY = {"name": "bad", "model": "smollm2-135m", "space": SPACE,
+         "evaluation": {"tasks": ["piqa"], "limit": 4, "data_dir": str(BENCHMARKS)},
+         "objectives": ["accuracy", "params"]}
+
+
+def study_with(**change):
+    study = json.loads(json.dumps(STUDY))
+    for dotted, value in change.items():
+        *path, last = dotted.split("__")
+        node = study
+        for key in path:
+            node = node[key]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return study
+
+
+DELETE = object()
+
+# (name, what the file holds, extra CLI args, expected start of the message after "dse: error: ")
+STUDY_CASES = [
+    ("yaml-syntax", "name: x\nspace: [1, 2\nmodel: m\n", [], "study: YAML syntax error at line 3"),
+    ("not-a-mapping", "- just\n- a list\n", [], "study: "),
+    ("unknown-key", study_with(bogus=1), [], "study.bogus: unknown key"),
+    ("n-trials-type", study_with(n_trials="ten"), [], "study.n_trials: expected an integer"),
+    ("n-trials-negative", study_with(n_trials=-3), [], "study.n_trials: must be > 0"),
+    ("seed-type", study_with(seed=1.5), [], "study.seed: expected an integer"),
+    ("sampler", study_with(sampler="tpee"), [], "study.sampler: unknown 'tpee'"),
+    ("objectives-empty", study_with(objectives=[]), [], "study.objectives: expected a non-empty list"),
+    ("objective-unknown", study_with(objectives=["accuracy", "size"]), [], "study.objectives[1]: unknown 'size'"),
+    ("objective-twice", study_with(objectives=["params", "params"]), [], "study.objectives: listed twice"),
+    ("ppl-objective-no-text", study_with(objectives=["perplexity", "params"]), [], "study.objectives: 'perplexity' needs"),
+    ("max-params", study_with(constraints={"max_params": 1.5}), [], "study.constraints.max_params"),
+    ("max-drop", study_with(constraints={"max_drop": -0.1}), [], "study.constraints.max_drop"),
+    ("constraint-unknown", study_with(constraints={"min_params": 0.5}), [], "study.constraints.min_params: unknown key"),
+    ("impossible-constraint", study_with(constraints={"max_params": 0}), [], "study.constraints.max_params"),
+    ("baseline", study_with(baselines=[{"uniform": -1}]), [], "study.baselines[0]"),
+    ("method", study_with(method="nope"), [], "study.method: unknown 'nope'"),
+    ("method-option", study_with(method_options={"alpha": 1}), [], "study.method_options: svd has no option 'alpha'"),
+    ("needs-calibration", study_with(method="svdllm"), [], "study.calibration: method svdllm needs calibration"),
+    ("dtype", study_with(dtype="float8"), [], "study.dtype: unknown 'float8'"),
+    ("device", study_with(device="tpu"), [], "study.device: expected cpu, cuda"),
+    ("limit", study_with(evaluation__limit=0), [], "evaluation.limit: must be an integer >= 1"),
+    ("tasks-string", study_with(evaluation__tasks="piqa"), [], "evaluation.tasks: expected a list"),
+    ("unknown-task", study_with(evaluation__tasks=["helaswag"]), [], "evaluation.tasks: unknown task 'helaswag'"),
+    ("data-dir", study_with(evaluation__data_dir="/nonexistent/bench"), [], "evaluation.data_dir: no such folder"),
+    ("eval-unknown-key", study_with(evaluation__limt=5), [], "evaluation.limt: unknown key"),
+    ("ppl-text-missing", study_with(evaluation__perplexity={"text": {"path": "/nonexistent.jsonl"}}), [],
+     "evaluation.perplexity.text.path: no such file"),
+    ("ppl-window", study_with(evaluation__perplexity={"text": {"path": WIKI, "field": "page"}, "window": 1}), [],
+     "evaluation.perplexity.window"),
+    ("space-missing-file", study_with(space="nowhere.yaml"), [], "space: file not found"),
+    ("space-rank-zero", study_with(space__ranks=[0, "dense"]), [], "space.ranks[0]"),
+    ("space-rank-word", study_with(space__ranks=["full"]), [], "space.ranks[0]"),
+    ("space-group", study_with(space__group="row"), [], "space.group"),
+    ("space-max-layers", study_with(space__rules={"max_layers": 0}), [], "space.rules.max_layers"),
+    ("space-rule-for-type", study_with(space__group="type", space__rules={"no_adjacent": True}), [],
+     "space.rules.no_adjacent"),
+    ("space-type", study_with(space__types=["qq"]), [], "space.types[0]"),
+    ("storage-not-url", study_with(storage="not a url"), [], "storage: 'not a url' is not a URL"),
+    ("storage-unreachable", STUDY, ["--storage", "postgresql+psycopg2://u@127.0.0.1:9/x?connect_timeout=2"],
+     "storage: cannot open"),
+    ("storage-driver", STUDY, ["--storage", "mysql+nosuchdriver://u@127.0.0.1/x"], "storage: cannot open"),
+]
+
+
+def tree(folder):
+    """Every file under ``folder`` with a hash of its bytes."""
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv, capsys, folder):
+    before = tree(folder)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert tree(folder) == before, "a bad input changed or created files"
+    return err.removeprefix("dse: error: ")
+
+
+@pytest.mark.parametrize("name, content, args, expected", STUDY_CASES, ids=[c[0] for c in STUDY_CASES])
+def test_bad_study(tmp_path, capsys, name, content, args, expected):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    path = tmp_path / "study.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    verb = "status" if name.startswith("storage-") and name != "storage-not-url" else "run"
+    message = run_cli([verb, str(path), *args], capsys, tmp_path)
+    assert message.startswith(expected), message
+
+
+def test_status_of_a_study_never_run(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    assert run_cli(["status", str(path)], capsys, tmp_path).startswith("storage: no study database")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"format": 1, "model": {"name": "x"', "config: "),                 # truncated JSON
+    ("[1, 2]", "config: expected a JSON object"),
+    ('{"format": 99}', "config.format: 99 is not a dse rank config format"),
+    ('{"format": 1, "model": {}}', "config.model."),
+])
+def test_bad_rank_config(tmp_path, capsys, content, expected):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    message = run_cli(["apply", str(path), "--out", str(tmp_path / "out")], capsys, tmp_path)
+    assert message.startswith(expected), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_space_file(tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text("name: s\nmodel: smollm2-135m\nranks: [1, 2\n")
+    assert run_cli(["space", str(path)], capsys, tmp_path).startswith("space: YAML syntax error at line")
