@@ -21,6 +21,8 @@ _LAZY = {
     "load_compressed": "dse.compressed", "apply_config": "dse.compressed",
     "RankConfig": "dse.export", "load_config_file": "dse.export",
     "trials_frame": "dse.results", "pareto_front": "dse.results", "hypervolume_history": "dse.results",
+    "calibrate": "dse.calibration", "CalibrationSpec": "dse.calibration", "Calibration": "dse.calibration",
+    "ASVDConfig": "dse.data_aware", "SVDLLMConfig": "dse.data_aware",
     "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
 }
 

@@ -180,8 +180,10 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     if evaluation.get("data_dir"):
         evaluation["data_dir"] = str(_resolve(base, str(evaluation["data_dir"])))
     if isinstance(evaluation.get("perplexity"), Mapping):
+        from .perplexity import TextSource
+
         ppl = dict(evaluation["perplexity"])
-        ppl["text"] = _text_source(ppl.get("text"), base, "evaluation.perplexity.text")
+        ppl["text"] = TextSource.from_dict(ppl.get("text"), "evaluation.perplexity.text", base)
         evaluation["perplexity"] = ppl
     evaluation = EvalConfig.from_dict(evaluation)
 
@@ -244,39 +246,13 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         grace_s=typed(data, "grace_s", int, where, default=120, positive=True))
 
 
-def _text_source(data, base: Path, where: str):
-    """A ``dse.perplexity.TextSource`` from a mapping, its ``path`` resolved against ``base``."""
-    from .perplexity import TextSource
-
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with path or dataset")
-    check_keys(data, {f.name for f in dataclasses.fields(TextSource)}, where)
-    data = dict(data)
-    if data.get("path"):
-        data["path"] = str(_resolve(base, str(data["path"])))
-        if not Path(data["path"]).is_file():
-            raise ConfigError(f"{where}.path: no such file {data['path']}")
-    if data.get("rows") is not None:
-        rows = data["rows"]
-        if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)):
-            raise ConfigError(f"{where}.rows: expected [first, end], got {rows!r}")
-        data["rows"] = tuple(rows)
-    return TextSource(**data)
-
-
 def _calibration_spec(data, base: Path):
     from .calibration import CalibrationSpec
 
-    where = "study.calibration"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping (text, n_samples, seq_len, seed)")
-    check_keys(data, {f.name for f in dataclasses.fields(CalibrationSpec)}, where)
-    data = dict(data)
-    data["text"] = _text_source(data.get("text"), base, f"{where}.text")
     try:
-        return CalibrationSpec(**data)
+        return CalibrationSpec.from_dict(data, base)
     except ValueError as e:
-        raise ConfigError(str(e).replace("calibration.", f"{where}.", 1)) from None
+        raise ConfigError(f"study.{e}") from None
 
 
 def _resolve(base: Path, p: str) -> Path:

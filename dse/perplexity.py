@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,25 @@ class TextSource:
     field: str = "text"
     rows: Optional[Tuple[int, int]] = None
     separator: str = "\n\n"
+
+    @classmethod
+    def from_dict(cls, data, where: str = "text", base: Optional[Path] = None) -> "TextSource":
+        """From plain data (a study's ``text:`` block); a relative ``path`` resolves against ``base``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a mapping with path or dataset")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        data = dict(data)
+        if data.get("path") and base is not None and not Path(data["path"]).expanduser().is_absolute():
+            data["path"] = str((Path(base) / data["path"]).resolve())
+        rows = data.get("rows")
+        if rows is not None:
+            if not (isinstance(rows, (list, tuple)) and len(rows) == 2 and all(isinstance(r, int) for r in rows)):
+                raise ValueError(f"{where}.rows: expected [first, end], got {rows!r}")
+            data["rows"] = tuple(rows)
+        return cls(**data)
 
     def read(self) -> str:
         if (self.path is None) == (self.dataset is None):

@@ -1,0 +1,245 @@
+"""Data-aware methods (asvd, svdllm) and calibration statistics: exact math and real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dse.arch import find_projections
+from dse.calibration import Calibration, CalibrationSpec, InputStats, calibrate, collect_stats
+from dse.decompose import decompose_, restore_
+from dse.methods import get_method, make_config
+from dse.perplexity import TextSource
+from dse.plan import Plan, PlanError, uniform_plan
+
+from conftest import make_tiny, model_output
+
+DATA_AWARE = ("asvd", "svdllm")
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    stats = InputStats.zeros(x.shape[-1])
+    stats.add(x)
+    return stats.finish()
+
+
+def factor_product(method: str, weight: torch.Tensor, rank: int, stats=None, **options) -> torch.Tensor:
+    m = get_method(method)
+    form = m.factorize(weight.double(), make_config(method, options), stats)
+    factors = m.truncate(form, rank)
+    product = factors[-1]
+    for f in reversed(factors[:-1]):
+        product = product @ f
+    return product
+
+
+@pytest.fixture
+def weight():
+    torch.manual_seed(0)
+    return torch.randn(24, 16, dtype=torch.float64)
+
+
+@pytest.fixture
+def inputs():
+    torch.manual_seed(1)
+    # correlated, unevenly scaled channels, as LLM activations are
+    return torch.randn(200, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64) * 3
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_full_rank_is_exact(method, weight, inputs):
+    full = factor_product(method, weight, 16, stats_of(inputs))
+    torch.testing.assert_close(full, weight, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_identity_statistics_reduce_to_svd(method, weight):
+    identity = InputStats(torch.ones(16, dtype=torch.float64), torch.eye(16, dtype=torch.float64), 16)
+    for rank in (1, 5, 12):
+        torch.testing.assert_close(factor_product(method, weight, rank, identity),
+                                   factor_product("svd", weight, rank), rtol=0, atol=1e-10)
+
+
+def test_svdllm_error_is_the_tail_of_its_singular_values(weight, inputs):
+    stats = stats_of(inputs)
+    form = get_method("svdllm").factorize(weight, make_config("svdllm"), stats)
+    for rank in (2, 8, 15):
+        err = ((weight - factor_product("svdllm", weight, rank, stats)) @ inputs.T).norm() ** 2
+        tail = len(inputs) * (form.S[rank:] ** 2).sum()  # xtx is XᵀX / N
+        assert err.item() == pytest.approx(tail.item(), rel=1e-8)
+        # and it is never worse than plain SVD in that norm
+        assert err <= ((weight - factor_product("svd", weight, rank)) @ inputs.T).norm() ** 2 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+@pytest.mark.parametrize("case", ["few_tokens", "zero_channel", "all_zero"])
+def test_degenerate_statistics_give_finite_factors(method, case, weight, inputs):
+    x = {"few_tokens": inputs[:5], "all_zero": torch.zeros(8, 16, dtype=torch.float64),
+         "zero_channel": inputs.clone().index_fill_(1, torch.tensor([3, 7]), 0.0)}[case]
+    stats = stats_of(x)
+    form = get_method(method).factorize(weight, make_config(method), stats)
+    for t in (form.U, form.S, form.Vh):
+        assert torch.isfinite(t).all()
+    product = factor_product(method, weight, 4, stats)
+    assert torch.isfinite(product).all()
+    if case != "all_zero":  # the data-weighted error is still small in the directions seen
+        err = ((weight - product) @ x.T).norm() / (weight @ x.T).norm()
+        assert err < 1.0
+
+
+def test_whitening_paths():
+    from dse.data_aware import whitening
+
+    torch.manual_seed(2)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    assert whitening(a @ a.T + torch.eye(6, dtype=torch.float64), 1e-6)[1] == "cholesky"
+    x = torch.randn(3, 6, dtype=torch.float64)
+    L, kind = whitening(x.T @ x, 1e-6)  # rank 3: needs the jitter
+    assert kind == "cholesky+jitter"
+    torch.testing.assert_close(L @ L.T, x.T @ x, rtol=0, atol=1e-4)
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -1e-3], dtype=torch.float64))
+    L, kind = whitening(indefinite, 1e-6)
+    assert kind == "eigh" and torch.isfinite(torch.linalg.inv(L)).all()
+
+
+def test_options_change_the_cache_key():
+    assert make_config("svdllm", {"jitter": 1e-4}).key() != make_config("svdllm").key()
+    assert make_config("asvd", {"alpha": 1.0}).key() != make_config("asvd").key()
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_decompose_without_calibration_names_the_method(method):
+    model = make_tiny("llama")
+    plan = uniform_plan(find_projections(model), 4, method=method)
+    with pytest.raises(PlanError, match=method):
+        decompose_(model, plan)
+
+
+def tiny_calibration(model, n_tokens=64) -> Calibration:
+    torch.manual_seed(3)
+    stats, aliases = collect_stats(model, torch.randint(0, 97, (4, n_tokens // 4)), batch_size=2)
+    return Calibration("tiny", stats, aliases)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_calibration_shares_inputs(model_type):
+    model = make_tiny(model_type)
+    table = find_projections(model)
+    cal = tiny_calibration(model)
+    per_layer = {"llama": 4, "gpt2": 4, "opt": 4}[model_type]
+    n_layers = len({p.layer for p in table.values()})
+    assert len(cal.stats) == per_layer * n_layers
+    assert set(cal.stats) | set(cal.aliases) == set(table)
+    for name, p in table.items():
+        stats = cal.stats_for(name)
+        assert stats.xtx.shape == (p.in_features, p.in_features) and stats.tokens == 64
+        assert stats.xtx.dtype == torch.float64
+
+
+def test_statistics_match_the_inputs():
+    model = make_tiny("llama")
+    name = "model.layers.1.mlp.down_proj"
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    cal = tiny_calibration(model)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    stats = cal.stats_for(name)
+    torch.testing.assert_close(stats.xtx, x.T @ x / len(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.abs_mean, x.abs().mean(0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_decompose_with_calibration_beats_svd_on_its_data(method):
+    model = make_tiny("llama")
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    dense = model_output(model, ids)
+    cal = tiny_calibration(model, n_tokens=256)
+    table = find_projections(model)
+    errors = {}
+    for m in ("svd", method):
+        decompose_(model, uniform_plan(table, 8, method=m), calibration=cal)
+        errors[m] = (model_output(model, ids) - dense).norm().item()
+        restore_(model)
+    torch.testing.assert_close(model_output(model, ids), dense, rtol=0, atol=0)
+    assert errors[method] < errors["svd"]
+
+
+def test_full_rank_decomposition_keeps_the_model():
+    model = make_tiny("llama")
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    dense = model_output(model, ids)
+    table = find_projections(model)
+    plan = Plan({n: p.full_rank for n, p in table.items()}, "svdllm")
+    decompose_(model, plan, calibration=tiny_calibration(model, n_tokens=16))  # rank-deficient XᵀX
+    torch.testing.assert_close(model_output(model, ids), dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_samples", 0, "calibration.n_samples: must be >= 1, got 0"),
+    ("seq_len", 1.5, "calibration.seq_len: must be an integer"),
+    ("seed", -1, "calibration.seed: must be >= 0"),
+])
+def test_bad_spec_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationSpec(TextSource(path="x.txt"), **{field: value})
+
+
+def test_spec_from_dict():
+    spec = CalibrationSpec.from_dict({"text": {"path": "p.jsonl", "field": "page", "rows": [40, 62]},
+                                      "n_samples": 8, "seq_len": 64, "seed": 3})
+    assert spec == CalibrationSpec(TextSource(path="p.jsonl", field="page", rows=(40, 62)), 8, 64, 3)
+    with pytest.raises(ValueError, match="calibration.samples: unknown key"):
+        CalibrationSpec.from_dict({"text": {"path": "p"}, "samples": 8})
+    with pytest.raises(ValueError, match="calibration.text.colum: unknown key"):
+        CalibrationSpec.from_dict({"text": {"path": "p", "colum": "x"}})
+    with pytest.raises(ValueError, match="calibration.text: expected a mapping"):
+        CalibrationSpec.from_dict({"n_samples": 8})
+
+
+def test_calibration_is_cached_on_disk(tmp_path):
+    model = make_tiny("llama")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(str(i % 90) for i in range(400)))
+
+    class Tok:  # characters as token ids: enough for a tiny vocabulary of 97
+        def __call__(self, s, return_tensors=None, add_special_tokens=False):
+            ids = torch.tensor([[ord(c) % 97 for c in s]])
+            return type("Enc", (), {"input_ids": ids})()
+
+    spec = CalibrationSpec(TextSource(path=str(text)), n_samples=3, seq_len=16, seed=1)
+    first = calibrate(model, Tok(), spec, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("calibration-*.pt"))) == 1
+    again = calibrate(model, Tok(), spec, cache_dir=tmp_path, progress=False)
+    assert again.key == first.key and again.aliases == first.aliases
+    for name in first.stats:
+        torch.testing.assert_close(again.stats[name].xtx, first.stats[name].xtx, rtol=0, atol=0)
+    other = calibrate(model, Tok(), CalibrationSpec(spec.text, 3, 16, seed=2), progress=False)
+    assert other.key != first.key
+    with pytest.raises(ValueError, match="calibration.seq_len: the text has"):
+        calibrate(model, Tok(), CalibrationSpec(spec.text, 3, 100000), progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_calibration_shares_stats(smollm2, benchmarks_dir):
+    from dse.protocols import P1_CALIBRATION_PAGES, wikitext_pages
+
+    model, tokenizer = smollm2
+    spec = CalibrationSpec(wikitext_pages(benchmarks_dir, P1_CALIBRATION_PAGES), n_samples=2, seq_len=64, seed=0)
+    cal = calibrate(model, tokenizer, spec, progress=False)
+    table = find_projections(model)
+    assert len(cal.stats) == 4 * 30
+    for layer in range(30):
+        pre = f"model.layers.{layer}."
+        for shared, owner in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.v_proj", "self_attn.q_proj"),
+                              ("mlp.up_proj", "mlp.gate_proj")):
+            assert cal.aliases[pre + shared] == pre + owner
+    for name in table:
+        assert cal.stats_for(name).tokens == 128
+    plan = uniform_plan({n: p for n, p in table.items() if p.layer == 0}, ratio=0.2, method="svdllm")
+    decompose_(model, plan, calibration=cal)  # 64·2 tokens < 576 channels: rank-deficient, must not crash
+    try:
+        for name in plan.ranks:
+            assert all(torch.isfinite(f).all() for f in model.get_submodule(name).factors)
+    finally:
+        restore_(model)
