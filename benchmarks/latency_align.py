@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from dse.latency import sync
 from dse.lowrank import LowRankLinear
 
 
@@ -28,11 +29,6 @@ def lowrank_stack(rank: int, hidden: int, inner: int, depth: int, device, dtype)
             factors = [torch.randn(rank, n_in) / n_in ** 0.5, torch.randn(n_out, rank) / rank ** 0.5]
             layers.append(LowRankLinear([f.to(device=device, dtype=dtype) for f in factors]))
     return nn.Sequential(*layers).eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

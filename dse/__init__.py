@@ -23,6 +23,7 @@ _LAZY = {
     "trials_frame": "dse.results", "pareto_front": "dse.results", "hypervolume_history": "dse.results",
     "calibrate": "dse.calibration", "CalibrationSpec": "dse.calibration", "Calibration": "dse.calibration",
     "ASVDConfig": "dse.data_aware", "SVDLLMConfig": "dse.data_aware",
+    "EvalConfig": "dse.evaluate", "Evaluator": "dse.evaluate", "PerplexityConfig": "dse.evaluate",
     "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
 }
 
