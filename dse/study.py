@@ -25,9 +25,14 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @contextmanager
 def _quiet_optuna():
-    """Optuna's experimental-feature warnings (heartbeats, grouped TPE) are not the user's concern."""
+    """Optuna's experimental-feature warnings (heartbeats, grouped TPE) are not the user's concern.
+
+    Also hidden: optuna 5 deprecates ``constraints_func`` (removal planned for v7) in favour of
+    ``Trial.set_constraint``; ``dse`` keeps the former while it supports optuna 4.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
         yield
 
 
