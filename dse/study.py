@@ -153,8 +153,11 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     done = finished_trials(study)
     if done >= target:
         return study
-    worker = worker or Worker.from_config(config, progress=progress)
-    worker.prepare(study)
+    if worker is None:
+        worker = Worker.from_config(config, progress=progress)
+    else:
+        worker.config = config  # a loaded model reused for another study (space, objectives, baselines)
+    worker.prepare(study, target)
     deadline = time.monotonic() + config.timeout if config.timeout else None
     try:
         # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.

@@ -29,6 +29,10 @@ class TrialFailed(RuntimeError):
     pass
 
 
+# trial attributes that describe the trial itself, not the plan's measurements
+_TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "constraints", "error", "duplicate_of"}
+
+
 class Worker:
     def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
                  calibration=None, progress: bool = True):
@@ -60,7 +64,7 @@ class Worker:
         return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
 
     # --- study-level ----------------------------------------------------------------------------
-    def prepare(self, study: optuna.Study) -> None:
+    def prepare(self, study: optuna.Study, target: Optional[int] = None) -> None:
         """Check the study belongs to this model; evaluate and store the baseline once."""
         meta = study.user_attrs.get("dse")
         fingerprint = model_fingerprint(self.model, self.table)
@@ -80,7 +84,7 @@ class Worker:
         if self.progress:
             done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                                   optuna.trial.TrialState.PRUNED)))
-            self._bar = tqdm(total=self.config.n_trials, initial=done, desc=f"study {self.config.name}",
+            self._bar = tqdm(total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}",
                              unit="trial")
 
     def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -138,12 +142,25 @@ class Worker:
             out["latency_ms_per_token"] = 1000.0 / tps
         return out
 
+    @staticmethod
+    def earlier_result(study: optuna.Study, plan: Plan) -> Optional[Dict[str, Any]]:
+        """The metrics of a completed trial with the same plan (samplers repeat themselves in small
+        spaces): the plan is not evaluated twice, and the trial records ``duplicate_of``."""
+        wanted = plan.to_dict()
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("plan") == wanted:
+                kept = {k: v for k, v in t.user_attrs.items() if k not in _TRIAL_ONLY}
+                return {**kept, "duplicate_of": t.number}
+        return None
+
     def objective(self, trial: optuna.Trial) -> List[float]:
         plan = self.plan_for(trial)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("plan_summary", plan.summary())
         try:
-            metrics = self.measure(plan)
+            metrics = self.earlier_result(trial.study, plan)
+            if metrics is None:
+                metrics = self.measure(plan)
             values = [metrics.get(OBJECTIVES[o][1]) for o in self.config.objectives]
             bad = [o for o, v in zip(self.config.objectives, values) if v is None or not math.isfinite(v)]
             if bad:

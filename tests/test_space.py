@@ -73,7 +73,7 @@ EXPECTED = {
     "smollm2-subsets": subsets_counts(30),
     "smollm2-rank1-pruned": subsets_counts(30, skip=1, max_layers=3, no_adjacent=True),
     "smollm2-layer-ranks": [5 ** 30],
-    "smollm2-quick": [4 ** 4],  # 4 layers, each at 0.5, 0.25 or 0.1 of full rank, or dense
+    "smollm2-quick": [4 ** 6],  # 6 layers, each at 0.25, 0.1 or 0.05 of full rank, or dense
 }
 
 

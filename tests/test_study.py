@@ -138,3 +138,16 @@ def test_bad_study_names_the_field(tmp_path, tiny_llama_dir, change, field):
     with pytest.raises(ConfigError) as e:
         load_study_config(path)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_a_repeated_plan_is_not_evaluated_again(worker, tmp_path, tiny_llama_dir, monkeypatch):
+    space = {"name": "one", "model": str(tiny_llama_dir), "ranks": [2], "group": "shared"}
+    config = fresh_config(tmp_path, tiny_llama_dir, space=space, baselines=[])
+    real_run, calls = worker.evaluator.run, []
+    monkeypatch.setattr(worker.evaluator, "run", lambda progress=True: calls.append(1) or real_run(progress))
+    worker.baseline = {}
+    study = run_study(config, worker=worker, progress=False)
+    first, *rest = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(calls) == 2  # the dense baseline and the one plan the space holds
+    assert [t.user_attrs["duplicate_of"] for t in rest] == [first.number, first.number]
+    assert all(t.values == first.values for t in rest)
