@@ -8,6 +8,7 @@ so running it again resumes where it stopped.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -77,42 +78,48 @@ def _redact(url: str) -> str:
     return url
 
 
-def make_sampler(config: StudyConfig):
+def make_sampler(config: StudyConfig, shared: bool = False):
+    """The study's sampler. ``shared``: one of several workers, so the seed is made distinct per
+    process (equal seeds would make every worker propose the same plans) and TPE lies
+    constantly about running trials so that workers spread out."""
+    seed = config.seed + os.getpid() if shared else config.seed
     with _quiet_optuna():
-        return _sampler(config)
+        return _sampler(config, seed, shared)
 
 
-def _sampler(config: StudyConfig):
+def _sampler(config: StudyConfig, seed: int, shared: bool):
     constraints_func = _constraints if config.constraints else None
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=shared,
                                           constraints_func=constraints_func, n_startup_trials=8)
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
     if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=config.seed, constraints_func=constraints_func)
-    return optuna.samplers.RandomSampler(seed=config.seed)
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints_func)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _constraints(trial):
     return trial.user_attrs.get("constraints", [])
 
 
-def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bool = True) -> optuna.Study:
-    """The study ``config.name`` in ``storage`` (or the config's), created if ``create``."""
+def open_study(config: StudyConfig, storage: Optional[str] = None, *, create: bool = True,
+               shared: bool = False) -> optuna.Study:
+    """The study ``config.name`` in ``storage`` (or the config's), created if ``create``;
+    ``shared`` when several workers run it (see :func:`make_sampler`)."""
     url = storage or config.storage_url
     if not create and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise StorageError(f"storage: no study database at {url[len('sqlite:///'):]} (run `dse run` first)")
     storage_obj = make_storage(url, config.heartbeat_s, config.grace_s)
     if create:
-        study = optuna.create_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config),
+        study = optuna.create_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config, shared),
                                     directions=config.directions, load_if_exists=True)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in config.directions]:
             raise ConfigError(f"study.objectives: the stored study {config.name!r} has other directions; "
                               "use a new study name")
         return study
     try:
-        return optuna.load_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config))
+        return optuna.load_study(study_name=config.name, storage=storage_obj, sampler=make_sampler(config, shared))
     except KeyError:
         raise StorageError(f"storage: no study named {config.name!r} in {_redact(url)}") from None
 
@@ -147,7 +154,7 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     if worker is None:
         config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made
     target = n_trials or config.n_trials
-    study = open_study(config, storage, create=not join)
+    study = open_study(config, storage, create=not join, shared=join)
     if not join:
         enqueue_baselines(study, config)
     done = finished_trials(study)

@@ -107,9 +107,10 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
                if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None}
     for f in failed:
         assert f.number in retried and f.params.items() <= retried[f.number].params.items()
-    # no plan evaluated twice by accident: completed plans are distinct
-    keys = [plan_key(t) for t in complete]
-    assert len(set(keys)) == len(keys)
+    # no plan evaluated twice by accident: the evaluated plans are distinct (a plan proposed again
+    # reuses the earlier result and says so), and the workers did not all propose the same plans
+    keys = [plan_key(t) for t in complete if "duplicate_of" not in t.user_attrs]
+    assert len(set(keys)) == len(keys) and len(keys) >= target - 4
 
 
 def test_journal_storage_two_workers(tmp_path, tiny_llama_dir):
@@ -125,4 +126,5 @@ def test_journal_storage_two_workers(tmp_path, tiny_llama_dir):
     study = open_study(config, url, create=False)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert 6 <= len(complete) <= 7  # the second worker may finish the trial it had started
-    assert len({plan_key(t) for t in complete}) == len(complete)
+    evaluated = [plan_key(t) for t in complete if "duplicate_of" not in t.user_attrs]
+    assert len(set(evaluated)) == len(evaluated) >= 5
