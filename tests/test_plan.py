@@ -130,5 +130,5 @@ def test_params_and_summary(llama):
     assert plan.params(table) == 2 * (32 + 32) + 5 * (16 + 32)
     assert Plan({Q: (2, 3)}, "tucker2").params(table) == 32 * 2 + 2 * 3 + 3 * 32
     assert plan.summary() == "2 modules, svd, rank 2..5"
-    assert Plan({Q: 4}).summary() == "1 modules, svd, rank 4"
+    assert Plan({Q: 4}).summary() == "1 module, svd, rank 4"
     assert Plan().summary() == "dense"
