@@ -47,8 +47,16 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
             model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
         config.check(model)
         if config.plan.config.needs_calibration and calibration is None:
-            raise ExportError(f"config.plan.method: {config.plan.method} needs calibration statistics to "
-                              "rebuild its factors; pass calibration=dse.calibrate(...)")
+            if config.calibration is None:
+                raise ExportError(f"config.calibration: method {config.plan.method} needs calibration statistics "
+                                  "to rebuild its factors and the config names none; pass calibration=dse.calibrate(...)")
+            from .calibration import CalibrationSpec, calibrate
+
+            try:
+                spec = CalibrationSpec.from_dict(config.calibration)
+            except ValueError as e:
+                raise ExportError(f"config.{e}") from None
+            calibration = calibrate(model, tokenizer, spec, progress=progress)
         decompose_(model, config.plan, cache=cache, calibration=calibration, progress=progress)
         try:
             if merge:

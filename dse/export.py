@@ -36,11 +36,15 @@ class RankConfig:
     metrics: Dict[str, Any] = field(default_factory=dict)
     source: Dict[str, Any] = field(default_factory=dict)  # study, trial number, baseline label, tasks
     dse_version: str = __version__
+    calibration: Optional[Dict[str, Any]] = None  # the study's CalibrationSpec as plain data
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"format": CONFIG_FORMAT, "dse_version": self.dse_version,
-                "model": {"id": self.model, "fingerprint": self.fingerprint, "dtype": self.dtype},
-                "plan": self.plan.to_dict(), "metrics": dict(self.metrics), "source": dict(self.source)}
+        out = {"format": CONFIG_FORMAT, "dse_version": self.dse_version,
+               "model": {"id": self.model, "fingerprint": self.fingerprint, "dtype": self.dtype},
+               "plan": self.plan.to_dict(), "metrics": dict(self.metrics), "source": dict(self.source)}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> "RankConfig":
@@ -57,8 +61,11 @@ class RankConfig:
             plan = Plan.from_dict(data.get("plan"))
         except PlanError as e:
             raise ExportError(f"{where}.{e}") from None
+        calibration = data.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise ExportError(f"{where}.calibration: expected an object (a calibration spec)")
         return cls(model["id"], model["fingerprint"], model["dtype"], plan, dict(data.get("metrics") or {}),
-                   dict(data.get("source") or {}), str(data.get("dse_version", "?")))
+                   dict(data.get("source") or {}), str(data.get("dse_version", "?")), calibration)
 
     def save(self, path) -> Path:
         from .io import atomic_write_text
@@ -96,7 +103,8 @@ def rank_config(study, trial) -> RankConfig:
         meta["model"], meta["fingerprint"], meta.get("dtype", "float32"), Plan.from_dict(attrs["plan"]),
         {k: v for k, v in attrs.items() if k not in NOT_METRICS},
         {"study": study.study_name, "trial": trial.number, "baseline": attrs.get("baseline"),
-         "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")})
+         "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")},
+        calibration=meta.get("calibration"))
 
 
 def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Optional[float] = None,

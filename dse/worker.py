@@ -8,6 +8,7 @@ user attributes; the undecomposed baseline is evaluated once per study and store
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Dict, List, Optional
@@ -76,7 +77,8 @@ class Worker:
                 "version": __version__, "model": self.config.model, "fingerprint": fingerprint,
                 "method": self.config.method, "method_options": dict(self.config.method_options),
                 "objectives": list(self.config.objectives), "dtype": self.config.dtype,
-                "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit})
+                "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit,
+                "calibration": dataclasses.asdict(self.config.calibration) if self.config.calibration else None})
         self.baseline = study.user_attrs.get("baseline") or {}
         if not self.baseline:
             self.baseline = self.measure(Plan({}, self.config.method, self.config.method_options))

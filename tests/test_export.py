@@ -223,3 +223,44 @@ def test_smollm2_export_apply_load_compressed(smollm2, tmp_path):
     assert dse.param_count(merged) == size.params_before
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-3)
+
+
+def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
+    """An exported svdllm config carries its calibration spec; apply recalibrates from it."""
+    import dataclasses
+
+    from conftest import BENCHMARKS
+    from dse.arch import find_projections
+    from dse.cache import model_fingerprint
+    from dse.calibration import CalibrationSpec, calibrate
+    from dse.compressed import apply_config, load_compressed
+    from dse.decompose import decompose_, restore_
+    from dse.export import ExportError, RankConfig
+    from dse.models import load_model
+    from dse.perplexity import TextSource
+    from dse.plan import uniform_plan
+
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    table = find_projections(model)
+    spec = CalibrationSpec(TextSource(path=str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                                      field="page", rows=(40, 42)), n_samples=4, seq_len=32, seed=3)
+    config = RankConfig(str(tiny_llama_dir), model_fingerprint(model, table), "float32",
+                        uniform_plan(table, rank=4, method="svdllm"),
+                        calibration=json.loads(json.dumps(dataclasses.asdict(spec))))
+    config = RankConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # through JSON, as exported
+
+    apply_config(config, tmp_path / "out")
+    reloaded, _ = load_compressed(tmp_path / "out")
+    decompose_(model, config.plan, calibration=calibrate(model, tokenizer, spec, progress=False))
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        expected, got = model(ids).logits, reloaded(ids).logits
+    restore_(model)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+
+    without = RankConfig.from_dict({**config.to_dict(), "calibration": None})
+    with pytest.raises(ExportError, match=r"^config\.calibration: method svdllm needs calibration"):
+        apply_config(without, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
