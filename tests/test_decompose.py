@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 from conftest import FAMILIES, make_tiny, model_output
+from helpers import assert_unchanged, calibration_for, full_rank_plan, random_plan, rel_err, snapshot, token_ids
 
 from dse.arch import find_projections
 from dse.cache import FactorCache
@@ -24,57 +25,6 @@ from dse.plan import Plan, PlanError
 FULL_RANK_RTOL = 1e-4
 METHOD_NAMES = list(METHODS)
 PLAIN_METHODS = [n for n in METHODS if not METHODS[n].config_cls.needs_calibration]
-
-
-def token_ids(vocab: int = 97, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def calibration_for(model, method: str):
-    """Input statistics over random tokens for data-aware methods; ``None`` for the others."""
-    if not METHODS[method].config_cls.needs_calibration:
-        return None
-    from dse.calibration import Calibration, collect_stats
-
-    stats, aliases = collect_stats(model, token_ids(batch=8, length=16, seed=1))
-    return Calibration(f"random-{method}", stats, aliases)
-
-
-def full_rank_plan(table, method: str) -> Plan:
-    pair = METHODS[method].pair_ranks
-    return Plan({n: ((p.full_rank, p.full_rank) if pair else p.full_rank) for n, p in table.items()}, method)
-
-
-def random_plan(table, method: str, rng: random.Random) -> Plan:
-    """A random subset of the modules (at least one) at random valid ranks."""
-    names = [n for n in table if rng.random() < 0.5] or [rng.choice(list(table))]
-    ranks = {}
-    for n in names:
-        full = table[n].full_rank
-        ranks[n] = (rng.randint(1, full), rng.randint(1, full)) if METHODS[method].pair_ranks else rng.randint(1, full)
-    return Plan(ranks, method)
-
-
-def snapshot(model):
-    """Copies of every parameter and buffer, and the module object at each projection."""
-    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
-    modules = {n: model.get_submodule(n) for n in find_projections(model)}
-    return state, modules
-
-
-def assert_unchanged(model, snap) -> None:
-    state, modules = snap
-    now = model.state_dict(keep_vars=True)
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
-    for n, m in modules.items():
-        assert model.get_submodule(n) is m, n
-    assert not is_decomposed(model)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 # --- tiny models: every family × every method ---------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from test_results import build_study
+from helpers import build_study
 
 SAFETENSORS_HEADER_MAX = 64 * 1024  # JSON header of the weights file, bytes (SmolLM2: ~40 KB)
 
@@ -152,7 +152,7 @@ def test_no_completed_trials_and_occupied_out_are_refused(walked, tmp_path):
     import optuna
 
     from dse.compressed import apply_config
-    from dse.export import ExportError, export_front, rank_config, select_trial
+    from dse.export import export_front, rank_config, select_trial
     from dse.results import ResultsError, front_trials
 
     _, study, model = walked

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import make_tiny
-from test_decompose import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 
 from dse.arch import find_projections
 from dse.decompose import decompose_

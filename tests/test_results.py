@@ -8,89 +8,13 @@ top-1 agreement with the undecomposed model's predictions (1.0 for the dense mod
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 
-from conftest import make_tiny
-
-class AgreementEvaluator:
-    """Real metrics of the model in its current (decomposed) state on fixed random tokens."""
-
-    def __init__(self, model, n_tasks: int = 2):
-        g = torch.Generator().manual_seed(1)
-        self.model = model
-        self.inputs = [torch.randint(0, model.config.vocab_size, (2, 24), generator=g) for _ in range(n_tasks)]
-        self.reference = [self._logits(x).argmax(-1) for x in self.inputs]
-
-    def _logits(self, ids):
-        with torch.no_grad():
-            return self.model(ids).logits
-
-    def run(self, progress=False):
-        out = {}
-        nll = []
-        for i, (ids, ref) in enumerate(zip(self.inputs, self.reference)):
-            logits = self._logits(ids)
-            out[f"acc/task{i}"] = float((logits.argmax(-1) == ref).float().mean())
-            nll.append(float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())))
-        out["accuracy"] = float(np.mean([out[f"acc/task{i}"] for i in range(len(self.inputs))]))
-        out["perplexity"] = math.exp(float(np.mean(nll)))
-        out["eval_seconds"] = 0.0
-        return out
-
-
-def save_tiny_llama(folder: Path) -> Path:
-    """A tiny random llama plus a word-level tokenizer in ``folder`` (loadable by dse.load_model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = make_tiny("llama")
-    model.save_pretrained(folder)
-    vocab = {f"w{i}": i for i in range(model.config.vocab_size - 1)} | {"<unk>": model.config.vocab_size - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(folder)
-    return folder
-
-
-STUDY_YAML = """\
-name: tiny
-model: {model}
-space: {{name: tiny, model: {model}, ranks: [4, 8, dense], group: module}}
-evaluation: {{tasks: [task0, task1]}}
-objectives: [accuracy, params]
-sampler: random
-n_trials: {n_trials}
-constraints: {{max_params: 0.97}}
-baselines: [dense, {{uniform: 4}}, {{ratio: 0.3}}]
-storage: sqlite:///study.db
-"""
-
-
-def build_study(root: Path, n_trials: int = 14):
-    """Run a real tiny study from ``root/tiny.yaml`` into ``root/study.db``.
-
-    Returns ``(study, config, model)``; the model is the one the worker measured (dense again).
-    """
-    from dse.config import load_study_config
-    from dse.models import load_model
-    from dse.study import run_study
-    from dse.worker import Worker
-
-    model_dir = save_tiny_llama(root / "tiny-llama")
-    (root / "tiny.yaml").write_text(STUDY_YAML.format(model=model_dir, n_trials=n_trials))
-    config = load_study_config(root / "tiny.yaml")
-    model, tokenizer = load_model(str(model_dir))
-    worker = Worker(config, model, tokenizer, AgreementEvaluator(model), progress=False)
-    study = run_study(config, worker=worker, progress=False)
-    return study, config, model
-
+from helpers import build_study
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):

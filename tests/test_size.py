@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from conftest import FAMILIES, make_tiny
-from test_decompose import calibration_for, random_plan
+from helpers import calibration_for, random_plan
 
 from dse.arch import find_projections
 from dse.decompose import decompose_, restore_

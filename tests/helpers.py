@@ -1,0 +1,140 @@
+"""Helpers shared by several test modules: random plans, snapshots, a real tiny study."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import make_tiny
+from dse.arch import find_projections
+from dse.decompose import is_decomposed
+from dse.methods import METHODS
+from dse.plan import Plan
+
+
+def token_ids(vocab: int = 97, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def calibration_for(model, method: str):
+    """Input statistics over random tokens for data-aware methods; ``None`` for the others."""
+    if not METHODS[method].config_cls.needs_calibration:
+        return None
+    from dse.calibration import Calibration, collect_stats
+
+    stats, aliases = collect_stats(model, token_ids(batch=8, length=16, seed=1))
+    return Calibration(f"random-{method}", stats, aliases)
+
+
+def full_rank_plan(table, method: str) -> Plan:
+    pair = METHODS[method].pair_ranks
+    return Plan({n: ((p.full_rank, p.full_rank) if pair else p.full_rank) for n, p in table.items()}, method)
+
+
+def random_plan(table, method: str, rng: random.Random) -> Plan:
+    """A random subset of the modules (at least one) at random valid ranks."""
+    names = [n for n in table if rng.random() < 0.5] or [rng.choice(list(table))]
+    ranks = {}
+    for n in names:
+        full = table[n].full_rank
+        ranks[n] = (rng.randint(1, full), rng.randint(1, full)) if METHODS[method].pair_ranks else rng.randint(1, full)
+    return Plan(ranks, method)
+
+
+def snapshot(model):
+    """Copies of every parameter and buffer, and the module object at each projection."""
+    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    modules = {n: model.get_submodule(n) for n in find_projections(model)}
+    return state, modules
+
+
+def assert_unchanged(model, snap) -> None:
+    state, modules = snap
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+    for n, m in modules.items():
+        assert model.get_submodule(n) is m, n
+    assert not is_decomposed(model)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+class AgreementEvaluator:
+    """Real metrics of the model in its current (decomposed) state on fixed random tokens."""
+
+    def __init__(self, model, n_tasks: int = 2):
+        g = torch.Generator().manual_seed(1)
+        self.model = model
+        self.inputs = [torch.randint(0, model.config.vocab_size, (2, 24), generator=g) for _ in range(n_tasks)]
+        self.reference = [self._logits(x).argmax(-1) for x in self.inputs]
+
+    def _logits(self, ids):
+        with torch.no_grad():
+            return self.model(ids).logits
+
+    def run(self, progress=False):
+        out = {}
+        nll = []
+        for i, (ids, ref) in enumerate(zip(self.inputs, self.reference)):
+            logits = self._logits(ids)
+            out[f"acc/task{i}"] = float((logits.argmax(-1) == ref).float().mean())
+            nll.append(float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())))
+        out["accuracy"] = float(np.mean([out[f"acc/task{i}"] for i in range(len(self.inputs))]))
+        out["perplexity"] = math.exp(float(np.mean(nll)))
+        out["eval_seconds"] = 0.0
+        return out
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny random llama plus a word-level tokenizer in ``folder`` (loadable by dse.load_model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny("llama")
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size - 1)} | {"<unk>": model.config.vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+STUDY_YAML = """\
+name: tiny
+model: {model}
+space: {{name: tiny, model: {model}, ranks: [4, 8, dense], group: module}}
+evaluation: {{tasks: [task0, task1]}}
+objectives: [accuracy, params]
+sampler: random
+n_trials: {n_trials}
+constraints: {{max_params: 0.97}}
+baselines: [dense, {{uniform: 4}}, {{ratio: 0.3}}]
+storage: sqlite:///study.db
+"""
+
+
+def build_study(root: Path, n_trials: int = 14):
+    """Run a real tiny study from ``root/tiny.yaml`` into ``root/study.db``.
+
+    Returns ``(study, config, model)``; the model is the one the worker measured (dense again).
+    """
+    from dse.config import load_study_config
+    from dse.models import load_model
+    from dse.study import run_study
+    from dse.worker import Worker
+
+    model_dir = save_tiny_llama(root / "tiny-llama")
+    (root / "tiny.yaml").write_text(STUDY_YAML.format(model=model_dir, n_trials=n_trials))
+    config = load_study_config(root / "tiny.yaml")
+    model, tokenizer = load_model(str(model_dir))
+    worker = Worker(config, model, tokenizer, AgreementEvaluator(model), progress=False)
+    study = run_study(config, worker=worker, progress=False)
+    return study, config, model
