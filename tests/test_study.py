@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -151,3 +152,13 @@ def test_a_repeated_plan_is_not_evaluated_again(worker, tmp_path, tiny_llama_dir
     assert len(calls) == 2  # the dense baseline and the one plan the space holds
     assert [t.user_attrs["duplicate_of"] for t in rest] == [first.number, first.number]
     assert all(t.values == first.values for t in rest)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_studies_load(path):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    config = load_study_config(path)
+    assert config.name == path.stem and config.n_trials >= 20
+    assert config.evaluation.tasks or config.evaluation.perplexity is not None
