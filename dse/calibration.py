@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import find_projections
+from .config import check_keys
 from .cache import model_fingerprint
 from .io import atomic_path
 from .perplexity import TextSource
@@ -54,10 +55,7 @@ class CalibrationSpec:
         """From plain data, e.g. a study's ``calibration:`` block; ``base`` anchors a relative text path."""
         if not isinstance(data, Mapping):
             raise ValueError(f"calibration: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"calibration.{key}: unknown key (known: {', '.join(sorted(known))})")
+        check_keys(data, {f.name for f in fields(cls)}, "calibration")
         return cls(**{**data, "text": TextSource.from_dict(data.get("text"), "calibration.text", base)})
 
     def windows(self, tokenizer) -> torch.Tensor:

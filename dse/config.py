@@ -47,10 +47,11 @@ def read_yaml(path, what: str, error: type = ConfigError) -> Dict[str, Any]:
     return data
 
 
-def check_keys(data: Mapping, allowed, where: str) -> None:
+def check_keys(data: Mapping, allowed, where: str, error: type = ConfigError) -> None:
+    """Raise ``error`` naming the first key of ``data`` that is not in ``allowed``."""
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+        raise error(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
 
 
 def typed(data: Mapping, key: str, kind, where: str, default=None, *, positive=False):

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from tqdm.auto import tqdm
 
+from .config import check_keys
 from .latency import prompt_ids, tokens_per_second
 from .perplexity import TextSource, perplexity, token_windows
 from .tasks import check_tasks, load_tasks
@@ -34,9 +35,7 @@ METRICS = ("acc", "acc_norm")
 def _known_keys(cls, data, where: str) -> Dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key")
+    check_keys(data, {f.name for f in fields(cls)}, where)
     return dict(data)
 
 

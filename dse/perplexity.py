@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import check_keys
+
 
 @dataclass(frozen=True)
 class TextSource:
@@ -39,10 +41,7 @@ class TextSource:
         """From plain data (a study's ``text:`` block); a relative ``path`` resolves against ``base``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected a mapping with path or dataset")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        check_keys(data, {f.name for f in fields(cls)}, where)
         data = dict(data)
         if data.get("path") and base is not None and not Path(data["path"]).expanduser().is_absolute():
             data["path"] = str((Path(base) / data["path"]).resolve())

@@ -65,7 +65,7 @@ from fractions import Fraction
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .arch import CANONICAL_TYPES, tensor_types
-from .config import ConfigError, read_yaml
+from .config import ConfigError, check_keys, read_yaml
 from .plan import Plan
 
 DENSE = "dense"
@@ -368,12 +368,6 @@ def _int(value, where: str, minimum: int) -> int:
     return value
 
 
-def _unknown(data: Mapping, known, where: str) -> None:
-    for key in data:
-        if key not in known:
-            raise SpaceError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
-
-
 def _choice(value, where: str) -> Choice:
     if value == DENSE:
         return DENSE
@@ -389,7 +383,7 @@ def _layers(value) -> Union[str, Tuple[int, ...], range]:
     if value == "all":
         return value
     if isinstance(value, Mapping):
-        _unknown(value, ("from", "to"), "space.layers")
+        check_keys(value, ("from", "to"), "space.layers", SpaceError)
         for key in ("from", "to"):
             if key not in value:
                 raise SpaceError(f"space.layers.{key}: missing (a range is {{from: A, to: B}}, both included)")
@@ -411,7 +405,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
     if not isinstance(value, Mapping):
         raise SpaceError(f"space.rules: expected a mapping, got {value!r}")
     known = [f.name for f in dataclasses.fields(Rules)]
-    _unknown(value, known, "space.rules")
+    check_keys(value, known, "space.rules", SpaceError)
     kw = dict(value)
     for key in ("skip_first", "skip_last"):
         if key in kw:
@@ -437,7 +431,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
 def _parse(data) -> Space:
     if not isinstance(data, Mapping):
         raise SpaceError(f"space: expected a mapping of fields, got {type(data).__name__}")
-    _unknown(data, _KEYS, "space")
+    check_keys(data, _KEYS, "space", SpaceError)
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise SpaceError(f"space.name: expected a non-empty string, got {name!r}")
