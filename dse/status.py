@@ -40,7 +40,8 @@ def format_status(study) -> str:
     if meta:
         lines.append(f"model {meta.get('model')} (fingerprint {meta.get('fingerprint')}, {meta.get('dtype')}), "
                      f"method {meta.get('method')}, objectives {', '.join(objectives(study))}, "
-                     f"tasks {', '.join(meta.get('tasks') or []) or '-'} (limit {meta.get('limit')})")
+                     + (f"tasks {', '.join(meta['tasks'])} (limit {meta.get('limit')})" if meta.get("tasks")
+                        else "no accuracy tasks"))
     base = study.user_attrs.get("baseline") or {}
     if base:
         shown = [f"params {base['params'] / 1e6:.2f} M"] if "params" in base else []
