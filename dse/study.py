@@ -177,9 +177,37 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
                            gc_after_trial=False)
             if target - finished_trials(study) == remaining:
                 break  # every trial of the round failed: see their "error" attributes
+        _settle(study, worker, config, storage or config.storage_url)
     finally:
         worker.close()
     return study
+
+
+def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
+    """Before a worker leaves: a trial still RUNNING whose worker died (no heartbeat for
+    ``grace_s``) is failed and its retry run here, so no trial is left RUNNING forever. Waits at
+    most ``grace_s + 2·heartbeat_s`` for other workers' running trials. Journal storage has no
+    heartbeats, so nothing is done there."""
+    if url.startswith("journal:"):
+        return
+    deadline = time.monotonic() + config.grace_s + 2 * config.heartbeat_s
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or _retries(study):
+        with _quiet_optuna():
+            optuna.storages.fail_stale_trials(study)
+        if _retries(study):
+            study.optimize(worker.objective, n_trials=len(_retries(study)), catch=(Exception,),
+                           callbacks=[worker.report], gc_after_trial=False)
+        elif time.monotonic() > deadline:
+            return
+        else:
+            time.sleep(config.heartbeat_s)
+
+
+def _retries(study: optuna.Study) -> list:
+    """WAITING trials that re-run a trial whose worker died."""
+    with _quiet_optuna():
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None]
 
 
 def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] = None,
