@@ -93,7 +93,7 @@ def _cmd_export(args) -> None:
     config = rank_config(study, trial)
     config.save(args.out)
     m = config.metrics
-    print(f"dse: trial {trial.number} ({m.get('plan_summary')}, params {m.get('params_ratio', float('nan')):.1%}"
+    print(f"dse: trial {trial.number} ({config.plan.summary()}, params {m.get('params_ratio', float('nan')):.1%}"
           + (f", accuracy {m['accuracy']:.4f}" if "accuracy" in m else "") + f") -> {args.out}", file=sys.stderr)
 
 

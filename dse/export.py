@@ -18,11 +18,9 @@ from . import __version__
 from .io import atomic_dir
 from .plan import Plan, PlanError
 from .results import ResultsError, front_trials, quality_key, require_completed
+from .worker import TRIAL_ONLY
 
 CONFIG_FORMAT = 1
-NOT_METRICS = ("plan", "baseline_spec", "error", "constraints")
-
-
 class ExportError(ValueError):
     """A rank config that cannot be written, read or used; the message names the field."""
 
@@ -101,7 +99,7 @@ def rank_config(study, trial) -> RankConfig:
         raise ResultsError(f"trial {trial.number}: no plan recorded")
     return RankConfig(
         meta["model"], meta["fingerprint"], meta.get("dtype", "float32"), Plan.from_dict(attrs["plan"]),
-        {k: v for k, v in attrs.items() if k not in NOT_METRICS},
+        {k: v for k, v in attrs.items() if k not in TRIAL_ONLY},
         {"study": study.study_name, "trial": trial.number, "baseline": attrs.get("baseline"),
          "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")},
         calibration=meta.get("calibration"))

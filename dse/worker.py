@@ -31,7 +31,7 @@ class TrialFailed(RuntimeError):
 
 
 # trial attributes that describe the trial itself, not the plan's measurements
-_TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "constraints", "error", "duplicate_of"}
+TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "constraints", "error", "duplicate_of"}
 
 
 class Worker:
@@ -151,7 +151,7 @@ class Worker:
         wanted = plan.to_dict()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if t.user_attrs.get("plan") == wanted:
-                kept = {k: v for k, v in t.user_attrs.items() if k not in _TRIAL_ONLY}
+                kept = {k: v for k, v in t.user_attrs.items() if k not in TRIAL_ONLY}
                 return {**kept, "duplicate_of": t.number}
         return None
 
