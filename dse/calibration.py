@@ -2,7 +2,8 @@
 
 ``calibrate`` runs the model once over random token windows of a text and gathers, for the input
 ``x`` of every decomposable projection, in float64: the mean ``|x|`` per channel and the second
-moment ``XᵀX / N`` (``N`` tokens). Projections that read the same input tensor (q/k/v, gate/up)
+moment ``XᵀX / N`` (``N`` tokens); with ``gradients=True`` also the mean squared loss gradient of
+every projection's output channels (for :mod:`dse.allocation`). Projections that read the same input tensor (q/k/v, gate/up)
 share one statistic: the first one called holds it and the others alias it, so a llama layer has
 four statistics, not seven. The forward pass stops after the last projection (no LM head).
 
@@ -86,14 +87,28 @@ class InputStats:
                    torch.zeros(n, n, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs ``(..., n)`` as sums (see :meth:`finish`)."""
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.abs_mean += x.abs().sum(0)
-        self.xtx.addmm_(x.T, x)
+        """Accumulate a batch of inputs ``(..., n)`` as sums (see :meth:`finish`).
+
+        The batch's sums are computed in the input's dtype (half the cost of float64 on CPU for
+        float32 models) and added to the float64 sums; its relative rounding (about 1e-6 for float32
+        and a batch of a few thousand tokens) is below the regularizer ``svdllm`` adds anyway.
+        Half-precision inputs are raised to float32 first.
+        """
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        self.abs_mean += x.abs().sum(0).double()
+        h = x.shape[1] // 2  # XᵀX is symmetric: three of its four blocks, mirrored in finish()
+        a, b = x[:, :h], x[:, h:]
+        self.xtx[:h, :h] += (a.T @ a).double()
+        self.xtx[:h, h:] += (a.T @ b).double()
+        self.xtx[h:, h:] += (b.T @ b).double()
         self.tokens += x.shape[0]
 
     def finish(self) -> "InputStats":
         """Turn the accumulated sums into means."""
+        h = self.xtx.shape[0] // 2
+        self.xtx[h:, :h] = self.xtx[:h, h:].T
         self.abs_mean /= max(self.tokens, 1)
         self.xtx /= max(self.tokens, 1)
         return self
@@ -107,12 +122,16 @@ class Calibration:
     """Input statistics of a model's projections; ``key`` names model and data (for cache keys).
 
     ``stats`` holds one :class:`InputStats` per distinct input, under the name of the first
-    projection that reads it; ``aliases`` maps every other projection to that name.
+    projection that reads it; ``aliases`` maps every other projection to that name. ``grads``
+    (only when calibrated with ``gradients=True``) holds, per projection, the mean squared
+    gradient of the next-token loss with respect to each output channel (float64, ``(out,)``): a
+    diagonal Fisher estimate of how much an error in that output costs.
     """
 
     key: str
     stats: Dict[str, InputStats]
     aliases: Dict[str, str] = field(default_factory=dict)
+    grads: Dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     def stats_for(self, name: str) -> InputStats:
@@ -125,7 +144,8 @@ class Calibration:
     def save(self, path) -> None:
         data = {"format": CALIBRATION_FORMAT, "key": self.key, "aliases": self.aliases,
                 "stats": {n: {"abs_mean": s.abs_mean.cpu(), "xtx": s.xtx.cpu(), "tokens": s.tokens}
-                          for n, s in self.stats.items()}}
+                          for n, s in self.stats.items()},
+                "grads": {n: g.cpu() for n, g in self.grads.items()}}
         with atomic_path(path) as tmp:
             torch.save(data, tmp)
 
@@ -135,7 +155,7 @@ class Calibration:
         if data.get("format") != CALIBRATION_FORMAT:
             raise ValueError(f"calibration file {path}: format {data.get('format')!r} is not supported")
         stats = {n: InputStats(s["abs_mean"], s["xtx"], int(s["tokens"])) for n, s in data["stats"].items()}
-        return cls(data["key"], stats, dict(data["aliases"]))
+        return cls(data["key"], stats, dict(data["aliases"]), dict(data.get("grads", {})))
 
 
 class _StopForward(Exception):
@@ -143,17 +163,20 @@ class _StopForward(Exception):
 
 
 def calibration_key(model: nn.Module, spec: CalibrationSpec, windows: torch.Tensor) -> str:
-    """``<model fingerprint>-<hash of spec and token ids>``."""
+    """``<model fingerprint>-<hash of spec and token ids>`` (names the input statistics, so factor
+    caches are shared by calibrations with and without gradients)."""
     table = find_projections(model)
     h = hashlib.sha256(repr(spec).encode())
     h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     return f"{model_fingerprint(model, table)}-{h.hexdigest()[:12]}"
 
 
-@torch.no_grad()
-def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
-                  progress: bool = False) -> tuple[Dict[str, InputStats], Dict[str, str]]:
-    """``(stats, aliases)`` of every projection's input over ``windows`` (one forward pass)."""
+def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
+                  progress: bool = False) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
+    """``(stats, aliases, grads)`` of every projection over ``windows`` (one pass; see
+    :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
+    and ``grads`` is empty; with them the next-token loss is back-propagated (weights get no
+    gradients) and the squared output gradients are summed per channel."""
     from .decompose import is_decomposed
 
     if is_decomposed(model):
@@ -162,6 +185,7 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
     device = next(model.parameters()).device
     stats: Dict[str, InputStats] = {}
     aliases: Dict[str, str] = {}
+    grads: Dict[str, torch.Tensor] = {}
     state = {"last_input": None, "last_owner": None, "seen": 0}
 
     def hook_for(name):
@@ -175,32 +199,59 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
                 stats[name].add(x)
                 state["last_input"], state["last_owner"] = x, name
             state["seen"] += 1
-            if state["seen"] == len(table):
+            if state["seen"] == len(table) and not gradients:
                 raise _StopForward
         return hook
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in table]
+    def grad_hook_for(name):
+        def hook(module, grad_input, grad_output):
+            g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
+            grads[name] = grads.get(name, 0) + g.pow(2).sum(0).double()
+        return hook
+
+    modules = {name: model.get_submodule(name) for name in table}
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    if gradients:
+        handles += [m.register_full_backward_hook(grad_hook_for(name)) for name, m in modules.items()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress,
                           leave=False):
             state.update(last_input=None, last_owner=None, seen=0)
+            ids = windows[start:start + batch_size].to(device)
+            if gradients:
+                with torch.enable_grad():
+                    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                    loss = getattr(model(inputs_embeds=embeds, labels=ids), "loss", None)
+                    if loss is None:
+                        raise ValueError("calibration: gradients need a model that returns a language-"
+                                         f"modeling loss; {type(model).__name__} returns none")
+                    loss.backward()
+                continue
             try:
-                model(windows[start:start + batch_size].to(device))
+                with torch.no_grad():
+                    model(ids)
             except _StopForward:
                 pass
     finally:
         for handle in handles:
             handle.remove()
-    return {n: s.finish() for n, s in stats.items()}, aliases
+        for p in trainable:
+            p.requires_grad_(True)
+    tokens = windows.numel()
+    return {n: s.finish() for n, s in stats.items()}, aliases, {n: g / tokens for n, g in grads.items()}
 
 
 def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
-              *, batch_size: int = 4, progress: bool = True) -> Calibration:
-    """Input statistics of ``model``'s projections over ``spec``'s windows, cached in ``cache_dir``."""
+              *, gradients: bool = False, batch_size: int = 8, progress: bool = True) -> Calibration:
+    """Input statistics (and with ``gradients``, output-gradient statistics) of ``model``'s
+    projections over ``spec``'s windows, cached in ``cache_dir``."""
     start = time.perf_counter()
     windows = spec.windows(tokenizer)
     key = calibration_key(model, spec, windows)
-    path = Path(cache_dir) / f"calibration-{key}.pt" if cache_dir else None
+    path = Path(cache_dir) / f"calibration-{key}{'-grads' if gradients else ''}.pt" if cache_dir else None
     if path is not None and path.exists():
         try:
             cal = Calibration.load(path, device=next(model.parameters()).device)
@@ -208,8 +259,9 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
             return cal
         except Exception:  # a torn or foreign file: recompute and overwrite it
             pass
-    stats, aliases = collect_stats(model, windows, batch_size=batch_size, progress=progress)
-    cal = Calibration(key, stats, aliases, time.perf_counter() - start)
+    stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
+                                          progress=progress)
+    cal = Calibration(key, stats, aliases, grads, time.perf_counter() - start)
     if path is not None:
         cal.save(path)
     return cal

@@ -15,11 +15,11 @@ from .config import ConfigError
 
 
 def _cmd_space(args) -> None:
-    from .space import Space, format_counts
+    from .space import load_space
 
     for path in args.files:
-        space = Space.load(path)
-        print(format_counts(space, space.table()), end="\n\n" if path != args.files[-1] else "\n")
+        space = load_space(path)
+        print(space.describe(space.table()), end="\n\n" if path != args.files[-1] else "\n")
 
 
 def _cmd_run(args, join: bool = False) -> None:
@@ -106,6 +106,23 @@ def _cmd_apply(args) -> None:
     print(f"dse: wrote {'merged dense' if args.merge else 'low-rank'} model to {out}", file=sys.stderr)
 
 
+def _cmd_characterize(args) -> None:
+    from pathlib import Path
+
+    from .characterize import model_study, run_characterization
+
+    if args.target.endswith((".yaml", ".yml")):
+        from .config import load_study_config
+
+        config = load_study_config(args.target)
+    else:
+        config = model_study(args.target, tasks=args.tasks, limit=args.limit, data_dir=args.data_dir,
+                             method=args.method, device=args.device)
+    frame = run_characterization(config, args.out, rank=args.rank, kinds=args.kinds, ks=args.k,
+                                 progress=not args.quiet)
+    print(f"dse: {len(frame)} rows in {Path(args.out) / 'characterization.csv'}, plots beside it", file=sys.stderr)
+
+
 def _add_result_verbs(sub) -> None:
     p = sub.add_parser("pareto", help="print the feasible Pareto front; --out writes CSV and Parquet")
     p.add_argument("study", metavar="STUDY_YAML")
@@ -169,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.set_defaults(func=_cmd_status)
     _add_result_verbs(sub)
+
+    from .characterize import KINDS
+
+    p = sub.add_parser("characterize", help="sensitivity of each module, each layer and k-layer patterns (CSV, plots)")
+    p.add_argument("target", metavar="STUDY_YAML_or_MODEL",
+                   help="a study (its model, method, calibration and evaluation) or a model name")
+    p.add_argument("--out", required=True, metavar="DIR", help="characterization.csv (resumed) and plots")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--k", nargs="+", type=int, default=[1, 2, 3, 4, 6], help="layer counts of the k-layer curves")
+    p.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy"], help="with a model name: lm-eval tasks")
+    p.add_argument("--limit", type=int, default=100, help="with a model name: rows per task")
+    p.add_argument("--data-dir", help="with a model name: local task copies (the shared benchmarks folder)")
+    p.add_argument("--method", default="svd", help="with a model name: a method without calibration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_characterize)
     return parser
 
 

@@ -99,13 +99,23 @@ class Constraints:
 
 
 @dataclass(frozen=True)
+class MultiFidelity:
+    """Stop a trial after the first ``first`` share of each task's rows when its mean accuracy there
+    is more than ``margin`` (0.05 = 5 points) below the best completed trial of the same size or
+    smaller; the trial is recorded as pruned, with the reason in its ``pruned`` attribute."""
+
+    first: float = 0.25
+    margin: float = 0.05
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     path: Optional[Path]  # the YAML file, or None for a config built in code
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str = "float32"
-    space: Any = None  # dse.space.Space
+    space: Any = None  # dse.space.Space or dse.allocation.AllocationSpace
     method: str = "svd"
     method_options: Dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # dse.calibration.CalibrationSpec or None
@@ -121,6 +131,7 @@ class StudyConfig:
     cache_dir: Optional[str] = None
     heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
+    multi_fidelity: Optional[MultiFidelity] = None
 
     @property
     def directions(self) -> List[str]:
@@ -146,7 +157,7 @@ def load_study_config(path) -> StudyConfig:
 def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None) -> StudyConfig:
     """Validate a study mapping; ``path`` (the YAML file) anchors relative paths."""
     from .evaluate import EvalConfig
-    from .space import Space
+    from .space import load_space, space_from_dict
 
     where = "study"
     base = path.parent if path else Path.cwd()
@@ -157,9 +168,9 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
 
     space = data.get("space")
     if isinstance(space, str):
-        space = Space.load(_resolve(base, space))
+        space = load_space(_resolve(base, space))
     elif isinstance(space, Mapping):
-        space = Space.from_dict(space)
+        space = space_from_dict(space)
     else:
         raise ConfigError("study.space: expected a path to a space YAML or an inline mapping")
 
@@ -175,6 +186,9 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         calibration = _calibration_spec(calibration, base)
     if method_config.needs_calibration and calibration is None:
         raise ConfigError(f"study.calibration: method {method} needs calibration data; add a calibration: section")
+    if space.needs_importance and calibration is None:
+        raise ConfigError("study.calibration: an allocation space (budget:) needs calibration data (its "
+                          "loss gradients rank the components); add a calibration: section")
 
     evaluation = typed(data, "evaluation", dict, where, default={})
     evaluation = dict(evaluation)
@@ -218,9 +232,13 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     if constraints.max_drop is not None and not evaluation.tasks:
         raise ConfigError("study.constraints.max_drop: needs evaluation.tasks")
 
-    baselines = typed(data, "baselines", list, where, default=[])
+    from .baselines import parse_baseline
+
+    baselines = list(typed(data, "baselines", list, where, default=[]))  # a copy: the caller's data stays as given
     for i, b in enumerate(baselines):
-        parse_baseline(b, f"study.baselines[{i}]")
+        kind, value = parse_baseline(b, f"study.baselines[{i}]", base)
+        if kind == "sensitivity":  # the file's path, resolved against the study's folder
+            baselines[i] = {**b, "characterization": value["characterization"]}
 
     storage = typed(data, "storage", str, where)
     if storage is not None and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
@@ -235,6 +253,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
         raise ConfigError(f"study.device: expected cpu, cuda, cuda:N or auto, got {device!r}")
 
+    multi_fidelity = _multi_fidelity(data.get("multi_fidelity"), evaluation, objectives)
+
     return StudyConfig(
         name=name, path=path, model=typed(data, "model", str, where, default="smollm2-135m"),
         device=device, dtype=dtype, space=space, method=method, method_options=method_options,
@@ -244,7 +264,24 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         storage=storage, constraints=constraints, baselines=tuple(baselines),
         cache_dir=str(_resolve(base, cache_dir)) if cache_dir else None,
         heartbeat_s=typed(data, "heartbeat_s", int, where, default=30, positive=True),
-        grace_s=typed(data, "grace_s", int, where, default=120, positive=True))
+        grace_s=typed(data, "grace_s", int, where, default=120, positive=True), multi_fidelity=multi_fidelity)
+
+
+def _multi_fidelity(data, evaluation, objectives) -> Optional[MultiFidelity]:
+    where = "study.multi_fidelity"
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping {{first: F, margin: M}}, got {data!r}")
+    check_keys(data, [f.name for f in dataclasses.fields(MultiFidelity)], where)
+    first, margin = data.get("first", 0.25), data.get("margin", 0.05)
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0 < first < 1:
+        raise ConfigError(f"{where}.first: the share of each task's rows scored first, in (0, 1), got {first!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 1:
+        raise ConfigError(f"{where}.margin: accuracy points as a fraction in [0, 1], got {margin!r}")
+    if "accuracy" not in objectives or not evaluation.tasks:
+        raise ConfigError(f"{where}: needs the accuracy objective and evaluation.tasks")
+    return MultiFidelity(float(first), float(margin))
 
 
 def _calibration_spec(data, base: Path):
@@ -259,19 +296,6 @@ def _calibration_spec(data, base: Path):
 def _resolve(base: Path, p: str) -> Path:
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q).resolve()
-
-
-def parse_baseline(spec, where: str):
-    """``"dense"``, ``{"uniform": RANK_OR_FRACTION}`` or ``{"ratio": R}`` -> (kind, value)."""
-    if spec == "dense":
-        return ("dense", None)
-    if isinstance(spec, Mapping) and len(spec) == 1:
-        (kind, value), = spec.items()
-        if kind == "uniform" and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return (kind, value)
-        if kind == "ratio" and isinstance(value, (int, float)) and 0 < value < 1:
-            return (kind, float(value))
-    raise ConfigError(f"{where}: expected 'dense', {{uniform: RANK or FRACTION}} or {{ratio: R in (0, 1)}}, got {spec!r}")
 
 
 def finite(x) -> bool:

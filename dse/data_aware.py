@@ -9,20 +9,17 @@ the inputs seen in calibration*. ``stats`` is a :class:`dse.calibration.InputSta
 * ``asvd`` (ASVD, Yuan et al. 2023): ``T = diag(s)``, ``s = abs_mean ** alpha``.
 * ``svdllm`` (SVD-LLM, Wang et al. 2024): ``T = L`` with ``L Lᵀ = XᵀX / N`` (whitening). Then
   ``‖(W − W_r) Xᵀ‖_F² = N · Σ_{i>r} S_i²``: truncation is optimal in the data-weighted norm.
+  Computed without ``L`` (see :class:`SVDLLMConfig`).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .methods import MethodConfig, SVDForm, register_method, truncate_two
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class ASVDConfig(MethodConfig):
@@ -40,12 +37,13 @@ class ASVDConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class SVDLLMConfig(MethodConfig):
-    """Truncation-aware whitening by the Cholesky factor of ``XᵀX / N``.
+    """SVD-LLM's truncation in the data-weighted norm, computed by eigendecompositions.
 
-    ``XᵀX`` is often only positive semi-definite (fewer tokens than channels, dead channels,
-    rounding). Order of attempts, first success wins: (1) Cholesky of ``XᵀX``; (2) Cholesky of
-    ``XᵀX + jitter · mean(diag) · I``; (3) eigendecomposition ``Q Λ Qᵀ`` with eigenvalues clamped
-    to ``jitter · mean(diag)``, whitening by ``Q Λ^½``. The path taken is logged at DEBUG level.
+    With ``C = XᵀX / N + jitter · mean(diag) · I`` (the regularizer keeps ``C`` positive definite
+    when ``XᵀX`` is only semi-definite: fewer tokens than channels, dead channels, rounding), the
+    rank-``r`` truncation is ``U_r U_rᵀ W`` where ``U`` holds the eigenvectors of ``W C Wᵀ``: the
+    same result as SVD-LLM's SVD of ``W L`` (``L Lᵀ = C``) with no Cholesky factor, so it never
+    fails on an indefinite ``XᵀX``.
     """
 
     name: ClassVar[str] = "svdllm"
@@ -61,31 +59,39 @@ def asvd_factorize(weight: torch.Tensor, config: ASVDConfig, stats) -> SVDForm:
     return SVDForm(U, S, Vh / s[None, :])
 
 
-def whitening(xtx: torch.Tensor, jitter: float):
-    """``(L, kind)`` with ``L Lᵀ ≈ xtx`` and ``L`` invertible; ``kind`` is the path taken.
+def regularized(xtx: torch.Tensor, jitter: float) -> torch.Tensor:
+    """``xtx + jitter · mean(diag(xtx)) · I``, symmetrized."""
+    eps = jitter * xtx.diagonal().mean().clamp(min=0)
+    return (xtx + xtx.T) / 2 + eps * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
 
-    ``kind`` is ``"cholesky"``, ``"cholesky+jitter"`` (``L`` lower triangular) or ``"eigh"``
-    (``L = Q Λ^½``, square). See :class:`SVDLLMConfig`.
-    """
-    eps = jitter * xtx.diagonal().mean().clamp(min=torch.finfo(xtx.dtype).tiny)
-    L, info = torch.linalg.cholesky_ex(xtx)
+
+def square_root(C: torch.Tensor) -> torch.Tensor:
+    """``F`` with ``F Fᵀ = C``: the Cholesky factor, or ``Q Λ½`` with ``Λ`` clamped at 0 when ``C``
+    is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(C)
     if info == 0:
-        return L, "cholesky"
-    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
-    L, info = torch.linalg.cholesky_ex(xtx + eps * eye)
-    if info == 0:
-        return L, "cholesky+jitter"
-    evals, Q = torch.linalg.eigh((xtx + xtx.T) / 2)
-    return Q * evals.clamp(min=eps).sqrt()[None, :], "eigh"
+        return L
+    lam, Q = torch.linalg.eigh(C)
+    return Q * lam.clamp(min=0).sqrt()[None, :]
 
 
 def svdllm_factorize(weight: torch.Tensor, config: SVDLLMConfig, stats) -> SVDForm:
-    L, kind = whitening(stats.xtx.to(weight), config.jitter)
-    log.debug("svdllm whitening: %s", kind)
-    U, S, Vh = torch.linalg.svd(weight @ L, full_matrices=False)
-    if kind == "eigh":
-        return SVDForm(U, S, torch.linalg.solve(L, Vh, left=False))  # Vh · L⁻¹
-    return SVDForm(U, S, torch.linalg.solve_triangular(L, Vh, upper=False, left=False))
+    """``U, S`` from the eigenvectors and eigenvalues of ``W C Wᵀ`` (on the smaller side), then
+    ``Vh = diag(1/S) Uᵀ W``, so ``U_r diag(S_r) Vh_r = U_r U_rᵀ W``."""
+    C = regularized(stats.xtx.to(weight), config.jitter)
+    m, n = weight.shape
+    if m <= n:  # the m × m Gram of the whitened weight: W C Wᵀ
+        evals, U = torch.linalg.eigh(weight @ C @ weight.T)
+    else:  # the n × n one, Fᵀ WᵀW F with F Fᵀ = C, and U = W F V / S
+        WF = weight @ square_root(C)
+        evals, V = torch.linalg.eigh(WF.T @ WF)
+        U = WF @ V
+    evals, U = evals.flip(0), U.flip(1)  # descending
+    S = evals.clamp(min=0).sqrt()
+    safe = S.clamp(min=torch.finfo(S.dtype).tiny ** 0.5 + S[0] * torch.finfo(S.dtype).eps)
+    if m > n:
+        U = U / safe[None, :]
+    return SVDForm(U, S, (U.T @ weight) / safe[:, None])
 
 
 register_method(ASVDConfig, asvd_factorize, truncate_two)

@@ -7,7 +7,7 @@ modules are kept (not copied) on the model, so ``restore_`` is bit-exact.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .arch import find_projections
 from .cache import FactorCache, model_fingerprint
 from .lowrank import LowRankLinear
-from .methods import get_method
+from .methods import MethodConfig, SVDForm, get_method
 from .plan import Plan, PlanError
 
 _ORIGINALS = "_dse_originals"
@@ -50,17 +50,31 @@ def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = N
     if config.needs_calibration and calibration is None:
         raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
                         "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
+    forms = factor_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table,
+                         progress=progress)
+    built: Dict[str, nn.Module] = {name: LowRankLinear.from_linear(model.get_submodule(name),
+                                                                   method.truncate(forms[name], rank))
+                                   for name, rank in plan.ranks.items()}
+    setattr(model, _ORIGINALS, {name: _swap(model, name, new) for name, new in built.items()})
+    return model
+
+
+def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
+                 cache: Optional[FactorCache] = None, calibration=None, table: Optional[Mapping] = None,
+                 progress: bool = False) -> Dict[str, SVDForm]:
+    """The SVD form of each named projection under ``config``, from ``cache`` or factorized now.
+
+    Data-aware configs need ``calibration``; its key is part of the cache key.
+    """
+    table = table if table is not None else find_projections(model)
     cache = cache if cache is not None else FactorCache()
     method_key = config.key() + (f"-{calibration.key}" if config.needs_calibration else "")
     fp = model_fingerprint(model, table)
-    built: Dict[str, nn.Module] = {}
-    for name, rank in tqdm(plan.ranks.items(), desc="decompose", disable=not progress, leave=False):
-        dense = model.get_submodule(name)
+    forms = {}
+    for name in tqdm(list(names), desc="factorize", disable=not progress, leave=False):
         stats = calibration.stats_for(name) if config.needs_calibration else None
-        form = cache.form((fp, name, method_key), dense, config, stats)
-        built[name] = LowRankLinear.from_linear(dense, method.truncate(form, rank))
-    setattr(model, _ORIGINALS, {name: _swap(model, name, new) for name, new in built.items()})
-    return model
+        forms[name] = cache.form((fp, name, method_key), model.get_submodule(name), config, stats)
+    return forms
 
 
 def restore_(model: nn.Module) -> nn.Module:

@@ -14,13 +14,14 @@ windows once. ``Evaluator.run()`` then measures the model as it is at that momen
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from tqdm.auto import tqdm
 
@@ -184,6 +185,14 @@ def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
                       max_length=config.max_length)
 
 
+class EarlyStop(Exception):
+    """A multi-fidelity evaluation stopped after its first stage: ``reason`` and the ``metrics`` so far."""
+
+    def __init__(self, reason: str, metrics: Dict[str, float]):
+        super().__init__(reason)
+        self.reason, self.metrics = reason, metrics
+
+
 class Evaluator:
     """Measures one in-memory model, as it is at each ``run()``, under one ``EvalConfig``."""
 
@@ -199,20 +208,52 @@ class Evaluator:
         self.windows = token_windows(tokenizer, ppl.text.read(), ppl.window, ppl.max_tokens) if ppl else None
         self.prompt = prompt_ids(tokenizer) if config.latency else None
 
-    def _accuracy(self, name: str) -> float:
+    def n_docs(self, name: str) -> int:
+        """Rows of task ``name`` an evaluation scores: its first ``limit`` (or all)."""
+        n = len(self.tasks[name].eval_docs)
+        return n if self.config.limit is None else min(n, self.config.limit)
+
+    def _accuracy(self, name: str, docs: Optional[range] = None) -> float:
+        """Accuracy on the first ``limit`` rows, or on rows ``docs``."""
         from lm_eval.evaluator import evaluate
 
         task_dict = {"tasks": {name: self.tasks[name]}, "groups": {}, "group_map": {}}
-        result = evaluate(self.lm, task_dict, limit=self.config.limit, bootstrap_iters=0, log_samples=False)
+        rows = dict(limit=self.config.limit) if docs is None else dict(samples={name: list(docs)})
+        result = evaluate(self.lm, task_dict, bootstrap_iters=0, log_samples=False, **rows)
         return float(result["results"][name][f"{self.metrics[name]},none"])
 
-    def run(self, progress: bool = True) -> Dict[str, float]:
+    def _two_stage_accuracy(self, name: str, first: int) -> float:
+        """Accuracy on rows ``[0, limit)`` measured as ``[first, limit)`` after ``[0, first)`` (whose
+        value is ``self.partial``): the mean over rows, weighted by their counts."""
+        n = self.n_docs(name)
+        head = self.partial[f"acc/{name}"]
+        return head if first >= n else (head * first + self._accuracy(name, range(first, n)) * (n - first)) / n
+
+    def run(self, progress: bool = True, *, first: Optional[float] = None,
+            early_stop: Optional[Callable[[Dict[str, float]], Optional[str]]] = None) -> Dict[str, float]:
         """Flat metrics of the model now: ``acc/<task>``, ``accuracy`` (their mean), ``perplexity``,
         ``latency_tokens_per_s`` (each only if configured) and ``eval_seconds``.
 
-        ``self.timings`` then holds the seconds each of those measures took.
+        Multi-fidelity: with ``first`` (a fraction), every task is scored on its first ``first``
+        share of rows, ``early_stop`` sees those metrics (``acc/<task>``, ``accuracy``) and may return
+        a reason to stop, raising :class:`EarlyStop`; otherwise the other rows are scored and
+        combined, so the result equals a one-stage run's. ``self.timings`` then holds the seconds
+        each measure took.
         """
-        measures = [(f"acc/{name}", partial(self._accuracy, name)) for name in self.tasks]
+        self.partial: Dict[str, float] = {}
+        start = time.perf_counter()
+        heads = {}
+        if first is not None and self.tasks:
+            heads = {name: max(1, math.ceil(first * self.n_docs(name))) for name in self.tasks}
+            with _quiet(self.verbose):
+                for name, k in heads.items():
+                    self.partial[f"acc/{name}"] = self._accuracy(name, range(k))
+            self.partial["accuracy"] = statistics.fmean(self.partial[f"acc/{n}"] for n in self.tasks)
+            reason = early_stop(dict(self.partial)) if early_stop else None
+            if reason:
+                raise EarlyStop(reason, {**self.partial, "eval_seconds": time.perf_counter() - start})
+        measures = [(f"acc/{name}", partial(self._two_stage_accuracy, name, heads[name]) if heads
+                     else partial(self._accuracy, name)) for name in self.tasks]
         if self.windows is not None:
             batch = self.config.perplexity.batch_size
             measures.append(("perplexity", partial(perplexity, self.model, self.windows, batch)))
@@ -220,7 +261,6 @@ class Evaluator:
             measures.append(("latency_tokens_per_s", partial(tokens_per_second, self.model, self.prompt)))
         out: Dict[str, float] = {}
         self.timings = {}
-        start = time.perf_counter()
         with _quiet(self.verbose), tqdm(measures, desc="evaluate", disable=not progress, leave=False) as bar:
             for key, measure in bar:
                 bar.set_postfix_str(key)

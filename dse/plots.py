@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .arch import CANONICAL_TYPES, FAMILIES
+from .methods import get_method
 from .results import front_trials, hypervolume_history, pareto_front, quality_key, reference_point, trials_frame
 
 LABELS = {
@@ -156,6 +157,84 @@ def plot_module_usage(study, ax: Optional[Axes] = None) -> Axes:
     ax.set_title(f"Modules decomposed by the {usage.n} front configs\n(colour: fraction of configs; "
                  "text: mean rank when decomposed)", fontsize=10)
     ax.figure.colorbar(image, ax=ax, label="fraction of front configs", shrink=0.8)
+    return ax
+
+
+def plot_plan(plan, table: Mapping, ax: Optional[Axes] = None, title: Optional[str] = None) -> Axes:
+    """Layer x tensor-type heatmap of one plan: colour, the fraction of each module's parameters
+    kept (dense modules 1); text, the rank (``D``: dense)."""
+    cells = {name: (p.layer, p.type) for name, p in table.items()}
+    layers = sorted({layer for layer, _ in cells.values()})
+    present = {t for _, t in cells.values()}
+    types = [t for t in CANONICAL_TYPES if t in present] + sorted(present - set(CANONICAL_TYPES))
+    kept = pd.DataFrame(np.nan, index=layers, columns=types)
+    method = get_method(plan.method)
+    ax = _axes(ax, (1.6 + 0.75 * len(types), 1.8 + 0.3 * len(layers)))
+    for name, p in table.items():
+        layer, ttype = cells[name]
+        rank = plan.ranks.get(name)
+        dense = p.out_features * p.in_features
+        kept.loc[layer, ttype] = 1.0 if rank is None else method.params(rank, p.out_features, p.in_features) / dense
+        label = "D" if rank is None else str(rank[0] if isinstance(rank, tuple) else rank)
+        ax.text(types.index(ttype), layers.index(layer), label, ha="center", va="center", fontsize=6,
+                color="w" if kept.loc[layer, ttype] < 0.35 else "k")
+    image = ax.imshow(kept.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(types)), types)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"Plan: {plan.summary()}", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label="fraction of the module's parameters kept", shrink=0.8)
+    return ax
+
+
+def plot_sensitivity(frame: pd.DataFrame, table: Mapping, metric: str = "accuracy_drop",
+                     ax: Optional[Axes] = None) -> Axes:
+    """Layer x tensor-type heatmap of one module's decomposition cost, from ``dse characterize`` rows."""
+    from .characterize import heatmap_frame
+
+    grid = heatmap_frame(frame, metric, table)
+    rank = int(frame.loc[frame["kind"] == "module", "rank"].iloc[0])
+    ax = _axes(ax, (1.6 + 0.75 * grid.shape[1], 1.8 + 0.3 * grid.shape[0]))
+    values = grid.to_numpy()
+    bound = np.nanmax(np.abs(values)) or 1.0
+    cmap, vmin = ("Reds", 0) if np.nanmin(values) >= 0 else ("RdBu_r", -bound)
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=bound, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"One module at rank {rank}: {metric.replace('_', ' ')}", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label=metric.replace("_", " "), shrink=0.8)
+    return ax
+
+
+def plot_layer_curves(frame: pd.DataFrame, metric: str = "accuracy", ax: Optional[Axes] = None) -> Axes:
+    """``metric`` against the number of whole layers decomposed, per pattern (first, last, spread,
+    adjacent), with each single layer's value as grey dots at k = 1 and the dense model dashed."""
+    from .characterize import CURVES
+
+    ax = _axes(ax)
+    single = frame[frame["kind"] == "layer"]
+    if len(single):
+        ax.plot(np.ones(len(single)), single[metric], "o", color="0.6", ms=3, label="each single layer")
+    for i, kind in enumerate(CURVES):
+        rows = frame[frame["kind"] == kind].sort_values("k")
+        if len(rows):
+            ax.plot(rows["k"], rows[metric], "o-", color=f"C{i}", label=f"{kind} k layers")
+    dense = frame[frame["kind"] == "dense"]
+    if len(dense):
+        ax.axhline(float(dense[metric].iloc[0]), color="k", ls="--", lw=1, label="undecomposed")
+    rank = int(frame.loc[frame["kind"] != "dense", "rank"].max())
+    ax.set_xlabel(f"whole layers decomposed at rank {rank} (k)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric.replace('_', ' ').capitalize()} against decomposed layers")
     return ax
 
 

@@ -134,6 +134,8 @@ class Space:
     rules: Rules = Rules()
     description: str = ""
 
+    needs_importance = False  # suggest() needs only the table (dse.allocation's spaces need more)
+
     # --- construction --------------------------------------------------------------------------
 
     @classmethod
@@ -170,6 +172,10 @@ class Space:
         except ValueError as e:
             raise SpaceError(f"space.{e}") from None
 
+    def describe(self, table: Mapping) -> str:
+        """What ``dse space FILE`` prints: :func:`format_counts`."""
+        return format_counts(self, table)
+
     # --- over a table --------------------------------------------------------------------------
 
     def layout(self, table: Mapping, rules: Optional[Rules] = None) -> Layout:
@@ -182,7 +188,7 @@ class Space:
                                  f"(it has {', '.join(present)})")
         types = tuple(t for t in present if t in (self.types or present))
         n_layers = 1 + max(p.layer for p in table.values())
-        layers = self._selected_layers(n_layers)
+        layers = selected_layers(self.layers, n_layers)
         kept = [layer for layer in layers if rules.skip_first <= layer < n_layers - rules.skip_last]
         if not kept:
             raise SpaceError(f"space.rules: skip_first {rules.skip_first} and skip_last {rules.skip_last} "
@@ -194,15 +200,6 @@ class Space:
                 cells[(p.layer, p.type)].append(name)
                 resolved[name] = self._resolve(name, p.full_rank)
         return Layout(tuple(sorted({layer for layer, _ in cells})), types, dict(cells), resolved)
-
-    def _selected_layers(self, n_layers: int) -> List[int]:
-        if self.layers == "all":
-            return list(range(n_layers))
-        for i, layer in enumerate(self.layers):
-            if layer >= n_layers:
-                where = "space.layers" + ("" if isinstance(self.layers, range) else f"[{i}]")
-                raise SpaceError(f"{where}: layer {layer} does not exist (the model has {n_layers}, 0..{n_layers - 1})")
-        return list(self.layers)
 
     def _resolve(self, name: str, full: int) -> Tuple[Optional[int], ...]:
         resolved = tuple(resolve_rank(c, full, self.rules.align) for c in self.ranks)
@@ -343,6 +340,31 @@ class Space:
         return total
 
 
+def selected_layers(layers, n_layers: int) -> List[int]:
+    """The layer indices a space's ``layers`` field selects in a model of ``n_layers``."""
+    if layers == "all":
+        return list(range(n_layers))
+    for i, layer in enumerate(layers):
+        if layer >= n_layers:
+            where = "space.layers" + ("" if isinstance(layers, range) else f"[{i}]")
+            raise SpaceError(f"{where}: layer {layer} does not exist (the model has {n_layers}, 0..{n_layers - 1})")
+    return list(layers)
+
+
+def load_space(path):
+    """The space in a YAML file: see :func:`space_from_dict`."""
+    return space_from_dict(read_yaml(path, "space", SpaceError))
+
+
+def space_from_dict(data):
+    """A grid :class:`Space`, or a :class:`dse.allocation.AllocationSpace` when ``data`` has ``budget``."""
+    if isinstance(data, Mapping) and "budget" in data:
+        from .allocation import AllocationSpace
+
+        return AllocationSpace.from_dict(data)
+    return Space.from_dict(data)
+
+
 def format_counts(space: Space, table: Mapping) -> str:
     """The table ``dse space FILE`` prints: the count after each rule, exactly and as log2."""
     layout = space.layout(table)
@@ -379,7 +401,7 @@ def _choice(value, where: str) -> Choice:
                      f"or 'dense', got {value!r}")
 
 
-def _layers(value) -> Union[str, Tuple[int, ...], range]:
+def parse_layers(value) -> Union[str, Tuple[int, ...], range]:
     if value == "all":
         return value
     if isinstance(value, Mapping):
@@ -428,10 +450,11 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
     return rules
 
 
-def _parse(data) -> Space:
+def parse_model(data, keys) -> Tuple[str, str, Optional[str], Optional[Dict[str, Any]]]:
+    """``(name, description, model, model_config)`` of a space file, after checking its keys."""
     if not isinstance(data, Mapping):
         raise SpaceError(f"space: expected a mapping of fields, got {type(data).__name__}")
-    check_keys(data, _KEYS, "space", SpaceError)
+    check_keys(data, keys, "space", SpaceError)
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise SpaceError(f"space.name: expected a non-empty string, got {name!r}")
@@ -446,6 +469,24 @@ def _parse(data) -> Space:
     if model_config is not None and not (isinstance(model_config, Mapping)
                                          and isinstance(model_config.get("model_type"), str)):
         raise SpaceError("space.model_config: expected a mapping with a model_type")
+    return name, description, model, dict(model_config) if model_config else None
+
+
+def parse_types(types) -> Optional[Tuple[str, ...]]:
+    if types is None:
+        return None
+    if not isinstance(types, list) or not types:
+        raise SpaceError(f"space.types: expected a non-empty list of tensor types, got {types!r}")
+    for i, t in enumerate(types):
+        if t not in CANONICAL_TYPES:
+            raise SpaceError(f"space.types[{i}]: {t!r} is not a tensor type ({', '.join(CANONICAL_TYPES)})")
+        if t in types[:i]:
+            raise SpaceError(f"space.types[{i}]: {t} is listed twice")
+    return tuple(types)
+
+
+def _parse(data) -> Space:
+    name, description, model, model_config = parse_model(data, _KEYS)
     group = data.get("group", "module")
     if group not in GROUPS:
         raise SpaceError(f"space.group: expected one of {', '.join(GROUPS)}, got {group!r}")
@@ -462,16 +503,6 @@ def _parse(data) -> Space:
                              f"remove 'dense'")
     if labels == [DENSE]:
         raise SpaceError("space.ranks: needs a rank besides 'dense'")
-    types = data.get("types")
-    if types is not None:
-        if not isinstance(types, list) or not types:
-            raise SpaceError(f"space.types: expected a non-empty list of tensor types, got {types!r}")
-        for i, t in enumerate(types):
-            if t not in CANONICAL_TYPES:
-                raise SpaceError(f"space.types[{i}]: {t!r} is not a tensor type ({', '.join(CANONICAL_TYPES)})")
-            if t in types[:i]:
-                raise SpaceError(f"space.types[{i}]: {t} is listed twice")
-        types = tuple(types)
-    return Space(name=name, ranks=ranks, model=model, model_config=dict(model_config) if model_config else None,
-                 layers=_layers(data.get("layers", "all")), types=types, group=group,
+    return Space(name=name, ranks=ranks, model=model, model_config=model_config,
+                 layers=parse_layers(data.get("layers", "all")), types=parse_types(data.get("types")), group=group,
                  rules=_rules(data.get("rules") or {}, group, DENSE in labels), description=description)

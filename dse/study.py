@@ -19,7 +19,8 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from .config import ConfigError, StudyConfig, parse_baseline
+from .baselines import baseline_label, parse_baseline
+from .config import ConfigError, StudyConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -130,8 +131,7 @@ def enqueue_baselines(study: optuna.Study, config: StudyConfig) -> None:
         return
     for i, spec in enumerate(config.baselines):
         kind, value = parse_baseline(spec, f"study.baselines[{i}]")
-        label = kind if value is None else f"{kind}-{value}"
-        study.enqueue_trial({}, user_attrs={"baseline": label, "baseline_spec": [kind, value]})
+        study.enqueue_trial({}, user_attrs={"baseline": baseline_label(kind, value), "baseline_spec": [kind, value]})
     study.set_user_attr("baselines_enqueued", True)
 
 
@@ -165,6 +165,7 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     else:
         worker.config = config  # a loaded model reused for another study (space, objectives, baselines)
     worker.prepare(study, target)
+    worker.enqueue_starts(study)
     deadline = time.monotonic() + config.timeout if config.timeout else None
     try:
         # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.

@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .arch import find_projections
+from .baselines import baseline_plan
 from .cache import FactorCache, model_fingerprint
 from .config import OBJECTIVES, StudyConfig, finite
-from .decompose import decompose_, restore_
-from .plan import Plan, uniform_plan
-from .size import plan_size
-from .space import resolve_rank
+from .decompose import decompose_, factor_forms, restore_
+from .evaluate import EarlyStop
+from .methods import make_config
+from .plan import Plan
+from .size import param_count, plan_size
 
 
 class TrialFailed(RuntimeError):
@@ -31,7 +33,8 @@ class TrialFailed(RuntimeError):
 
 
 # trial attributes that describe the trial itself, not the plan's measurements
-TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "constraints", "error", "duplicate_of"}
+TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "start", "constraints", "error", "pruned",
+              "duplicate_of"}
 
 
 class Worker:
@@ -46,6 +49,8 @@ class Worker:
         self.calibration = calibration
         self.progress = progress
         self.baseline: Dict[str, Any] = {}
+        self.model_params = param_count(model)
+        self._importances: Optional[Dict[str, Any]] = None
         self._bar = None
 
     @classmethod
@@ -60,7 +65,7 @@ class Worker:
             from .calibration import calibrate
 
             calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    progress=progress)
+                                    gradients=config.space.needs_importance, progress=progress)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
         return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
 
@@ -89,6 +94,50 @@ class Worker:
             self._bar = tqdm(total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}",
                              unit="trial")
 
+    def enqueue_starts(self, study: optuna.Study) -> None:
+        """Enqueue the space's starting points once per study (allocation spaces: ``flat``, and
+        ``sensitivity``, measured here; the probes are kept in the study's ``sensitivity`` attribute)."""
+        space = self.config.space
+        if not getattr(space, "starts", ()) or study.user_attrs.get("starts_enqueued"):
+            return
+        study.set_user_attr("starts_enqueued", True)  # first: other workers do not probe too
+        if "flat" in space.starts:
+            study.enqueue_trial(space.flat_params(self.table), user_attrs={"start": "flat"})
+        if "sensitivity" in space.starts:
+            study.enqueue_trial(self._sensitivity_params(study), user_attrs={"start": "sensitivity"})
+
+    def _sensitivity_params(self, study: optuna.Study) -> Dict[str, float]:
+        space, objectives = self.config.space, self.config.objectives
+        metric = next((o for o in ("perplexity", "accuracy") if o in objectives), None)
+        if metric is None:
+            raise TrialFailed("space.starts: sensitivity needs a perplexity or accuracy objective")
+        probes = space.probe_plans(self.table, self.config.method, self.config.method_options,
+                                   model_params=self.model_params)
+        base = self.baseline[metric]
+        losses, removed, record = {}, {}, {}
+        for name, plan in tqdm(probes.items(), desc="sensitivity probes", disable=not self.progress, leave=False):
+            value = self.measure(plan)[metric]
+            losses[name] = math.log(value / base) if metric == "perplexity" else base - value
+            removed[name] = sum(self.table[n].out_features * self.table[n].in_features for n in plan.ranks) \
+                - plan.params(self.table)
+            record[name] = {metric: value, "params_removed": removed[name]}
+        study.set_user_attr("sensitivity", record)
+        return space.sensitivity_params(losses, removed)
+
+    def importances(self) -> Dict[str, Any]:
+        """Every projection's per-component :func:`dse.allocation.importance` under the study's
+        method (factorizing on first use); needs a calibration with gradients."""
+        from .allocation import importance
+
+        if self._importances is None:
+            if self.calibration is None or not self.calibration.grads:
+                raise TrialFailed("study.calibration: an allocation space needs a calibration with gradients")
+            config = make_config(self.config.method, self.config.method_options)
+            forms = factor_forms(self.model, self.table, config, cache=self.cache, calibration=self.calibration,
+                                 table=self.table, progress=self.progress)
+            self._importances = {n: importance(f, self.calibration.grads[n]) for n, f in forms.items()}
+        return self._importances
+
     def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: advance the progress bar with the trial's result."""
         if self._bar is None:
@@ -114,17 +163,18 @@ class Worker:
         """The enqueued baseline plan of ``trial``, or the space's suggestion."""
         spec = trial.user_attrs.get("baseline_spec")
         method, options = self.config.method, dict(self.config.method_options)
+        space = self.config.space
+        if spec is None and space.needs_importance:
+            return space.suggest(trial, self.table, method, options, importances=self.importances(),
+                                 model_params=self.model_params)
         if spec is None:
-            return self.config.space.suggest(trial, self.table, method, options)
-        kind, value = spec
-        if kind == "dense":
-            return Plan({}, method, options)
-        if kind == "ratio":
-            return uniform_plan(self.table, ratio=value, method=method, method_options=options)
-        return Plan({n: resolve_rank(value, p.full_rank) for n, p in self.table.items()}, method, options)
+            return space.suggest(trial, self.table, method, options)
+        return baseline_plan(*spec, self.table, method, options, model_params=self.model_params)
 
-    def measure(self, plan: Plan) -> Dict[str, Any]:
-        """Decompose with ``plan``, evaluate, restore; return sizes and metrics."""
+    def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
+        """Decompose with ``plan``, evaluate, restore; return sizes and metrics. ``early_stop``
+        (multi-fidelity, see :meth:`dse.evaluate.Evaluator.run`) may end the evaluation early:
+        :class:`dse.evaluate.EarlyStop` then carries the sizes and the metrics so far."""
         size = plan_size(self.model, plan, self.table)
         out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
         t0 = time.perf_counter()
@@ -134,8 +184,14 @@ class Worker:
             out["decompose_seconds"] = time.perf_counter() - t0
             if not len(plan) and self.baseline:  # the dense model was measured once already
                 metrics = {k: v for k, v in self.baseline.items() if k not in out}
+            elif early_stop is not None:
+                metrics = self.evaluator.run(progress=self.progress, first=self.config.multi_fidelity.first,
+                                             early_stop=early_stop)
             else:
                 metrics = self.evaluator.run(progress=self.progress)
+        except EarlyStop as stop:
+            stop.metrics = {**out, **stop.metrics}
+            raise
         finally:
             restore_(self.model)
         out.update(metrics)
@@ -155,6 +211,28 @@ class Worker:
                 return {**kept, "duplicate_of": t.number}
         return None
 
+    def early_stop_rule(self, study: optuna.Study, plan: Plan):
+        """The multi-fidelity rule for ``plan``: stop when the first stage's accuracy is more than
+        ``margin`` below the best completed trial with at most as many parameters (None: no rule)."""
+        mf = self.config.multi_fidelity
+        if mf is None or not len(plan):
+            return None
+        params = plan_size(self.model, plan, self.table).params_after
+        rivals = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if finite(t.user_attrs.get("accuracy")) and t.user_attrs.get("params", math.inf) <= params]
+        if not rivals:
+            return None
+        best = max(rivals, key=lambda t: t.user_attrs["accuracy"])
+        bar = best.user_attrs["accuracy"] - mf.margin
+
+        def rule(first_stage: Dict[str, float]) -> Optional[str]:
+            if first_stage["accuracy"] < bar:
+                return (f"accuracy {first_stage['accuracy']:.3f} on the first {mf.first:.0%} of each task is more "
+                        f"than {mf.margin:g} below {best.user_attrs['accuracy']:.3f} (trial {best.number}, "
+                        f"{best.user_attrs['params']} parameters <= {params})")
+            return None
+        return rule
+
     def objective(self, trial: optuna.Trial) -> List[float]:
         plan = self.plan_for(trial)
         trial.set_user_attr("plan", plan.to_dict())
@@ -162,11 +240,16 @@ class Worker:
         try:
             metrics = self.earlier_result(trial.study, plan)
             if metrics is None:
-                metrics = self.measure(plan)
+                metrics = self.measure(plan, self.early_stop_rule(trial.study, plan))
             values = [metrics.get(OBJECTIVES[o][1]) for o in self.config.objectives]
             bad = [o for o, v in zip(self.config.objectives, values) if v is None or not math.isfinite(v)]
             if bad:
                 raise TrialFailed(f"objective {bad[0]} is {metrics.get(OBJECTIVES[bad[0]][1])!r} (not finite)")
+        except EarlyStop as stop:
+            for key, value in stop.metrics.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("pruned", stop.reason)
+            raise optuna.TrialPruned(stop.reason) from None
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0][:500])
             raise

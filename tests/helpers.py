@@ -26,7 +26,7 @@ def calibration_for(model, method: str):
         return None
     from dse.calibration import Calibration, collect_stats
 
-    stats, aliases = collect_stats(model, token_ids(batch=8, length=16, seed=1))
+    stats, aliases, _ = collect_stats(model, token_ids(batch=8, length=16, seed=1))
     return Calibration(f"random-{method}", stats, aliases)
 
 

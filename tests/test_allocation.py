@@ -1,0 +1,194 @@
+"""Allocation spaces: the budget is never exceeded, the importance estimate is exact where it should
+be, weights steer ranks, bad files fail by field, and a study over a tiny Llama runs end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from dse.allocation import AllocationError, AllocationSpace, Budget, allocate, importance
+from dse.arch import find_projections
+from dse.calibration import InputStats, collect_stats
+from dse.config import load_study_config
+from dse.methods import get_method, make_config
+from dse.plan import uniform_plan
+from dse.space import SpaceError, load_space
+from dse.study import run_study
+
+from conftest import BENCHMARKS, make_tiny
+from helpers import token_ids
+
+SPACE = {"name": "alloc", "model_config": {"model_type": "llama"}, "budget": {"ratio": 0.3}}
+
+
+@pytest.fixture(scope="module")
+def table():
+    return find_projections(make_tiny("llama"))
+
+
+def kept(ranks, table):
+    return sum(p.out_features * p.in_features if n not in ranks else ranks[n] * (p.out_features + p.in_features)
+               for n, p in table.items())
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4, 0.7])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_allocation_fills_the_budget_and_never_exceeds_it(table, ratio, seed):
+    rng = np.random.default_rng(seed)
+    importances = {n: np.sort(rng.random(p.full_rank) ** 3)[::-1] for n, p in table.items()}
+    weights = {n: float(rng.uniform(0.1, 10)) for n in table}
+    budget = Budget(ratio=ratio).kept(table, 0)
+    ranks = allocate(table, importances, budget, weights)
+    assert kept(ranks, table) <= budget
+    cheapest = min(p.out_features + p.in_features for p in table.values())
+    assert budget - kept(ranks, table) < max(cheapest, max(p.out_features * p.in_features for p in table.values()))
+    for name, rank in ranks.items():  # decomposed modules stay below their break-even rank
+        p = table[name]
+        assert 1 <= rank and rank * (p.out_features + p.in_features) < p.out_features * p.in_features
+
+
+def test_important_modules_stay_dense_and_weights_steer(table):
+    flat = {n: np.linspace(1, 0.01, p.full_rank) for n, p in table.items()}
+    budget = Budget(ratio=0.3).kept(table, 0)
+    base = allocate(table, flat, budget, dict.fromkeys(table, 1.0))
+    q = [n for n, p in table.items() if p.type == "q"]
+    favoured = allocate(table, flat, budget, {n: (1e3 if n in q else 1.0) for n in table})
+    assert all(n not in favoured for n in q)  # the heavily weighted type is left dense
+    assert sum(favoured.get(n, 0) for n in table if n not in q) <= sum(base.get(n, 0) for n in table if n not in q)
+
+
+def test_budget_below_rank_one_everywhere_names_the_budget(table):
+    with pytest.raises(AllocationError, match=r"^budget: keeps 10 parameters"):
+        allocate(table, {n: np.ones(p.full_rank) for n, p in table.items()}, 10, dict.fromkeys(table, 1.0))
+
+
+@pytest.mark.parametrize("rows", [24, 10])
+def test_importance_is_the_fisher_weighted_output_error_of_each_component(rows):
+    """For svdllm the components are whitened, so dropping component i changes the output by an
+    error whose g-weighted mean square over the calibration tokens is exactly importance_i."""
+    torch.manual_seed(0)
+    weight = torch.randn(rows, 16, dtype=torch.float64)
+    x = torch.randn(300, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    stats = InputStats.zeros(16)
+    stats.add(x)
+    stats.finish()
+    g = torch.rand(rows, dtype=torch.float64) + 0.1
+    form = get_method("svdllm").factorize(weight, make_config("svdllm", {"jitter": 0.0}), stats)
+    estimate = importance(form, g)
+    for i in (0, 3, min(rows, 16) - 1):
+        error = torch.outer(form.U[:, i] * form.S[i], form.Vh[i]) @ x.T  # (rows, tokens)
+        measured = (g[:, None] * error.pow(2)).sum(0).mean()
+        assert estimate[i] == pytest.approx(measured.item(), rel=1e-8)
+
+
+def test_output_gradients_match_autograd():
+    model = make_tiny("llama")
+    ids = token_ids(batch=4, length=12, seed=3)
+    name = "model.layers.1.self_attn.o_proj"
+    before = [p.requires_grad for p in model.parameters()]
+    _, _, grads = collect_stats(model, ids, batch_size=2, gradients=True)
+    assert [p.requires_grad for p in model.parameters()] == before  # restored
+    # collect_stats sums over batches of 2, each with its own mean loss: rescale the one-batch reference
+    ref = torch.zeros_like(grads[name])
+    for start in (0, 2):
+        out = []
+
+        def keep(module, args, output):  # returns None: the output is not replaced
+            output.retain_grad()
+            out.append(output)
+
+        h = model.get_submodule(name).register_forward_hook(keep)
+        embeds = model.get_input_embeddings()(ids[start:start + 2]).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids[start:start + 2]).loss.backward()
+        h.remove()
+        ref += out[0].grad.double().pow(2).reshape(-1, out[0].shape[-1]).sum(0)
+    model.zero_grad()
+    torch.testing.assert_close(grads[name], ref / ids.numel(), rtol=1e-4, atol=0)
+    assert set(grads) == set(find_projections(model))
+
+
+def test_space_round_trip_and_plans(table):
+    space = AllocationSpace.from_dict({**SPACE, "weights": {"layer_knots": 2}})
+    names = space.param_names(table)
+    assert names == ("type.q", "type.k", "type.v", "type.o", "type.gate", "type.up", "type.down", "layer.0", "layer.1")
+    importances = {n: np.linspace(1, 0.01, p.full_rank) for n, p in table.items()}
+    plan = space.plan_from_params(space.flat_params(table), table, "svdllm", importances=importances, model_params=0)
+    assert kept(plan.ranks, table) <= uniform_plan(table, ratio=0.3).params(table)
+    probes = space.probe_plans(table, "svdllm", model_params=0)
+    assert set(probes) == set(names)
+    assert {table[n].type for n in probes["type.k"].ranks} == {"k"}
+    assert set().union(*(probes[f"layer.{k}"].ranks for k in (0, 1))) == set(table)
+    weights = space.sensitivity_params({"type.q": 2.0, "type.k": 0.5, "layer.0": 1.0, "layer.1": 1.0},
+                                       {"type.q": 100, "type.k": 100, "layer.0": 10, "layer.1": 10})
+    assert weights["type.q"] == pytest.approx(2.0) and weights["type.k"] == pytest.approx(0.5)
+    assert weights["layer.0"] == pytest.approx(1.0)
+    with pytest.raises(SpaceError, match=r"allocation needs a one-rank method"):
+        space.plan_from_params(space.flat_params(table), table, "tucker2", importances=importances, model_params=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: expected a fraction in \(0, 1\)"),
+    ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\} or \{params: F\}"),
+    ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
+    ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
+    ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
+    ({"starts": ["best"]}, r"^space\.starts: expected a list of flat, sensitivity"),
+    ({"types": ["qq"]}, r"^space\.types\[0\]: 'qq' is not a tensor type"),
+])
+def test_bad_allocation_space_names_the_field(tmp_path, change, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **change}))
+    with pytest.raises(SpaceError, match=message):
+        load_space(path)
+
+
+def test_budget_in_whole_model_params(table):
+    dense = sum(p.out_features * p.in_features for p in table.values())
+    total = dense + 1000
+    assert Budget(params=0.5).kept(table, total) == int(0.5 * total) - 1000
+
+
+def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    pages = {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page"}
+    study = {
+        "name": "alloc-study", "model": str(tiny_llama_dir), "method": "svdllm",
+        "space": {"name": "alloc", "model": str(tiny_llama_dir), "budget": {"ratio": 0.4},
+                  "weights": {"layer_knots": 2}},
+        "calibration": {"text": {**pages, "rows": [10, 12]}, "n_samples": 4, "seq_len": 32, "seed": 0},
+        "evaluation": {"tasks": [], "perplexity": {"text": {**pages, "rows": [0, 1]}, "window": 64, "max_tokens": 256}},
+        "objectives": ["perplexity"], "sampler": "tpe", "n_trials": 5, "baselines": [{"ratio": 0.4}],
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    result = run_study(load_study_config(path), progress=False)
+    trials = result.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 5
+    assert [t.user_attrs.get("baseline") or t.user_attrs.get("start") for t in trials[:3]] == \
+        ["ratio-0.4", "flat", "sensitivity"]
+    uniform_params = trials[0].user_attrs["params"]
+    assert all(t.user_attrs["params"] <= uniform_params for t in trials)  # every plan within the budget
+    assert all(math.isfinite(t.value) for t in trials)
+    probes = result.user_attrs["sensitivity"]
+    assert set(probes) == {"type.q", "type.k", "type.v", "type.o", "type.gate", "type.up", "type.down",
+                           "layer.0", "layer.1"}
+    assert all(v["perplexity"] > 0 and v["params_removed"] > 0 for v in probes.values())
+
+
+def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
+    from dse.config import ConfigError
+
+    study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
+             "evaluation": {"tasks": [], "perplexity": {"text": {"path": "x.jsonl", "field": "page"}}},
+             "objectives": ["perplexity"]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match=r"^study\.calibration: an allocation space"):
+        load_study_config(path)

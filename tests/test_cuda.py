@@ -1,0 +1,73 @@
+"""The core on a real CUDA device: every method, calibration with gradients, allocation, perplexity.
+
+Skipped where no CUDA device is present (this project's CI); run where one is lent (see README).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dse.allocation import Budget, allocate, importance
+from dse.arch import find_projections
+from dse.cache import FactorCache
+from dse.calibration import Calibration, collect_stats
+from dse.decompose import decompose_, factor_forms, restore_
+from dse.methods import METHODS, make_config
+from dse.perplexity import perplexity
+from dse.plan import uniform_plan
+
+from conftest import make_tiny
+from helpers import full_rank_plan, token_ids
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def cuda_model(dtype):
+    return make_tiny("llama", dtype=dtype).cuda()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_cuda(method, dtype, tol):
+    model = cuda_model(dtype)
+    ids = token_ids(batch=4, length=16, seed=0).cuda()
+    stats, aliases, grads = collect_stats(model, ids, gradients=True)
+    assert all(s.xtx.is_cuda and s.xtx.dtype == torch.float64 for s in stats.values())
+    calibration = Calibration(f"cuda-{method}", stats, aliases, grads)
+    table = find_projections(model)
+    with torch.no_grad():
+        dense = model(ids).logits.float()
+    cache = FactorCache()
+    decompose_(model, full_rank_plan(table, method), cache=cache, calibration=calibration)
+    with torch.no_grad():
+        full = model(ids).logits.float()
+    restore_(model)
+    assert (full - dense).abs().max() <= tol * dense.abs().max()
+    plan = uniform_plan(table, ratio=0.5, method=method) if not METHODS[method].pair_ranks else None
+    if plan is not None:
+        decompose_(model, plan, cache=cache, calibration=calibration)
+        factors = [p for n in plan.ranks for p in model.get_submodule(n).parameters()]
+        assert all(p.is_cuda and p.dtype == dtype for p in factors)
+        assert perplexity(model, ids) > 1
+        restore_(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits.float(), dense)
+
+
+def test_allocation_on_cuda():
+    model = cuda_model(torch.float32)
+    ids = token_ids(batch=4, length=16, seed=1).cuda()
+    stats, aliases, grads = collect_stats(model, ids, gradients=True)
+    calibration = Calibration("cuda-alloc", stats, aliases, grads)
+    assert all(g.is_cuda for g in grads.values())
+    table = find_projections(model)
+    forms = factor_forms(model, table, make_config("svdllm"), calibration=calibration, table=table)
+    importances = {n: importance(f, grads[n]) for n, f in forms.items()}
+    assert all(np.isfinite(v).all() and (v >= 0).all() for v in importances.values())
+    budget = Budget(ratio=0.3).kept(table, 0)
+    ranks = allocate(table, importances, budget, dict.fromkeys(table, 1.0))
+    used = sum(r * (table[n].out_features + table[n].in_features) for n, r in ranks.items()) + \
+        sum(p.out_features * p.in_features for n, p in table.items() if n not in ranks)
+    assert used <= budget
