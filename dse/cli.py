@@ -119,7 +119,7 @@ def _cmd_characterize(args) -> None:
         config = model_study(args.target, tasks=args.tasks, limit=args.limit, data_dir=args.data_dir,
                              method=args.method, device=args.device)
     frame = run_characterization(config, args.out, rank=args.rank, kinds=args.kinds, ks=args.k,
-                                 progress=not args.quiet)
+                                 modules_by_perplexity=args.modules_by_perplexity, progress=not args.quiet)
     print(f"dse: {len(frame)} rows in {Path(args.out) / 'characterization.csv'}, plots beside it", file=sys.stderr)
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="with a model name: local task copies (the shared benchmarks folder)")
     p.add_argument("--method", default="svd", help="with a model name: a method without calibration")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--modules-by-perplexity", action="store_true",
+                   help="measure single modules on the study's perplexity alone (cheaper, less noisy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_characterize)
     return parser

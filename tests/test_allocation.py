@@ -192,3 +192,14 @@ def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=r"^study\.calibration: an allocation space"):
         load_study_config(path)
+
+
+def test_shipped_allocation_spaces_describe_their_budget():
+    from pathlib import Path
+
+    spaces = [p for p in (Path(__file__).parents[1] / "spaces").glob("*.yaml") if "budget" in yaml.safe_load(p.read_text())]
+    assert spaces
+    for path in spaces:
+        space = load_space(path)
+        text = space.describe(space.table())
+        assert "every plan keeps at most" in text and "continuous parameters" in text

@@ -95,7 +95,7 @@ def test_resume_and_interrupt(worker, tmp_path, tiny_llama_dir, monkeypatch):
 
     real_measure = worker.measure
 
-    def interrupted(plan):
+    def interrupted(plan, *args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(worker, "measure", interrupted)

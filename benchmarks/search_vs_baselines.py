@@ -1,0 +1,181 @@
+"""Benchmark: does the search beat simple choices? (issue 8), all measured in one run.
+
+1. ``dse characterize`` of the study's model at rank 1 (each module on perplexity, each layer and
+   k-layer patterns on accuracy and perplexity), resumed from ``OUT/characterization.csv``.
+2. At each target size (default −10 % and −20 % of the whole model's parameters), three plans
+   with the study's method: ``uniform`` (every projection loses the same share, SVD-LLM's rule,
+   sized to the target), ``sensitivity`` (modules at rank 1 in order of least perplexity cost per
+   removed parameter, from the characterization) and ``layers`` (the seed thesis' form: N whole
+   layers at rank 1, spread over the inner layers).
+3. The study with TPE (``--trials``) and with random sampling (``--random-trials``), both with the
+   study's multi-fidelity rule; the searched plan at a target is the most accurate completed trial
+   at or under that size. Hypervolume (accuracy x params, reference accuracy 0 and params 100 %)
+   after 100 TPE trials and after 100 and 200 random trials.
+4. The share of evaluation time multi-fidelity saved: for each pruned trial, a full evaluation's
+   mean seconds minus what it spent, over what all trials would have cost in full.
+
+Writes ``OUT/characterization.csv`` and its plots, ``OUT/results.csv``, ``OUT/front.{png,svg}``.
+
+    python benchmarks/search_vs_baselines.py [--device cuda] [--trials 100] [--random-trials 200] [--out docs/search]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from dse.baselines import baseline_plan, sensitivity_plan
+from dse.characterize import KINDS, run_characterization
+from dse.config import load_study_config
+from dse.plan import uniform_plan
+from dse.results import hypervolume_history
+from dse.study import run_study
+from dse.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def searched(study: optuna.Study, max_ratio: float):
+    """The most accurate completed trial at or under ``max_ratio`` of the parameters."""
+    fits = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs["params_ratio"] <= max_ratio + 1e-12]
+    return max(fits, key=lambda t: t.user_attrs["accuracy"]) if fits else None
+
+
+def time_saved(study: optuna.Study) -> tuple:
+    """(share of evaluation time saved, pruned trials, trials) by multi-fidelity in ``study``."""
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("n_modules")
+            and "duplicate_of" not in t.user_attrs]  # dense and repeated plans were not evaluated
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    full = statistics.fmean(t.user_attrs["eval_seconds"] for t in done)
+    spent = sum(t.user_attrs["eval_seconds"] for t in done + pruned)
+    saved = sum(max(full - t.user_attrs["eval_seconds"], 0.0) for t in pruned)
+    return saved / (spent + saved), len(pruned), len(done) + len(pruned)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", default=str(ROOT / "studies" / "smollm2-search.yaml"))
+    ap.add_argument("--device", help="override the study's device (e.g. cuda)")
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--random-trials", type=int, default=200)
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.20], help="whole-model shares removed")
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "search"))
+    ap.add_argument("--storage", help="study storage URL (default: OUT/studies.db); journal:///FILE lets other "
+                                      "processes run the same studies alongside")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = load_study_config(args.study)
+    config = dataclasses.replace(config, device=args.device or config.device,
+                                 storage=args.storage or f"sqlite:///{(out / 'studies.db').resolve()}")
+    t0 = time.perf_counter()
+    worker = Worker.from_config(config, progress=False)
+    table, total = worker.table, worker.model_params
+    dense_proj = sum(p.out_features * p.in_features for p in table.values())
+    print(f"{config.model}: {total} parameters, {len(table)} projections, method {config.method}, "
+          f"tasks {', '.join(config.evaluation.tasks)} (limit {config.evaluation.limit}), device {config.device}")
+
+    # 1. characterization
+    start = time.perf_counter()
+    frame = run_characterization(config, out, rank=1, kinds=KINDS, ks=args.ks, modules_by_perplexity=True,
+                                 worker=worker, progress=False)
+    base = frame[frame["kind"] == "dense"].iloc[0]
+    print(f"characterization: {len(frame)} rows in {time.perf_counter() - start:.0f} s; dense accuracy "
+          f"{base['accuracy']:.4f}, perplexity {base['perplexity']:.2f}")
+
+    # 3. the searches
+    start = time.perf_counter()
+    tpe = run_study(dataclasses.replace(config, name="search-tpe", n_trials=args.trials), worker=worker,
+                    progress=False)
+    tpe_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rnd = run_study(dataclasses.replace(config, name="search-random", sampler="random", n_trials=args.random_trials),
+                    worker=worker, progress=False)
+    rnd_s = time.perf_counter() - start
+
+    # 2. baselines at each target, and the searched plans
+    rows = []
+    for target in args.targets:
+        n_layers = max(1, round(target * total / (dense_proj / (1 + max(p.layer for p in table.values())))))
+        plans = {
+            "uniform": uniform_plan(table, ratio=target * total / dense_proj, method=config.method),
+            "sensitivity": sensitivity_plan(frame, table, target, model_params=total, rank=1, method=config.method,
+                                            metric="log_perplexity_ratio"),
+            f"layers ({n_layers} at rank 1)": baseline_plan("layers", {"layers": n_layers, "rank": 1}, table,
+                                                            config.method),
+        }
+        for name, plan in plans.items():
+            m = worker.measure(plan)
+            rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
+                         "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None})
+        for name, study in (("search TPE", tpe), ("search random", rnd)):
+            best = searched(study, 1 - target)
+            if best is not None:
+                a = best.user_attrs
+                rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
+                             "accuracy": a["accuracy"], "perplexity": a["perplexity"], "trial": best.number})
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+
+    hv_tpe = hypervolume_history(tpe)["hypervolume"]
+    hv_rnd = hypervolume_history(rnd)["hypervolume"]
+    n = min(100, len(hv_rnd))
+    print(f"\nsearch: TPE {len(tpe.trials)} trials in {tpe_s / 60:.1f} min, random {len(rnd.trials)} in "
+          f"{rnd_s / 60:.1f} min")
+    print(f"hypervolume: TPE after {len(hv_tpe)} trials {hv_tpe.iloc[-1]:.4f}; random after {n} "
+          f"{hv_rnd.iloc[n - 1]:.4f}, after {len(hv_rnd)} {hv_rnd.iloc[-1]:.4f}")
+    for name, study in (("TPE", tpe), ("random", rnd)):
+        share, pruned, trials = time_saved(study)
+        print(f"multi-fidelity ({name}): {pruned} of {trials} trials pruned, {share:.1%} of evaluation time saved")
+    print("\n| target | plan | params kept | mean accuracy | perplexity |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| -{r['target']:.0%} | {r['plan']} | {r['params_ratio']:.1%} | {r['accuracy']:.4f} | "
+              f"{r['perplexity']:.4g} |")
+    _plot(tpe, rnd, results, base, out)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def _plot(tpe, rnd, results, base, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dse.results import front_trials
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for study, color, name in ((rnd, "0.6", "random"), (tpe, "C0", "TPE")):
+        done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        ax.plot([100 * t.user_attrs["params_ratio"] for t in done], [t.user_attrs["accuracy"] for t in done], ".",
+                color=color, alpha=0.5, label=f"{name} trials ({len(done)} complete)")
+        front = sorted(front_trials(study), key=lambda t: t.user_attrs["params_ratio"])
+        ax.plot([100 * t.user_attrs["params_ratio"] for t in front], [t.user_attrs["accuracy"] for t in front],
+                "-", color=color, lw=2, label=f"{name} front")
+    markers = {"uniform": "s", "sensitivity": "^"}
+    for i, (name, rows) in enumerate(results[~results["plan"].str.startswith("search")].groupby("plan", sort=False)):
+        ax.plot(100 * rows["params_ratio"], rows["accuracy"], markers.get(name, "D"), color=f"C{i + 1}", ms=8,
+                label=name)
+    ax.axhline(base["accuracy"], color="k", ls="--", lw=1, label="undecomposed")
+    ax.set_xlabel("parameters kept (% of the undecomposed model)")
+    ax.set_ylabel("mean accuracy (piqa, arc_easy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Search against uniform, sensitivity-guided and hand-picked plans")
+    fig.tight_layout()
+    for fmt in ("png", "svg"):
+        fig.savefig(out / f"front.{fmt}", dpi=150)
+
+
+if __name__ == "__main__":
+    main()
