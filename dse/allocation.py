@@ -48,7 +48,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import check_keys, read_yaml
+from .config import check_keys
 from .methods import get_method
 from .plan import Plan, uniform_plan
 from .space import SpaceError, parse_layers, parse_model, parse_types, selected_layers
@@ -138,11 +138,7 @@ class AllocationSpace:
 
     needs_importance = True  # suggest() takes the components' importance (dse.allocation.importance)
 
-    # --- construction --------------------------------------------------------------------------
-    @classmethod
-    def load(cls, path) -> "AllocationSpace":
-        return cls.from_dict(read_yaml(path, "space", SpaceError))
-
+    # --- construction (files: dse.space.load_space) ---------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AllocationSpace":
         return _parse(data)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from conftest import make_tiny
+from conftest import BENCHMARKS, make_tiny
 from dse.arch import find_projections
 from dse.decompose import is_decomposed
 from dse.methods import METHODS
@@ -138,3 +139,22 @@ def build_study(root: Path, n_trials: int = 14):
     worker = Worker(config, model, tokenizer, AgreementEvaluator(model), progress=False)
     study = run_study(config, worker=worker, progress=False)
     return study, config, model
+
+
+def write_study(tmp_path, model_dir, **overrides):
+    """``tmp_path/study.yaml``: a tiny Llama study with real lm-eval (piqa) and perplexity; keys in
+    ``overrides`` replace the defaults'."""
+    space = {"name": "tiny", "model": str(model_dir), "ranks": [0.5, 0.25, 2, "dense"], "group": "layer"}
+    study = {
+        "name": "tiny-study", "model": str(model_dir), "space": space,
+        "evaluation": {"tasks": ["piqa"], "limit": 4, "batch_size": 4, "data_dir": str(BENCHMARKS),
+                       "perplexity": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                                               "field": "page", "rows": [0, 1]},
+                                      "window": 64, "max_tokens": 256}},
+        "objectives": ["accuracy", "params"], "sampler": "random", "n_trials": 3,
+        "baselines": ["dense", {"uniform": 0.5}],
+    }
+    study.update(overrides)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
-import yaml
 
 from dse.baselines import baseline_plan, parse_baseline, sensitivity_plan, spread_layers
 from dse.characterize import KINDS, characterize, curve_layers, units
@@ -17,6 +16,10 @@ from dse.size import plan_size
 from dse.worker import Worker
 
 from conftest import BENCHMARKS, make_tiny
+from helpers import write_study
+
+PERPLEXITY = {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
+                       "rows": [0, 1]}, "window": 64, "max_tokens": 128}
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +94,10 @@ def test_sensitivity_plan_takes_the_least_sensitive_modules_first(table):
 
 
 def study_file(tmp_path, model_dir, **overrides):
-    study = {"name": "c", "model": str(model_dir),
-             "space": {"name": "s", "model": str(model_dir), "ranks": [1, 2, "dense"], "group": "layer"},
-             "evaluation": {"tasks": ["piqa"], "limit": 8, "batch_size": 8, "data_dir": str(BENCHMARKS),
-                            "perplexity": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                                    "field": "page", "rows": [0, 1]}, "window": 64, "max_tokens": 128}},
-             "objectives": ["accuracy", "params"], "sampler": "random", "n_trials": 4,
-             "storage": f"sqlite:///{tmp_path / 'c.db'}"}
-    study.update(overrides)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
+    return write_study(tmp_path, model_dir, **{"evaluation": {"tasks": ["piqa"], "limit": 8, "data_dir": str(BENCHMARKS),
+                                                              "perplexity": PERPLEXITY},
+                                               "baselines": [], "storage": f"sqlite:///{tmp_path / 'c.db'}",
+                                               **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from dse.cli import main
@@ -16,23 +15,7 @@ from dse.study import finished_trials, open_study, run_study
 from dse.worker import Worker
 
 from conftest import BENCHMARKS
-
-
-def write_study(tmp_path, model_dir, **overrides):
-    space = {"name": "tiny", "model": str(model_dir), "ranks": [0.5, 0.25, 2, "dense"], "group": "layer"}
-    study = {
-        "name": "tiny-study", "model": str(model_dir), "space": space,
-        "evaluation": {"tasks": ["piqa"], "limit": 4, "batch_size": 4, "data_dir": str(BENCHMARKS),
-                       "perplexity": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                               "field": "page", "rows": [0, 1]},
-                                      "window": 64, "max_tokens": 256}},
-        "objectives": ["accuracy", "params"], "sampler": "random", "n_trials": 3,
-        "baselines": ["dense", {"uniform": 0.5}],
-    }
-    study.update(overrides)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
+from helpers import write_study
 
 
 @pytest.fixture(scope="module")
