@@ -112,15 +112,21 @@ def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Opt
     Keep the front configs with ``params_ratio <= max_params``, ``accuracy >= min_accuracy`` and
     ``accuracy >= baseline accuracy - max_drop`` (each rule only when given). With an accuracy rule
     the smallest of those is chosen; with only ``max_params``, the best on the study's quality
-    objective (highest accuracy, else lowest perplexity or latency).
+    objective (highest accuracy, else lowest perplexity or latency). A single-objective study
+    (e.g. over an allocation space, where every plan has the same size) needs no rule: its best
+    trial is chosen.
     """
-    if max_params is None and min_accuracy is None and max_drop is None:
-        raise ExportError("export: no rule given: set max_params, min_accuracy or max_drop "
-                          "(--max-params, --min-accuracy, --max-drop), or export the whole front (--front)")
+    no_rule = max_params is None and min_accuracy is None and max_drop is None
+    if no_rule and len(study.directions) > 1:
+        raise ExportError("export: no rule given for a study of several objectives: set max_params, "
+                          "min_accuracy or max_drop (--max-params, --min-accuracy, --max-drop), or export the "
+                          "whole front (--front)")
     require_completed(study)
     front = front_trials(study)
     if not front:
         raise ResultsError(f"study {study.study_name!r}: no feasible completed trial (all violate the constraints)")
+    if no_rule:
+        return front[0]
     floor = min_accuracy
     if max_drop is not None:
         base = (study.user_attrs.get("baseline") or {}).get("accuracy")
