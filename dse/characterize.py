@@ -61,7 +61,7 @@ def units(table: Mapping, rank: int = 1, kinds: Sequence[str] = KINDS, ks: Seque
     if unknown:
         raise ValueError(f"characterize.units: unknown {unknown[0]!r}; known: {', '.join(KINDS)}")
     n_layers = 1 + max(p.layer for p in table.values())
-    bad = [k for k in ks if not 1 <= k <= n_layers]
+    bad = [k for k in ks if not 1 <= k <= n_layers] if set(kinds) & set(CURVES) else []
     if bad:
         raise ValueError(f"characterize.k: {bad[0]} is not between 1 and the model's {n_layers} layers")
     options = dict(method_options or {})
@@ -192,7 +192,7 @@ def save_characterization_plots(frame: pd.DataFrame, table: Mapping, out: Path) 
         if metric not in frame or frame[metric].isna().all():
             continue
         suffix = "" if metric == "accuracy_drop" else "-perplexity"
-        if (frame["kind"] == "module").any():
+        if frame.loc[frame["kind"] == "module", metric].notna().any():
             figures[f"heatmap{suffix}"] = plot_sensitivity(frame, table, metric).figure
         if frame["kind"].isin(("layer",) + CURVES).any():
             figures[f"layers{suffix}"] = plot_layer_curves(frame, curve).figure

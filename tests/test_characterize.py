@@ -187,3 +187,24 @@ def test_bad_multi_fidelity_names_the_field(tmp_path, tiny_llama_dir, block, mes
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     with pytest.raises(ConfigError, match=message):
         load_study_config(study_file(tmp_path, tiny_llama_dir, multi_fidelity=block))
+
+
+def test_cli_characterize_a_study_and_a_model(tiny_llama_dir, tmp_path):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    from dse.cli import main
+
+    out = tmp_path / "study-out"
+    assert main(["characterize", str(study_file(tmp_path, tiny_llama_dir)), "--out", str(out), "--kinds", "module",
+                 "first", "--k", "1", "--modules-by-perplexity", "--quiet"]) == 0
+    frame = pd.read_csv(out / "characterization.csv")
+    assert frame["kind"].value_counts().to_dict() == {"module": 28, "dense": 1, "first": 1}
+    assert frame.loc[frame["kind"] == "module", "accuracy"].isna().all()  # modules: perplexity alone
+    assert frame.loc[frame["kind"] == "first", "accuracy"].notna().all()
+    assert {"heatmap-perplexity.png", "layers.png", "layers.svg"} <= {p.name for p in out.iterdir()}
+
+    out = tmp_path / "model-out"
+    assert main(["characterize", str(tiny_llama_dir), "--out", str(out), "--kinds", "layer", "--tasks", "piqa",
+                 "--limit", "4", "--data-dir", str(BENCHMARKS), "--quiet"]) == 0
+    assert pd.read_csv(out / "characterization.csv")["kind"].tolist() == ["dense"] + ["layer"] * 4
+    assert main(["characterize", "no-such-model-anywhere", "--out", str(out), "--quiet"]) == 2
