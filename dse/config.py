@@ -214,6 +214,9 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         raise ConfigError("study.objectives: 'accuracy' needs evaluation.tasks")
     if "perplexity" in objectives and evaluation.perplexity is None:
         raise ConfigError("study.objectives: 'perplexity' needs evaluation.perplexity")
+    if "sensitivity" in getattr(space, "starts", ()) and not {"perplexity", "accuracy"} & set(objectives):
+        raise ConfigError("space.starts: 'sensitivity' measures the perplexity or accuracy objective; "
+                          "the study has neither")
     if "latency" in objectives and not evaluation.latency:
         raise ConfigError("study.objectives: 'latency' needs evaluation.latency: true")
 

@@ -107,10 +107,8 @@ class Worker:
             study.enqueue_trial(self._sensitivity_params(study), user_attrs={"start": "sensitivity"})
 
     def _sensitivity_params(self, study: optuna.Study) -> Dict[str, float]:
-        space, objectives = self.config.space, self.config.objectives
-        metric = next((o for o in ("perplexity", "accuracy") if o in objectives), None)
-        if metric is None:
-            raise TrialFailed("space.starts: sensitivity needs a perplexity or accuracy objective")
+        space = self.config.space
+        metric = "perplexity" if "perplexity" in self.config.objectives else "accuracy"  # checked in config
         probes = space.probe_plans(self.table, self.config.method, self.config.method_options,
                                    model_params=self.model_params)
         base = self.baseline[metric]

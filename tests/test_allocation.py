@@ -185,6 +185,19 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     assert all(v["perplexity"] > 0 and v["params_removed"] > 0 for v in probes.values())
 
 
+def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
+    from dse.config import ConfigError
+
+    study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
+             "calibration": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                                      "field": "page", "rows": [10, 12]}},
+             "evaluation": {"tasks": [], "latency": True}, "objectives": ["latency", "params"]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match=r"^space\.starts: 'sensitivity' measures"):
+        load_study_config(path)
+
+
 def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
     from dse.config import ConfigError
 
