@@ -49,7 +49,7 @@ def test_allocation_fills_the_budget_and_never_exceeds_it(table, ratio, seed):
     assert budget - kept(ranks, table) < max(cheapest, max(p.out_features * p.in_features for p in table.values()))
     for name, rank in ranks.items():  # decomposed modules stay below their break-even rank
         p = table[name]
-        assert 1 <= rank and rank * (p.out_features + p.in_features) < p.out_features * p.in_features
+        assert rank >= 1 and rank * (p.out_features + p.in_features) < p.out_features * p.in_features
 
 
 def test_important_modules_stay_dense_and_weights_steer(table):
