@@ -33,6 +33,10 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def parse_baseline(spec, where: str, base: Optional[Path] = None) -> Tuple[str, Any]:
     """``(kind, value)`` of one baseline spec; ``base`` anchors a relative characterization path."""
     if spec == "dense":
@@ -48,11 +52,11 @@ def parse_baseline(spec, where: str, base: Optional[Path] = None) -> Tuple[str, 
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown key (a layers baseline has layers, rank)")
         layers, rank = spec["layers"], spec.get("rank", 1)
-        ok_layers = (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1) or \
+        ok_layers = _positive_int(layers) or \
             (isinstance(layers, list) and layers and all(isinstance(v, int) and v >= 0 for v in layers))
         if not ok_layers:
             raise ConfigError(f"{where}.layers: expected a count >= 1 or a list of layer indices, got {layers!r}")
-        if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        if not _positive_int(rank):
             raise ConfigError(f"{where}.rank: expected an integer >= 1, got {rank!r}")
         return ("layers", {"layers": layers, "rank": rank})
     if isinstance(spec, Mapping) and "sensitivity" in spec:
@@ -72,7 +76,7 @@ def parse_baseline(spec, where: str, base: Optional[Path] = None) -> Tuple[str, 
         if not path.is_file():
             raise ConfigError(f"{where}.characterization: no such file {str(path)!r}")
         rank = spec.get("rank")
-        if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        if rank is not None and not _positive_int(rank):
             raise ConfigError(f"{where}.rank: expected an integer >= 1, got {rank!r}")
         return ("sensitivity", {"fraction": float(fraction), "characterization": str(path), "rank": rank})
     raise ConfigError(f"{where}: expected {_FORMS}, got {spec!r}")
@@ -139,7 +143,8 @@ def sensitivity_plan(frame, table: Mapping, fraction: float, *, model_params: in
     if rows.empty:
         raise ConfigError("baselines.characterization: the file has no single-module rows (kind == 'module')")
     rank = int(rows["rank"].iloc[0]) if rank is None else rank
-    metric = metric or ("accuracy_drop" if rows["accuracy_drop"].notna().all() else "log_perplexity_ratio")
+    has_accuracy = "accuracy_drop" in rows and rows["accuracy_drop"].notna().all()
+    metric = metric or ("accuracy_drop" if has_accuracy else "log_perplexity_ratio")
     target = fraction * model_params
     order = []
     for _, row in rows.iterrows():

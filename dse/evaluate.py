@@ -222,11 +222,10 @@ class Evaluator:
         result = evaluate(self.lm, task_dict, bootstrap_iters=0, log_samples=False, **rows)
         return float(result["results"][name][f"{self.metrics[name]},none"])
 
-    def _two_stage_accuracy(self, name: str, first: int) -> float:
+    def _two_stage_accuracy(self, name: str, first: int, head: float) -> float:
         """Accuracy on rows ``[0, limit)`` measured as ``[first, limit)`` after ``[0, first)`` (whose
-        value is ``self.partial``): the mean over rows, weighted by their counts."""
+        accuracy is ``head``): the mean over rows, weighted by their counts."""
         n = self.n_docs(name)
-        head = self.partial[f"acc/{name}"]
         return head if first >= n else (head * first + self._accuracy(name, range(first, n)) * (n - first)) / n
 
     def run(self, progress: bool = True, *, first: Optional[float] = None,
@@ -240,19 +239,19 @@ class Evaluator:
         combined, so the result equals a one-stage run's. ``self.timings`` then holds the seconds
         each measure took.
         """
-        self.partial: Dict[str, float] = {}
+        head: Dict[str, float] = {}
         start = time.perf_counter()
         heads = {}
         if first is not None and self.tasks:
             heads = {name: max(1, math.ceil(first * self.n_docs(name))) for name in self.tasks}
             with _quiet(self.verbose):
                 for name, k in heads.items():
-                    self.partial[f"acc/{name}"] = self._accuracy(name, range(k))
-            self.partial["accuracy"] = statistics.fmean(self.partial[f"acc/{n}"] for n in self.tasks)
-            reason = early_stop(dict(self.partial)) if early_stop else None
+                    head[f"acc/{name}"] = self._accuracy(name, range(k))
+            head["accuracy"] = statistics.fmean(head[f"acc/{n}"] for n in self.tasks)
+            reason = early_stop(dict(head)) if early_stop else None
             if reason:
-                raise EarlyStop(reason, {**self.partial, "eval_seconds": time.perf_counter() - start})
-        measures = [(f"acc/{name}", partial(self._two_stage_accuracy, name, heads[name]) if heads
+                raise EarlyStop(reason, {**head, "eval_seconds": time.perf_counter() - start})
+        measures = [(f"acc/{name}", partial(self._two_stage_accuracy, name, heads[name], head[f"acc/{name}"]) if heads
                      else partial(self._accuracy, name)) for name in self.tasks]
         if self.windows is not None:
             batch = self.config.perplexity.batch_size

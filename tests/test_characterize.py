@@ -91,6 +91,9 @@ def test_sensitivity_plan_takes_the_least_sensitive_modules_first(table):
     assert set(plan.ranks) == set(by_cost[:len(plan.ranks)])  # least drop per removed parameter first
     with pytest.raises(ConfigError, match=r"^baselines\.sensitivity: decomposing every module"):
         sensitivity_plan(frame, table, 0.9, model_params=model_params)
+    # a perplexity-only characterization (no accuracy column) ranks by log perplexity ratio
+    by_ppl = frame.rename(columns={"accuracy_drop": "log_perplexity_ratio"})
+    assert sensitivity_plan(by_ppl, table, 0.1, model_params=model_params).ranks == plan.ranks
 
 
 def study_file(tmp_path, model_dir, **overrides):
