@@ -97,7 +97,7 @@ def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, pr
     seen = set(zip(done["kind"], done["unit"])) if len(done) else set()
     rows: List[Dict] = done.to_dict("records")
     rank = max((r for u in todo for r in u.plan.ranks.values()), default=1)
-    dense = Unit("dense", "dense", 0, (), Plan({}, todo[0].plan.method, todo[0].plan.method_options))
+    dense = Unit("dense", "dense", 0, (), Plan({}, worker.config.method, worker.config.method_options))
     pending = [u for u in [dense, *todo] if (u.kind, u.name) not in seen]
     base = next((r for r in rows if r["kind"] == "dense"), None)
     for unit in tqdm(pending, desc="characterize", disable=not progress):
@@ -167,7 +167,7 @@ def run_characterization(config, out, *, rank: int = 1, kinds: Sequence[str] = K
     if modules_by_perplexity:
         if config.evaluation.perplexity is None:
             raise ValueError("characterize: modules_by_perplexity needs evaluation.perplexity in the study")
-        frame = characterize(worker, [u for u in todo if u.kind != "module"] or todo[:1], csv, progress=progress)
+        frame = characterize(worker, [u for u in todo if u.kind != "module"], csv, progress=progress)  # and dense
         full = worker.evaluator
         worker.evaluator = Evaluator(worker.model, worker.tokenizer,
                                      EvalConfig(tasks=[], perplexity=config.evaluation.perplexity))
