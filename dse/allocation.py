@@ -165,7 +165,7 @@ class AllocationSpace:
         types = sorted({p.type for p in sel.values()})
         layers = sorted({p.layer for p in sel.values()})
         dense = sum(p.out_features * p.in_features for p in sel.values())
-        n_params = len(types) + (self.layer_knots if self.layer_knots >= 2 else 0)
+        n_params = len(self.param_names(table))
         lines = [f"space {self.name}: allocation over {len(layers)} layers x {len(types)} types "
                  f"({len(sel)} modules), budget {self.budget.label()}"]
         if self.budget.ratio is not None:
@@ -173,7 +173,7 @@ class AllocationSpace:
             lines.append(f"every plan keeps at most {kept} of the selected modules' {dense} parameters "
                          f"({kept / dense:.1%})")
         lines.append(f"{n_params} continuous parameters ({len(types)} type weights, "
-                     f"{self.layer_knots if self.layer_knots >= 2 else 0} layer knots), log-uniform in "
+                     f"{self.layer_knots} layer knots), log-uniform in "
                      f"[{self.low:g}, {self.high:g}]; starts: {', '.join(self.starts) or 'none'}")
         return "\n".join(lines)
 
@@ -183,7 +183,7 @@ class AllocationSpace:
         types = {t: value(f"type.{t}") for t in dict.fromkeys(p.type for p in sel.values())}
         layers = sorted({p.layer for p in sel.values()})
         profile = dict.fromkeys(layers, 1.0)
-        if self.layer_knots >= 2:
+        if self.layer_knots:  # 0 (no profile) or >= 2, checked when parsed
             knots = np.log([value(f"layer.{k}") for k in range(self.layer_knots)])
             at = np.linspace(layers[0], layers[-1], self.layer_knots)
             profile = {layer: float(np.exp(np.interp(layer, at, knots))) for layer in layers}
@@ -214,7 +214,7 @@ class AllocationSpace:
     def param_names(self, table: Mapping) -> Tuple[str, ...]:
         sel = self.selected(table)
         names = [f"type.{t}" for t in dict.fromkeys(p.type for p in sel.values())]
-        return tuple(names + [f"layer.{k}" for k in range(self.layer_knots if self.layer_knots >= 2 else 0)])
+        return tuple(names + [f"layer.{k}" for k in range(self.layer_knots)])
 
     # --- starts --------------------------------------------------------------------------------
     def flat_params(self, table: Mapping) -> Dict[str, float]:
