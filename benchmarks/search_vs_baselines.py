@@ -7,16 +7,20 @@
    sized to the target), ``sensitivity`` (modules at rank 1 in order of least perplexity cost per
    removed parameter, from the characterization) and ``layers`` (the seed thesis' form: N whole
    layers at rank 1, spread over the inner layers).
-3. The study with TPE (``--trials``) and with random sampling (``--random-trials``), both with the
-   study's multi-fidelity rule; the searched plan at a target is the most accurate completed trial
-   at or under that size. Hypervolume (accuracy x params, reference accuracy 0 and params 100 %)
-   after 100 TPE trials and after 100 and 200 random trials.
-4. The share of evaluation time multi-fidelity saved: for each pruned trial, a full evaluation's
+3. The free-rank study (``--study``) with TPE (``--trials``) and with random sampling
+   (``--random-trials``), both with its multi-fidelity rule: hypervolume (accuracy x params,
+   reference accuracy 0 and params 100 %) after 100 TPE trials and after 100 and 200 random
+   trials, and its most accurate completed trial at or under each target size.
+4. The fixed-size search (``--budget-study``, an allocation space): one study per target whose
+   every plan keeps ``1 - target`` of the parameters (``--budget-trials`` TPE trials, selected on
+   its objective, perplexity); its best trial is "the searched plan" at that size.
+5. The share of evaluation time multi-fidelity saved: for each pruned trial, a full evaluation's
    mean seconds minus what it spent, over what all trials would have cost in full.
 
 Writes ``OUT/characterization.csv`` and its plots, ``OUT/results.csv``, ``OUT/front.{png,svg}``.
 
-    python benchmarks/search_vs_baselines.py [--device cuda] [--trials 100] [--random-trials 200] [--out docs/search]
+    python benchmarks/search_vs_baselines.py [--device cuda] [--trials 100] [--random-trials 200]
+        [--budget-trials 24] [--out docs/search]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from dse.allocation import Budget
 from dse.baselines import baseline_plan, sensitivity_plan
 from dse.characterize import KINDS, run_characterization
 from dse.config import load_study_config
@@ -83,6 +88,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", help="override the study's device (e.g. cuda)")
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--random-trials", type=int, default=200)
+    ap.add_argument("--budget-study", default=str(ROOT / "studies" / "smollm2-search-budget.yaml"),
+                    help="a study over an allocation space; its budget is replaced by each target")
+    ap.add_argument("--budget-trials", type=int, default=24)
     ap.add_argument("--targets", nargs="+", type=float, default=[0.08, 0.10, 0.20],
                     help="whole-model shares removed (0.08: the thesis' 3 layers at rank 1)")
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
@@ -120,6 +128,7 @@ def main(argv=None) -> None:
     rnd = run_study(dataclasses.replace(config, name="search-random", sampler="random", n_trials=args.random_trials),
                     worker=worker, progress=False)
     rnd_s = time.perf_counter() - start
+    fixed, fixed_s = _fixed_size_searches(args, out, config.storage)
 
     # 2. baselines at each target, and the searched plans
     rows = []
@@ -137,8 +146,9 @@ def main(argv=None) -> None:
             rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
                          "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None,
                          "detail": describe(plan, table)})
-        for name, study in (("search TPE", tpe), ("search random", rnd)):
-            best = searched(study, 1 - target)
+        found = [("free-rank TPE", searched(tpe, 1 - target)), ("free-rank random", searched(rnd, 1 - target)),
+                 ("fixed-size search", fixed[target].best_trial)]
+        for name, best in found:
             if best is not None:
                 a = best.user_attrs
                 rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
@@ -150,8 +160,9 @@ def main(argv=None) -> None:
     hv_tpe = hypervolume_history(tpe)["hypervolume"]
     hv_rnd = hypervolume_history(rnd)["hypervolume"]
     n = min(100, len(hv_rnd))
-    print(f"\nsearch: TPE {len(tpe.trials)} trials in {tpe_s / 60:.1f} min, random {len(rnd.trials)} in "
-          f"{rnd_s / 60:.1f} min")
+    print(f"\nfree-rank search: TPE {len(tpe.trials)} trials in {tpe_s / 60:.1f} min, random {len(rnd.trials)} in "
+          f"{rnd_s / 60:.1f} min; fixed-size search: {sum(len(f.trials) for f in fixed.values())} trials at "
+          f"{len(fixed)} sizes in {fixed_s / 60:.1f} min")
     print(f"hypervolume: TPE after {len(hv_tpe)} trials {hv_tpe.iloc[-1]:.4f}; random after {n} "
           f"{hv_rnd.iloc[n - 1]:.4f}, after {len(hv_rnd)} {hv_rnd.iloc[-1]:.4f}")
     for name, study in (("TPE", tpe), ("random", rnd)):
@@ -167,6 +178,22 @@ def main(argv=None) -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
+def _fixed_size_searches(args, out: Path, storage: str) -> tuple:
+    """One allocation study per target size (``--budget-study`` with its budget replaced), and the
+    seconds they took; the model is loaded once more, with the calibration they need."""
+    config = load_study_config(args.budget_study)
+    config = dataclasses.replace(config, device=args.device or config.device, storage=storage, baselines=(),
+                                 n_trials=args.budget_trials)
+    start = time.perf_counter()
+    worker = Worker.from_config(config, progress=False)
+    studies = {}
+    for target in args.targets:
+        space = dataclasses.replace(config.space, budget=Budget(params=round(1 - target, 6)))
+        studies[target] = run_study(dataclasses.replace(config, space=space, name=f"search-size-{target:g}"),
+                                    worker=worker, progress=False)
+    return studies, time.perf_counter() - start
+
+
 def _plot(tpe, rnd, results, base, out: Path) -> None:
     import matplotlib
 
@@ -175,24 +202,30 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
 
     from dse.results import front_trials
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for study, color, name in ((rnd, "0.6", "random"), (tpe, "C0", "TPE")):
-        done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-        ax.plot([100 * t.user_attrs["params_ratio"] for t in done], [t.user_attrs["accuracy"] for t in done], ".",
-                color=color, alpha=0.5, label=f"{name} trials ({len(done)} complete)")
-        front = sorted(front_trials(study), key=lambda t: t.user_attrs["params_ratio"])
-        ax.plot([100 * t.user_attrs["params_ratio"] for t in front], [t.user_attrs["accuracy"] for t in front],
-                "-", color=color, lw=2, label=f"{name} front")
-    markers = {"uniform": "s", "sensitivity": "^"}
-    for i, (name, rows) in enumerate(results[~results["plan"].str.startswith("search")].groupby("plan", sort=False)):
-        ax.plot(100 * rows["params_ratio"], rows["accuracy"], markers.get(name, "D"), color=f"C{i + 1}", ms=8,
-                label=name)
-    ax.axhline(base["accuracy"], color="k", ls="--", lw=1, label="undecomposed")
-    ax.set_xlabel("parameters kept (% of the undecomposed model)")
-    ax.set_ylabel("mean accuracy (piqa, arc_easy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Search against uniform, sensitivity-guided and hand-picked plans")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    markers = {"uniform": "s", "sensitivity": "^", "fixed-size search": "*"}
+    simple = results[~results["plan"].str.startswith("free-rank")]
+    for ax, metric, label in ((axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
+                              (axes[1], "perplexity", "WikiText-2 perplexity (log scale)")):
+        for study, color, name in ((rnd, "0.6", "free-rank random"), (tpe, "C0", "free-rank TPE")):
+            done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+            ax.plot([100 * t.user_attrs["params_ratio"] for t in done], [t.user_attrs[metric] for t in done], ".",
+                    color=color, alpha=0.5, label=f"{name} trials ({len(done)} complete)")
+            if metric == "accuracy":
+                front = sorted(front_trials(study), key=lambda t: t.user_attrs["params_ratio"])
+                ax.plot([100 * t.user_attrs["params_ratio"] for t in front],
+                        [t.user_attrs["accuracy"] for t in front], "-", color=color, lw=2, label=f"{name} front")
+        for i, (name, rows) in enumerate(simple.groupby("plan", sort=False)):
+            ax.plot(100 * rows["params_ratio"], rows[metric], markers.get(name, "D"), color=f"C{i + 1}",
+                    ms=12 if name == "fixed-size search" else 8, label=name)
+        ax.axhline(base[metric], color="k", ls="--", lw=1, label="undecomposed")
+        ax.set_xlabel("parameters kept (% of the undecomposed model)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[1].set_xlim(70, 101)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Search against uniform, sensitivity-guided and hand-picked plans")
     fig.tight_layout()
     for fmt in ("png", "svg"):
         fig.savefig(out / f"front.{fmt}", dpi=150)

@@ -18,9 +18,10 @@ fraction ``F`` of its parameters. Every plan of the space keeps at most that man
 **Importance** (:func:`importance`): dropping component ``i`` of a module changes its output by
 ``U_i S_i (Vh_i x)``; weighting each output channel ``o`` by ``g_o``, the mean squared gradient of
 the loss with respect to it (a diagonal Fisher estimate, from calibration with ``gradients``),
-estimates the loss increase as ``S_i² · Σ_o g_o U_oi²`` (up to a common factor). For ``svdllm``
-the components are whitened (``E[(Vh_i x)²] = 1``), so the estimate uses the input statistics
-too; for ``svd`` it assumes white inputs.
+estimates the loss increase as ``S_i² · Σ_o g_o U_oi² · Vh_i C Vh_iᵀ`` (up to a common factor),
+with ``C = E[x xᵀ]`` the calibration's second moment of the module's input. For ``svdllm`` the
+components are whitened, so the last factor is 1 (less the ridge); for ``svd`` and ``asvd`` it is
+what makes a component that the inputs rarely excite cheap to drop.
 
 **Allocation** (:func:`allocate`, pure): every selected module starts at rank 1; then components
 are added in decreasing order of ``weight · importance_i / (m + n)`` (estimated loss avoided per
@@ -79,10 +80,12 @@ class AllocationError(SpaceError):
     pass
 
 
-def importance(form, out_grad: torch.Tensor) -> np.ndarray:
-    """``S_i² · Σ_o g_o U_oi²`` per component of an SVD form (see the module doc)."""
-    U, S = form.U.detach().double(), form.S.detach().double()
-    return (S.pow(2) * (out_grad.to(U)[:, None] * U.pow(2)).sum(0)).cpu().numpy()
+def importance(form, out_grad: torch.Tensor, xtx: torch.Tensor) -> np.ndarray:
+    """``S_i² · Σ_o g_o U_oi² · Vh_i C Vh_iᵀ`` per component of an SVD form, with ``out_grad`` the
+    ``g_o`` and ``xtx`` the input second moment ``C`` (see the module doc)."""
+    U, S, Vh = form.U.detach().double(), form.S.detach().double(), form.Vh.detach().double()
+    excited = ((Vh @ xtx.to(Vh)) * Vh).sum(1)
+    return (S.pow(2) * (out_grad.to(U)[:, None] * U.pow(2)).sum(0) * excited).cpu().numpy()
 
 
 def allocate(selected: Mapping, importances: Mapping[str, np.ndarray], kept: int,

@@ -133,7 +133,8 @@ class Worker:
             config = make_config(self.config.method, self.config.method_options)
             forms = factor_forms(self.model, self.table, config, cache=self.cache, calibration=self.calibration,
                                  table=self.table, progress=self.progress)
-            self._importances = {n: importance(f, self.calibration.grads[n]) for n, f in forms.items()}
+            self._importances = {n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx)
+                                 for n, f in forms.items()}
         return self._importances
 
     def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -15,7 +15,7 @@ from dse.allocation import AllocationError, AllocationSpace, Budget, allocate, i
 from dse.arch import find_projections
 from dse.calibration import InputStats, collect_stats
 from dse.config import load_study_config
-from dse.methods import get_method, make_config
+from dse.methods import METHODS, get_method, make_config
 from dse.plan import uniform_plan
 from dse.space import SpaceError, load_space
 from dse.study import run_study
@@ -67,10 +67,11 @@ def test_budget_below_rank_one_everywhere_names_the_budget(table):
         allocate(table, {n: np.ones(p.full_rank) for n, p in table.items()}, 10, dict.fromkeys(table, 1.0))
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if not get_method(m).pair_ranks])
 @pytest.mark.parametrize("rows", [24, 10])
-def test_importance_is_the_fisher_weighted_output_error_of_each_component(rows):
-    """For svdllm the components are whitened, so dropping component i changes the output by an
-    error whose g-weighted mean square over the calibration tokens is exactly importance_i."""
+def test_importance_is_the_fisher_weighted_output_error_of_each_component(rows, method):
+    """Dropping component i changes the output by an error whose g-weighted mean square over the
+    calibration tokens is exactly importance_i, for every one-rank method (whitened or not)."""
     torch.manual_seed(0)
     weight = torch.randn(rows, 16, dtype=torch.float64)
     x = torch.randn(300, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
@@ -78,8 +79,9 @@ def test_importance_is_the_fisher_weighted_output_error_of_each_component(rows):
     stats.add(x)
     stats.finish()
     g = torch.rand(rows, dtype=torch.float64) + 0.1
-    form = get_method("svdllm").factorize(weight, make_config("svdllm", {"jitter": 0.0}), stats)
-    estimate = importance(form, g)
+    options = {"jitter": 0.0} if method == "svdllm" else {}
+    form = get_method(method).factorize(weight, make_config(method, options), stats)
+    estimate = importance(form, g, stats.xtx)
     for i in (0, 3, min(rows, 16) - 1):
         error = torch.outer(form.U[:, i] * form.S[i], form.Vh[i]) @ x.T  # (rows, tokens)
         measured = (g[:, None] * error.pow(2)).sum(0).mean()

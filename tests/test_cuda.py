@@ -64,7 +64,7 @@ def test_allocation_on_cuda():
     assert all(g.is_cuda for g in grads.values())
     table = find_projections(model)
     forms = factor_forms(model, table, make_config("svdllm"), calibration=calibration, table=table)
-    importances = {n: importance(f, grads[n]) for n, f in forms.items()}
+    importances = {n: importance(f, grads[n], calibration.stats_for(n).xtx) for n, f in forms.items()}
     assert all(np.isfinite(v).all() and (v >= 0).all() for v in importances.values())
     budget = Budget(ratio=0.3).kept(table, 0)
     ranks = allocate(table, importances, budget, dict.fromkeys(table, 1.0))
