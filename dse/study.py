@@ -144,7 +144,7 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     """Create or resume the study and run trials until ``n_trials`` have finished in total.
 
     ``join=True`` only joins a study that exists (as ``dse worker`` does) and enqueues nothing;
-    the process that creates the study enqueues the baselines, once. ``worker`` (a
+    the process that creates the study enqueues the baselines and the space's starts, once. ``worker`` (a
     :class:`dse.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
     the running trial failed and propagates; running again resumes.
     """
@@ -165,7 +165,8 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     else:
         worker.config = config  # a loaded model reused for another study (space, objectives, baselines)
     worker.prepare(study, target)
-    worker.enqueue_starts(study)
+    if not join:
+        worker.enqueue_starts(study)
     deadline = time.monotonic() + config.timeout if config.timeout else None
     try:
         # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.

@@ -96,31 +96,37 @@ class Worker:
 
     def enqueue_starts(self, study: optuna.Study) -> None:
         """Enqueue the space's starting points once per study (allocation spaces: ``flat``, and
-        ``sensitivity``, measured here; the probes are kept in the study's ``sensitivity`` attribute)."""
+        ``sensitivity``, measured here). Only the process that owns the study calls this; each
+        probe is stored in the study's ``sensitivity`` attribute as soon as it is measured, so a
+        run stopped while probing measures only the missing probes when resumed."""
         space = self.config.space
         if not getattr(space, "starts", ()) or study.user_attrs.get("starts_enqueued"):
             return
-        study.set_user_attr("starts_enqueued", True)  # first: other workers do not probe too
+        starts = []
         if "flat" in space.starts:
-            study.enqueue_trial(space.flat_params(self.table), user_attrs={"start": "flat"})
+            starts.append((space.flat_params(self.table), "flat"))
         if "sensitivity" in space.starts:
-            study.enqueue_trial(self._sensitivity_params(study), user_attrs={"start": "sensitivity"})
+            starts.append((self._sensitivity_params(study), "sensitivity"))
+        for params, label in starts:
+            study.enqueue_trial(params, user_attrs={"start": label})
+        study.set_user_attr("starts_enqueued", True)
 
     def _sensitivity_params(self, study: optuna.Study) -> Dict[str, float]:
         space = self.config.space
         metric = "perplexity" if "perplexity" in self.config.objectives else "accuracy"  # checked in config
         probes = space.probe_plans(self.table, self.config.method, self.config.method_options,
                                    model_params=self.model_params)
-        base = self.baseline[metric]
-        losses, removed, record = {}, {}, {}
+        record = dict(study.user_attrs.get("sensitivity") or {})
         for name, plan in tqdm(probes.items(), desc="sensitivity probes", disable=not self.progress, leave=False):
-            value = self.measure(plan)[metric]
-            losses[name] = math.log(value / base) if metric == "perplexity" else base - value
-            removed[name] = sum(self.table[n].out_features * self.table[n].in_features for n in plan.ranks) \
-                - plan.params(self.table)
-            record[name] = {metric: value, "params_removed": removed[name]}
-        study.set_user_attr("sensitivity", record)
-        return space.sensitivity_params(losses, removed)
+            if name not in record:
+                removed = sum(self.table[n].out_features * self.table[n].in_features for n in plan.ranks) \
+                    - plan.params(self.table)
+                record[name] = {metric: self.measure(plan)[metric], "params_removed": removed}
+                study.set_user_attr("sensitivity", record)
+        base = self.baseline[metric]
+        losses = {name: math.log(r[metric] / base) if metric == "perplexity" else base - r[metric]
+                  for name, r in record.items()}
+        return space.sensitivity_params(losses, {name: r["params_removed"] for name, r in record.items()})
 
     def importances(self) -> Dict[str, Any]:
         """Every projection's per-component :func:`dse.allocation.importance` under the study's

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
@@ -155,7 +156,8 @@ def test_budget_in_whole_model_params(table):
     assert Budget(params=0.5).kept(table, total) == int(0.5 * total) - 1000
 
 
-def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
+def allocation_study(tiny_llama_dir, tmp_path):
+    """A perplexity study over an allocation space of the tiny Llama (svdllm, ratio 0.4, 2 knots)."""
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     pages = {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page"}
@@ -170,7 +172,11 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    result = run_study(load_study_config(path), progress=False)
+    return load_study_config(path)
+
+
+def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
+    result = run_study(allocation_study(tiny_llama_dir, tmp_path), progress=False)
     trials = result.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 5
     assert [t.user_attrs.get("baseline") or t.user_attrs.get("start") for t in trials[:3]] == \
@@ -185,6 +191,36 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     assert set(probes) == {"type.q", "type.k", "type.v", "type.o", "type.gate", "type.up", "type.down",
                            "layer.0", "layer.1"}
     assert all(v["perplexity"] > 0 and v["params_removed"] > 0 for v in probes.values())
+
+
+def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, tmp_path, monkeypatch):
+    from dse.worker import Worker
+
+    config = allocation_study(tiny_llama_dir, tmp_path)
+    measure, calls = Worker.measure, []
+
+    def stop_at_fifth(self, plan, early_stop=None):  # 1: the dense baseline, then the probes
+        calls.append(len(plan))
+        if len(calls) == 5:
+            raise RuntimeError("stopped while probing")
+        return measure(self, plan, early_stop)
+
+    monkeypatch.setattr(Worker, "measure", stop_at_fifth)
+    with pytest.raises(RuntimeError, match="stopped while probing"):
+        run_study(config, progress=False)
+    monkeypatch.setattr(Worker, "measure", measure)
+    first = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert len(first.user_attrs["sensitivity"]) == 3 and not first.user_attrs.get("starts_enqueued")
+
+    monkeypatch.setattr(Worker, "measure", lambda self, plan, early_stop=None: (calls.append(len(plan)),
+                                                                                measure(self, plan, early_stop))[1])
+    calls.clear()
+    result = run_study(config, progress=False)
+    starts = [t.user_attrs.get("start") for t in result.trials if t.user_attrs.get("start")]
+    assert starts == ["flat", "sensitivity"]
+    assert len(result.user_attrs["sensitivity"]) == 9
+    measured = [t for t in result.trials if "duplicate_of" not in t.user_attrs]
+    assert all(n > 0 for n in calls[:6]) and len(calls) == 6 + len(measured)  # the 6 missing probes, then trials
 
 
 def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
