@@ -17,7 +17,8 @@
 5. The share of evaluation time multi-fidelity saved: for each pruned trial, a full evaluation's
    mean seconds minus what it spent, over what all trials would have cost in full.
 
-Writes ``OUT/characterization.csv`` and its plots, ``OUT/results.csv``, ``OUT/front.{png,svg}``.
+Writes ``OUT/characterization.csv`` and its plots, ``OUT/results.csv``, ``OUT/front.{png,svg}`` and
+``OUT/plans-smallest.{png,svg}`` (the plans compared at the smallest target).
 
     python benchmarks/search_vs_baselines.py [--device cuda] [--trials 100] [--random-trials 200]
         [--budget-trials 24] [--out docs/search]
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     fixed, fixed_s = _fixed_size_searches(args, out, config.storage)
 
     # 2. baselines at each target, and the searched plans
-    rows = []
+    rows, smallest = [], {}  # smallest: the plans at the smallest target, drawn side by side
     for target in args.targets:
         n_layers = max(1, round(target * total / (dense_proj / (1 + max(p.layer for p in table.values())))))
         plans = {
@@ -142,6 +143,8 @@ def main(argv=None) -> None:
                                                             config.method),
         }
         for name, plan in plans.items():
+            if target == min(args.targets) and name != "uniform":
+                smallest[name] = plan
             m = worker.measure(plan)
             rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
                          "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None,
@@ -149,6 +152,8 @@ def main(argv=None) -> None:
         found = [("free-rank TPE", searched(tpe, 1 - target)), ("free-rank random", searched(rnd, 1 - target)),
                  ("fixed-size search", fixed[target].best_trial)]
         for name, best in found:
+            if best is not None and name == "fixed-size search" and target == min(args.targets):
+                smallest[name] = Plan.from_dict(best.user_attrs["plan"])
             if best is not None:
                 a = best.user_attrs
                 rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
@@ -175,6 +180,7 @@ def main(argv=None) -> None:
         print(f"| -{r['target']:.0%} | {r['plan']} | {r['params_ratio']:.1%} | {r['accuracy']:.4f} | "
               f"{r['perplexity']:.4g} | {detail} |")
     _plot(tpe, rnd, results, base, out)
+    _plot_plans(smallest, table, results[results["target"] == min(args.targets)], out)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
@@ -229,6 +235,25 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
     fig.tight_layout()
     for fmt in ("png", "svg"):
         fig.savefig(out / f"front.{fmt}", dpi=150)
+
+
+def _plot_plans(plans, table, rows, out: Path) -> None:
+    """The plans at the smallest target (``plans-smallest.{png,svg}``), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dse.plots import plot_plan
+
+    fig, axes = plt.subplots(1, len(plans), figsize=(5.2 * len(plans), 9), squeeze=False)
+    for ax, (name, plan) in zip(axes[0], plans.items()):
+        r = rows[rows["plan"] == name].iloc[0]
+        plot_plan(plan, table, ax=ax, title=f"{name}: {r['params_ratio']:.1%} kept\n"
+                                            f"accuracy {r['accuracy']:.4f}, PPL {r['perplexity']:.4g}")
+    fig.tight_layout()
+    for fmt in ("png", "svg"):
+        fig.savefig(out / f"plans-smallest.{fmt}", dpi=110)
 
 
 if __name__ == "__main__":
