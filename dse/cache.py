@@ -24,20 +24,24 @@ Key = Tuple[str, str, str]
 def model_fingerprint(model: nn.Module, table: Mapping) -> str:
     """A short hash of the projections' names, shapes, dtypes and a strided sample of values.
 
-    Memoized on the model (``model._dse_fingerprint``); cheap even for 7B models.
+    Memoized on the model (``model._dse_fingerprint``) for as long as no projection weight is
+    replaced or changed in place (each weight's storage and autograd version counter are part of
+    the memo): fine-tuning or loading new weights gives a new fingerprint, so cached factors of
+    the old weights are never reused. Cheap even for 7B models.
     """
+    weights = [model.get_submodule(name).weight for name in table]
+    state = tuple((name, w.data_ptr(), w._version) for name, w in zip(table, weights))
     cached = getattr(model, "_dse_fingerprint", None)
-    if cached:
-        return cached
+    if cached and cached[0] == state:
+        return cached[1]
     h = hashlib.sha256()
-    for name in table:
-        w = model.get_submodule(name).weight.detach()
-        flat = w.reshape(-1)
+    for name, w in zip(table, weights):
+        flat = w.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         h.update(sample)
     fp = h.hexdigest()[:16]
-    model._dse_fingerprint = fp
+    model._dse_fingerprint = (state, fp)
     return fp
 
 

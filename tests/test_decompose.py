@@ -186,6 +186,25 @@ def test_methods_do_not_share_cache_entries():
     assert cache.misses == len(cache) == len(PLAIN_METHODS) * len(table)
 
 
+def test_weights_changed_in_place_are_factorized_again():
+    """The cache key holds the model fingerprint: after an in-place update (an optimizer step, a
+    load_state_dict) the same cache gives factors of the new weights, not the stale ones."""
+    model = make_tiny("llama")
+    table = find_projections(model)
+    name = next(iter(table))
+    plan = full_rank_plan(table, "svd")
+    ids = token_ids()
+    cache = FactorCache()
+    decompose_(model, plan, cache=cache)
+    restore_(model)
+    with torch.no_grad():
+        model.get_submodule(name).weight.mul_(2.0)
+    dense = model_output(model, ids)
+    decompose_(model, plan, cache=cache)
+    assert cache.misses == 2 * len(table)
+    assert rel_err(model_output(model, ids), dense) < FULL_RANK_RTOL
+
+
 # --- the real SmolLM2 --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
