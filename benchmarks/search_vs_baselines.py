@@ -16,6 +16,10 @@
    its objective, perplexity); its best trial is "the searched plan" at that size.
 5. The share of evaluation time multi-fidelity saved: for each pruned trial, a full evaluation's
    mean seconds minus what it spent, over what all trials would have cost in full.
+6. Confirmation: every plan of step 2 and 4, and the undecomposed model, measured again on six
+   lm-eval tasks (``--confirm-tasks``, first ``--confirm-limit`` rows each: the seed thesis'
+   unit, mean accuracy over six benchmarks) and on held-out WikiText-2 pages (``--confirm-pages``),
+   resumed from ``OUT/confirm.csv``.
 
 Writes ``OUT/characterization.csv`` and its plots, ``OUT/results.csv``, ``OUT/front.{png,svg}`` and
 ``OUT/plans-smallest.{png,svg}`` (the plans compared at the smallest target).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +51,7 @@ from dse.study import run_study
 from dse.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
 
 
 def searched(study: optuna.Study, max_ratio: float):
@@ -95,6 +101,10 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.08, 0.10, 0.20],
                     help="whole-model shares removed (0.08: the thesis' 3 layers at rank 1)")
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
+    ap.add_argument("--confirm-tasks", nargs="+", default=list(CONFIRM_TASKS))
+    ap.add_argument("--confirm-limit", type=int, default=100)
+    ap.add_argument("--confirm-pages", nargs=2, type=int, default=[6, 12],
+                    help="WikiText-2 pages [start, stop) for held-out perplexity (the search used 0-5)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "search"))
     ap.add_argument("--storage", help="study storage URL (default: OUT/studies.db); journal:///FILE lets other "
                                       "processes run the same studies alongside")
@@ -129,7 +139,7 @@ def main(argv=None) -> None:
     rnd = run_study(dataclasses.replace(config, name="search-random", sampler="random", n_trials=args.random_trials),
                     worker=worker, progress=False)
     rnd_s = time.perf_counter() - start
-    fixed, fixed_s = _fixed_size_searches(args, out, config.storage)
+    fixed, fixed_s, fixed_worker = _fixed_size_searches(args, out, config.storage)
 
     # 2. baselines at each target, and the searched plans
     rows, smallest = [], {}  # smallest: the plans at the smallest target, drawn side by side
@@ -148,7 +158,7 @@ def main(argv=None) -> None:
             m = worker.measure(plan)
             rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
                          "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None,
-                         "detail": describe(plan, table)})
+                         "detail": describe(plan, table), "ranks": json.dumps(plan.to_dict())})
         found = [("free-rank TPE", searched(tpe, 1 - target)), ("free-rank random", searched(rnd, 1 - target)),
                  ("fixed-size search", fixed[target].best_trial)]
         for name, best in found:
@@ -158,8 +168,14 @@ def main(argv=None) -> None:
                 a = best.user_attrs
                 rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
                              "accuracy": a["accuracy"], "perplexity": a["perplexity"], "trial": best.number,
-                             "detail": describe(Plan.from_dict(a["plan"]), table)})
+                             "detail": describe(Plan.from_dict(a["plan"]), table), "ranks": json.dumps(a["plan"])})
+    dense = Plan({}, config.method)
+    rows.insert(0, {"target": 0.0, "plan": "undecomposed", "params_ratio": 1.0, "accuracy": base["accuracy"],
+                    "perplexity": base["perplexity"], "trial": None, "detail": "", "ranks": json.dumps(dense.to_dict())})
     results = pd.DataFrame(rows)
+    start = time.perf_counter()
+    results = _confirm(results, worker, fixed_worker.calibration, args, out)
+    confirm_s = time.perf_counter() - start
     results.to_csv(out / "results.csv", index=False)
 
     hv_tpe = hypervolume_history(tpe)["hypervolume"]
@@ -173,12 +189,16 @@ def main(argv=None) -> None:
     for name, study in (("TPE", tpe), ("random", rnd)):
         share, pruned, trials = time_saved(study)
         print(f"multi-fidelity ({name}): {pruned} of {trials} trials pruned, {share:.1%} of evaluation time saved")
-    print("\n| target | plan | params kept | mean accuracy | perplexity | layers decomposed (rank) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        detail = r["detail"] if len(r["detail"]) < 80 else f"{len(r['detail'].split())} layers"
-        print(f"| -{r['target']:.0%} | {r['plan']} | {r['params_ratio']:.1%} | {r['accuracy']:.4f} | "
-              f"{r['perplexity']:.4g} | {detail} |")
+    print(f"confirmation on {len(args.confirm_tasks)} tasks (limit {args.confirm_limit}) and held-out "
+          f"WikiText-2 pages {args.confirm_pages[0]}-{args.confirm_pages[1] - 1}: {confirm_s / 60:.1f} min")
+    print("\n| target | plan | params kept | search: accuracy | search: PPL | confirmation: accuracy | "
+          "held-out PPL | layers decomposed (rank) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results.itertuples():
+        detail = r.detail if len(r.detail) < 60 else f"{len(r.detail.split())} layers"
+        confirm = "" if pd.isna(r.confirm_accuracy) else f"{r.confirm_accuracy:.4f} | {r.confirm_perplexity:.4g}"
+        print(f"| -{r.target:.0%} | {r.plan} | {r.params_ratio:.1%} | {r.accuracy:.4f} | {r.perplexity:.4g} | "
+              f"{confirm or ' | '} | {detail} |")
     _plot(tpe, rnd, results, base, out)
     _plot_plans(smallest, table, results[results["target"] == min(args.targets)], out)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
@@ -197,7 +217,43 @@ def _fixed_size_searches(args, out: Path, storage: str) -> tuple:
         space = dataclasses.replace(config.space, budget=Budget(params=round(1 - target, 6)))
         studies[target] = run_study(dataclasses.replace(config, space=space, name=f"search-size-{target:g}"),
                                     worker=worker, progress=False)
-    return studies, time.perf_counter() - start
+    return studies, time.perf_counter() - start, worker
+
+
+def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path) -> pd.DataFrame:
+    """Every plan but the free-rank ones, measured again on ``--confirm-tasks`` (first
+    ``--confirm-limit`` rows each) and on held-out perplexity pages (``--confirm-pages``, 4096
+    tokens): columns ``confirm_accuracy``, ``confirm_perplexity`` and ``confirm_acc/<task>``.
+    Each plan's result is appended to ``OUT/confirm.csv`` as soon as it is measured, and reused."""
+    from dse.evaluate import Evaluator
+
+    config = worker.config
+    ppl = config.evaluation.perplexity
+    evaluation = dataclasses.replace(
+        config.evaluation, tasks=list(args.confirm_tasks), limit=args.confirm_limit,
+        perplexity=dataclasses.replace(ppl, text=dataclasses.replace(ppl.text, rows=tuple(args.confirm_pages)),
+                                       max_tokens=4096))
+    spec = json.dumps([evaluation.tasks, evaluation.limit, list(args.confirm_pages)])
+    path = out / "confirm.csv"
+    done = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["key"])
+    done = done[done["key"].str.startswith(spec)] if len(done) else done
+    confirm = Worker(dataclasses.replace(config, evaluation=evaluation), worker.model, worker.tokenizer,
+                     Evaluator(worker.model, worker.tokenizer, evaluation), cache=worker.cache,
+                     calibration=calibration, progress=False)
+    measured = {}
+    for r in results.itertuples():
+        if r.plan.startswith("free-rank"):
+            continue
+        key = spec + r.ranks
+        if key in set(done["key"]):
+            measured[r.Index] = done[done["key"] == key].iloc[0].drop("key").to_dict()
+            continue
+        m = confirm.measure(Plan.from_dict(json.loads(r.ranks)))
+        measured[r.Index] = {"confirm_accuracy": m["accuracy"], "confirm_perplexity": m["perplexity"],
+                             **{f"confirm_{k}": v for k, v in m.items() if k.startswith("acc/")}}
+        row = pd.DataFrame([{"key": key, **measured[r.Index]}])
+        row.to_csv(path, mode="a", header=not path.is_file(), index=False)
+    return results.join(pd.DataFrame.from_dict(measured, orient="index"))
 
 
 def _plot(tpe, rnd, results, base, out: Path) -> None:
@@ -210,7 +266,7 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     markers = {"uniform": "s", "sensitivity": "^", "fixed-size search": "*"}
-    simple = results[~results["plan"].str.startswith("free-rank")]
+    simple = results[~results["plan"].str.startswith("free-rank") & (results["plan"] != "undecomposed")]
     for ax, metric, label in ((axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
                               (axes[1], "perplexity", "WikiText-2 perplexity (log scale)")):
         for study, color, name in ((rnd, "0.6", "free-rank random"), (tpe, "C0", "free-rank TPE")):
