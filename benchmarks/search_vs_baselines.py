@@ -286,7 +286,7 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     axes[1].set_xlim(70, 101)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right")  # an empty corner
     fig.suptitle("Search against uniform, sensitivity-guided and hand-picked plans")
     fig.tight_layout()
     for fmt in ("png", "svg"):
