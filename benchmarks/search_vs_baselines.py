@@ -257,14 +257,13 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
 
 
 def _plot(tpe, rnd, results, base, out: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from dse.plots import save_figure
     from dse.results import front_trials
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    axes = fig.subplots(1, 2)
     markers = {"uniform": "s", "sensitivity": "^", "fixed-size search": "*"}
     simple = results[~results["plan"].str.startswith("free-rank") & (results["plan"] != "undecomposed")]
     for ax, metric, label in ((axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
@@ -288,28 +287,18 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
     axes[1].set_xlim(70, 101)
     axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right")  # an empty corner
     fig.suptitle("Search against uniform, sensitivity-guided and hand-picked plans")
-    fig.tight_layout()
-    for fmt in ("png", "svg"):
-        fig.savefig(out / f"front.{fmt}", dpi=150)
+    save_figure(fig, out / "front")
 
 
 def _plot_plans(plans, table, rows, out: Path) -> None:
     """The plans at the smallest target (``plans-smallest.{png,svg}``), one panel each."""
-    import matplotlib
+    from dse.plots import plot_plans, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dse.plots import plot_plan
-
-    fig, axes = plt.subplots(1, len(plans), figsize=(5.2 * len(plans), 9), squeeze=False)
-    for ax, (name, plan) in zip(axes[0], plans.items()):
+    titled = {}
+    for name, plan in plans.items():
         r = rows[rows["plan"] == name].iloc[0]
-        plot_plan(plan, table, ax=ax, title=f"{name}: {r['params_ratio']:.1%} kept\n"
-                                            f"accuracy {r['accuracy']:.4f}, PPL {r['perplexity']:.4g}")
-    fig.tight_layout()
-    for fmt in ("png", "svg"):
-        fig.savefig(out / f"plans-smallest.{fmt}", dpi=110)
+        titled[f"{name}: {r['params_ratio']:.1%} kept\naccuracy {r['accuracy']:.4f}, PPL {r['perplexity']:.4g}"] = plan
+    save_figure(plot_plans(titled, table)[0].figure, out / "plans-smallest", dpi=110)
 
 
 if __name__ == "__main__":

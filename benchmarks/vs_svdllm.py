@@ -158,20 +158,12 @@ def main(argv=None) -> None:
 
 
 def _plot(plans, table, rows, out: Path) -> None:
-    import matplotlib
+    from dse.plots import plot_plans, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dse.plots import plot_plan
-
-    fig, axes = plt.subplots(1, len(plans), figsize=(6.2 * len(plans), 10), squeeze=False)
-    for ax, (ratio, plan), row in zip(axes[0], plans.items(), rows):
-        plot_plan(plan, table, ax=ax, title=f"whole model -{row['whole model removed %']:.1f} % (R={ratio:g}): "
-                                            f"PPL {row['dse allocation, searched']:.1f}\n(uniform {row['dse svdllm uniform']:.1f})")
-    fig.tight_layout()
-    for fmt in ("png", "svg"):
-        fig.savefig(out / f"allocation.{fmt}", dpi=120)
+    titled = {f"whole model -{row['whole model removed %']:.1f} % (R={ratio:g}): PPL "
+              f"{row['dse allocation, searched']:.1f}\n(uniform {row['dse svdllm uniform']:.1f})": plan
+              for (ratio, plan), row in zip(plans.items(), rows)}
+    save_figure(plot_plans(titled, table, panel=(6.2, 10))[0].figure, out / "allocation", dpi=120)
 
 
 if __name__ == "__main__":

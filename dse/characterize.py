@@ -182,10 +182,7 @@ def run_characterization(config, out, *, rank: int = 1, kinds: Sequence[str] = K
 
 
 def save_characterization_plots(frame: pd.DataFrame, table: Mapping, out: Path) -> List[Path]:
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
-    from .plots import plot_layer_curves, plot_sensitivity
+    from .plots import plot_layer_curves, plot_sensitivity, save_figure
 
     figures = {}
     for metric, curve in (("accuracy_drop", "accuracy"), ("log_perplexity_ratio", "perplexity")):
@@ -196,11 +193,4 @@ def save_characterization_plots(frame: pd.DataFrame, table: Mapping, out: Path) 
             figures[f"heatmap{suffix}"] = plot_sensitivity(frame, table, metric).figure
         if frame["kind"].isin(("layer",) + CURVES).any():
             figures[f"layers{suffix}"] = plot_layer_curves(frame, curve).figure
-    written = []
-    for name, figure in figures.items():
-        for fmt in ("png", "svg"):
-            with atomic_path(out / f"{name}.{fmt}") as tmp:
-                figure.savefig(tmp, format=fmt, dpi=150)
-            written.append(out / f"{name}.{fmt}")
-        plt.close(figure)
-    return written
+    return [path for name, figure in figures.items() for path in save_figure(figure, out / name)]

@@ -260,20 +260,33 @@ def plot_task_accuracy(study, ax: Optional[Axes] = None) -> Axes:
     return ax
 
 
-def save_plots(study, out_dir, *, formats=("png", "svg")) -> List[Path]:
-    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths."""
+def plot_plans(plans: Mapping[str, object], table: Mapping, *, panel=(5.2, 9.0)) -> List[Axes]:
+    """:func:`plot_plan` of each plan side by side on one figure, titled by its key; ``panel`` is
+    one panel's size in inches."""
+    figure = Figure(figsize=(panel[0] * len(plans), panel[1]), layout="constrained")
+    axes = figure.subplots(1, len(plans), squeeze=False)[0]
+    for ax, (title, plan) in zip(axes, plans.items()):
+        plot_plan(plan, table, ax=ax, title=title)
+    return list(axes)
+
+
+def save_figure(figure: Figure, stem, *, formats=("png", "svg"), dpi: int = 150) -> List[Path]:
+    """Write ``figure`` as ``stem.<format>`` for each format (each file atomically); return the paths."""
     from .io import atomic_path
 
+    written = []
+    for fmt in formats:
+        path = Path(f"{stem}.{fmt}")
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=fmt, dpi=dpi)
+        written.append(path)
+    return written
+
+
+def save_plots(study, out_dir, *, formats=("png", "svg")) -> List[Path]:
+    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths."""
     plots = {"front": plot_front, "hypervolume": plot_hypervolume, "ranks": plot_module_usage}
     if any(k.startswith("acc/") for t in front_trials(study) for k in t.user_attrs):
         plots["tasks"] = plot_task_accuracy
-    out_dir = Path(out_dir)
-    written = []
-    for name, plot in plots.items():
-        figure = plot(study).figure
-        for fmt in formats:
-            path = out_dir / f"{name}.{fmt}"
-            with atomic_path(path) as tmp:
-                figure.savefig(tmp, format=fmt, dpi=150)
-            written.append(path)
-    return written
+    return [path for name, plot in plots.items()
+            for path in save_figure(plot(study).figure, Path(out_dir) / name, formats=formats)]

@@ -119,6 +119,26 @@ def test_plots_are_written_and_labelled(tiny_study, tmp_path):
         assert p.stat().st_size > 1000
 
 
+def test_plans_side_by_side_show_each_rank_and_are_saved(tmp_path):
+    from conftest import make_tiny
+
+    from dse.arch import find_projections
+    from dse.plan import Plan
+    from dse.plots import plot_plans, save_figure
+
+    table = find_projections(make_tiny("llama"))
+    names = list(table)
+    plans = {"one module": Plan({names[0]: 3}, "svd"), "two modules": Plan({names[1]: 2, names[-1]: 1}, "svd")}
+    axes = plot_plans(plans, table, panel=(3, 4))
+    assert [ax.get_title() for ax in axes] == list(plans)
+    for ax, plan in zip(axes, plans.values()):
+        texts = [t.get_text() for t in ax.texts]
+        assert len(texts) == len(table)
+        assert sorted(t for t in texts if t != "D") == sorted(str(r) for r in plan.ranks.values())
+    paths = save_figure(axes[0].figure, tmp_path / "plans")
+    assert [p.name for p in paths] == ["plans.png", "plans.svg"] and all(p.stat().st_size > 1000 for p in paths)
+
+
 def test_module_heatmap_counts_front_configs(tiny_study):
     from dse.plots import module_usage
     from dse.results import front_trials
