@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     fixed, fixed_s, fixed_worker = _fixed_size_searches(args, out, config.storage)
 
     # 2. baselines at each target, and the searched plans
-    rows, smallest = [], {}  # smallest: the plans at the smallest target, drawn side by side
+    rows = []
     for target in args.targets:
         n_layers = max(1, round(target * total / (dense_proj / (1 + max(p.layer for p in table.values())))))
         plans = {
@@ -153,8 +153,6 @@ def main(argv=None) -> None:
                                                             config.method),
         }
         for name, plan in plans.items():
-            if target == min(args.targets) and name != "uniform":
-                smallest[name] = plan
             m = worker.measure(plan)
             rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
                          "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None,
@@ -162,8 +160,6 @@ def main(argv=None) -> None:
         found = [("free-rank TPE", searched(tpe, 1 - target)), ("free-rank random", searched(rnd, 1 - target)),
                  ("fixed-size search", fixed[target].best_trial)]
         for name, best in found:
-            if best is not None and name == "fixed-size search" and target == min(args.targets):
-                smallest[name] = Plan.from_dict(best.user_attrs["plan"])
             if best is not None:
                 a = best.user_attrs
                 rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
@@ -200,7 +196,7 @@ def main(argv=None) -> None:
         print(f"| -{r.target:.0%} | {r.plan} | {r.params_ratio:.1%} | {r.accuracy:.4f} | {r.perplexity:.4g} | "
               f"{confirm or ' | '} | {detail} |")
     _plot(tpe, rnd, results, base, out)
-    _plot_plans(smallest, table, results[results["target"] == min(args.targets)], out)
+    _plot_plans(results[results["target"] == min(args.targets)], table, out)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
@@ -235,8 +231,7 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
                                        max_tokens=4096))
     spec = json.dumps([evaluation.tasks, evaluation.limit, list(args.confirm_pages)])
     path = out / "confirm.csv"
-    done = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["key"])
-    done = done[done["key"].str.startswith(spec)] if len(done) else done
+    done = {r.pop("key"): r for r in pd.read_csv(path).to_dict("records")} if path.is_file() else {}
     confirm = Worker(dataclasses.replace(config, evaluation=evaluation), worker.model, worker.tokenizer,
                      Evaluator(worker.model, worker.tokenizer, evaluation), cache=worker.cache,
                      calibration=calibration, progress=False)
@@ -245,8 +240,8 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
         if r.plan.startswith("free-rank"):
             continue
         key = spec + r.ranks
-        if key in set(done["key"]):
-            measured[r.Index] = done[done["key"] == key].iloc[0].drop("key").to_dict()
+        if key in done:
+            measured[r.Index] = done[key]
             continue
         m = confirm.measure(Plan.from_dict(json.loads(r.ranks)))
         measured[r.Index] = {"confirm_accuracy": m["accuracy"], "confirm_perplexity": m["perplexity"],
@@ -290,14 +285,14 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
     save_figure(fig, out / "front")
 
 
-def _plot_plans(plans, table, rows, out: Path) -> None:
-    """The plans at the smallest target (``plans-smallest.{png,svg}``), one panel each."""
+def _plot_plans(rows: pd.DataFrame, table, out: Path) -> None:
+    """The plans of ``rows`` (one target) but uniform and the free-rank ones, side by side
+    (``plans-smallest.{png,svg}``)."""
     from dse.plots import plot_plans, save_figure
 
-    titled = {}
-    for name, plan in plans.items():
-        r = rows[rows["plan"] == name].iloc[0]
-        titled[f"{name}: {r['params_ratio']:.1%} kept\naccuracy {r['accuracy']:.4f}, PPL {r['perplexity']:.4g}"] = plan
+    shown = rows[(rows["plan"] != "uniform") & ~rows["plan"].str.startswith("free-rank")]
+    titled = {f"{r.plan}: {r.params_ratio:.1%} kept\naccuracy {r.accuracy:.4f}, PPL {r.perplexity:.4g}":
+              Plan.from_dict(json.loads(r.ranks)) for r in shown.itertuples()}
     save_figure(plot_plans(titled, table)[0].figure, out / "plans-smallest", dpi=110)
 
 

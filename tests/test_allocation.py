@@ -199,22 +199,22 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
     config = allocation_study(tiny_llama_dir, tmp_path)
     measure, calls = Worker.measure, []
 
-    def stop_at_fifth(self, plan, early_stop=None):  # 1: the dense baseline, then the probes
-        calls.append(len(plan))
-        if len(calls) == 5:
-            raise RuntimeError("stopped while probing")
-        return measure(self, plan, early_stop)
+    def counting(stop_at=None):  # call 1: the dense baseline, then the probes
+        def wrapped(self, plan, early_stop=None):
+            calls.append(len(plan))
+            if len(calls) == stop_at:
+                raise RuntimeError("stopped while probing")
+            return measure(self, plan, early_stop)
+        return wrapped
 
-    monkeypatch.setattr(Worker, "measure", stop_at_fifth)
+    monkeypatch.setattr(Worker, "measure", counting(stop_at=5))
     with pytest.raises(RuntimeError, match="stopped while probing"):
         run_study(config, progress=False)
-    monkeypatch.setattr(Worker, "measure", measure)
     first = optuna.load_study(study_name=config.name, storage=config.storage)
     assert len(first.user_attrs["sensitivity"]) == 3 and not first.user_attrs.get("starts_enqueued")
 
-    monkeypatch.setattr(Worker, "measure", lambda self, plan, early_stop=None: (calls.append(len(plan)),
-                                                                                measure(self, plan, early_stop))[1])
     calls.clear()
+    monkeypatch.setattr(Worker, "measure", counting())
     result = run_study(config, progress=False)
     starts = [t.user_attrs.get("start") for t in result.trials if t.user_attrs.get("start")]
     assert starts == ["flat", "sensitivity"]
