@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from dse.arch import find_projections
-from dse.cache import FactorCache
+from dse.model import find_projections
+from dse.decompose import FactorCache
 from dse.decompose import decompose_, restore_
-from dse.methods import METHODS
-from dse.models import load_model
-from dse.plan import Plan
+from dse.decompose import METHODS
+from dse.model import load_model
+from dse.decompose import Plan
 
 TARGET_RATIO = 20.0
 

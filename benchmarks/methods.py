@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from dse.arch import find_projections
-from dse.cache import FactorCache
-from dse.calibration import calibrate
+from dse.model import find_projections
+from dse.decompose import FactorCache
+from dse.decompose import calibrate
 from dse.decompose import decompose_, restore_
-from dse.methods import get_method
-from dse.models import load_model
-from dse.perplexity import perplexity
-from dse.plan import Plan, uniform_plan
-from dse.protocols import p1_calibration, p1_windows
+from dse.decompose import get_method
+from dse.model import load_model
+from dse.evaluate import perplexity
+from dse.decompose import Plan, uniform_plan
+from dse.study.protocols import p1_calibration, p1_windows
 
 BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 

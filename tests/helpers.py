@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,20 @@ import torch
 import yaml
 
 from conftest import BENCHMARKS, make_tiny
-from dse.arch import find_projections
+from dse.model import find_projections
 from dse.decompose import is_decomposed
-from dse.methods import METHODS
-from dse.plan import Plan
+from dse.decompose import METHODS
+from dse.decompose import Plan
+
+
+@contextmanager
+def registered(registry, name, unit):
+    """``unit`` registered under ``name`` for the duration of the block."""
+    registry.register(name, unit)
+    try:
+        yield unit
+    finally:
+        registry.unregister(name)
 
 
 def token_ids(vocab: int = 97, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
@@ -25,7 +36,7 @@ def calibration_for(model, method: str):
     """Input statistics over random tokens for data-aware methods; ``None`` for the others."""
     if not METHODS[method].config_cls.needs_calibration:
         return None
-    from dse.calibration import Calibration, collect_stats
+    from dse.decompose import Calibration, collect_stats
 
     stats, aliases, _ = collect_stats(model, token_ids(batch=8, length=16, seed=1))
     return Calibration(f"random-{method}", stats, aliases)
@@ -127,10 +138,10 @@ def build_study(root: Path, n_trials: int = 14):
 
     Returns ``(study, config, model)``; the model is the one the worker measured (dense again).
     """
-    from dse.config import load_study_config
-    from dse.models import load_model
-    from dse.study import run_study
-    from dse.worker import Worker
+    from dse.study.config import load_study_config
+    from dse.model import load_model
+    from dse.study.runner import run_study
+    from dse.study.worker import Worker
 
     model_dir = save_tiny_llama(root / "tiny-llama")
     (root / "tiny.yaml").write_text(STUDY_YAML.format(model=model_dir, n_trials=n_trials))

@@ -12,14 +12,14 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from dse.allocation import AllocationError, AllocationSpace, Budget, allocate, importance
-from dse.arch import find_projections
-from dse.calibration import InputStats, collect_stats
-from dse.config import load_study_config
-from dse.methods import METHODS, get_method, make_config
-from dse.plan import uniform_plan
+from dse.space import AllocationError, AllocationSpace, Budget, allocate, importance
+from dse.model import find_projections
+from dse.decompose import InputStats, collect_stats
+from dse.study.config import load_study_config
+from dse.decompose import METHODS, get_method, make_config
+from dse.decompose import uniform_plan
 from dse.space import SpaceError, load_space
-from dse.study import run_study
+from dse.study.runner import run_study
 
 from conftest import BENCHMARKS, make_tiny
 from helpers import token_ids
@@ -64,7 +64,7 @@ def test_important_modules_stay_dense_and_weights_steer(table):
 
 
 def test_budget_below_rank_one_everywhere_names_the_budget(table):
-    with pytest.raises(AllocationError, match=r"^budget: keeps 10 parameters"):
+    with pytest.raises(AllocationError, match=r"^space\.budget: keeps 10 parameters"):
         allocate(table, {n: np.ones(p.full_rank) for n, p in table.items()}, 10, dict.fromkeys(table, 1.0))
 
 
@@ -135,12 +135,12 @@ def test_space_round_trip_and_plans(table):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: expected a fraction in \(0, 1\)"),
+    ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: must be in \(0, 1\)"),
     ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\} or \{params: F\}"),
     ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
     ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
     ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
-    ({"starts": ["best"]}, r"^space\.starts: expected a list of flat, sensitivity"),
+    ({"starts": ["best"]}, r"^space\.starts\[0\]: unknown start 'best'; known: flat, sensitivity"),
     ({"types": ["qq"]}, r"^space\.types\[0\]: 'qq' is not a tensor type"),
 ])
 def test_bad_allocation_space_names_the_field(tmp_path, change, message):
@@ -184,7 +184,7 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     uniform_params = trials[0].user_attrs["params"]
     assert all(t.user_attrs["params"] <= uniform_params for t in trials)  # every plan within the budget
     assert all(math.isfinite(t.value) for t in trials)
-    from dse.export import select_trial
+    from dse.results.export import select_trial
 
     assert select_trial(result).value == min(t.value for t in trials)  # one objective: export needs no rule
     probes = result.user_attrs["sensitivity"]
@@ -194,7 +194,7 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
 
 
 def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, tmp_path, monkeypatch):
-    from dse.worker import Worker
+    from dse.study.worker import Worker
 
     config = allocation_study(tiny_llama_dir, tmp_path)
     measure, calls = Worker.measure, []
@@ -224,7 +224,7 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
 
 
 def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
-    from dse.config import ConfigError
+    from dse.study.config import ConfigError
 
     study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
              "calibration": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
@@ -232,19 +232,19 @@ def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
              "evaluation": {"tasks": [], "latency": True}, "objectives": ["latency", "params"]}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    with pytest.raises(ConfigError, match=r"^space\.starts: 'sensitivity' measures"):
+    with pytest.raises(ConfigError, match=r"^space\.starts\[1\]: 'sensitivity' measures"):
         load_study_config(path)
 
 
 def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
-    from dse.config import ConfigError
+    from dse.study.config import ConfigError
 
     study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
              "evaluation": {"tasks": [], "perplexity": {"text": {"path": "x.jsonl", "field": "page"}}},
              "objectives": ["perplexity"]}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    with pytest.raises(ConfigError, match=r"^study\.calibration: an allocation space"):
+    with pytest.raises(ConfigError, match=r"^calibration: an allocation space"):
         load_study_config(path)
 
 

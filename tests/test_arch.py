@@ -6,10 +6,11 @@ import pytest
 from conftest import FAMILIES, make_tiny
 from torch import nn
 
-from dse.arch import (FAMILIES as REGISTERED, GENERIC, Family, UnknownFamilyError,
-                      family_of, find_projections, register_family, tensor_types)
+from dse.model import FAMILIES as REGISTERED, Family, GENERIC, family_of, find_projections, register_family, tensor_types
+from dse.core.errors import ConfigError, ModelError
+from helpers import registered
 from dse.decompose import decompose_
-from dse.plan import uniform_plan
+from dse.decompose import uniform_plan
 
 # Per family: the tensor types of one layer, in canonical order.
 EXPECTED_TYPES = {
@@ -64,7 +65,7 @@ def test_table_is_the_same_on_a_decomposed_model(family):
 def test_unknown_model_type_lists_the_known_ones():
     model = make_tiny("llama")
     model.config.model_type = "mamba"
-    with pytest.raises(UnknownFamilyError, match=r"^model_type 'mamba' has no architecture adapter; known: ") as err:
+    with pytest.raises(ModelError, match=r"^family: model_type 'mamba' has no architecture adapter; known: ") as err:
         find_projections(model)
     message = str(err.value)
     assert all(t in message for fam in REGISTERED.values() for t in fam.model_types)
@@ -72,9 +73,11 @@ def test_unknown_model_type_lists_the_known_ones():
 
 
 def test_unknown_family_name_lists_the_known_ones():
-    with pytest.raises(UnknownFamilyError, match=r"^family: unknown 'mamba'; known: ") as err:
+    with pytest.raises(ConfigError, match=r"^family: unknown family 'mamba' \(did you mean 'llama'\?\); known: ") as err:
         find_projections(make_tiny("llama"), family="mamba")
     assert all(name in str(err.value) for name in list(REGISTERED) + [GENERIC])
+    with pytest.raises(ConfigError, match=r"^family: unknown family 'lama' \(did you mean 'llama'\?\)"):
+        find_projections(make_tiny("llama"), family="lama")
 
 
 def test_generic_family_finds_every_linear_in_the_layers():
@@ -87,13 +90,13 @@ def test_generic_family_finds_every_linear_in_the_layers():
 
 
 def test_generic_family_needs_a_module_list():
-    with pytest.raises(UnknownFamilyError, match="family generic: the model has no nn.ModuleList"):
+    with pytest.raises(ModelError, match="family generic: the model has no nn.ModuleList"):
         family_of(nn.Sequential(nn.Linear(2, 2)), GENERIC)
 
 
-def test_family_without_its_projections_is_an_error(monkeypatch):
-    monkeypatch.setitem(REGISTERED, "empty", Family("empty", (), "model.layers", {"attn.nothing": "q"}))
-    with pytest.raises(UnknownFamilyError, match=r"family empty: no projections found under 'model.layers'"):
+def test_family_without_its_projections_is_an_error():
+    with registered(REGISTERED, "empty", Family("empty", (), "model.layers", {"attn.nothing": "q"})), \
+            pytest.raises(ModelError, match=r"family empty: no projections found under 'model.layers'"):
         find_projections(make_tiny("llama"), family="empty")
 
 
@@ -103,10 +106,12 @@ def test_register_family_rejects_unknown_tensor_types():
     assert "bad" not in REGISTERED
 
 
-def test_a_registered_family_is_found_by_model_type(monkeypatch):
+def test_a_registered_family_is_found_by_model_type():
     model = make_tiny("llama")
     model.config.model_type = "my-llama"
-    monkeypatch.setitem(REGISTERED, "mine", None)  # removed again after the test
-    register_family(Family("mine", ("my-llama",), "model.layers", {"mlp.down_proj": "down"}))
-    table = find_projections(model)
+    try:
+        register_family(Family("mine", ("my-llama",), "model.layers", {"mlp.down_proj": "down"}))
+        table = find_projections(model)
+    finally:
+        REGISTERED.unregister("mine")
     assert tensor_types(table) == ["down"] and len(table) == model.config.num_hidden_layers

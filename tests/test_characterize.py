@@ -6,14 +6,15 @@ import optuna
 import pandas as pd
 import pytest
 
-from dse.baselines import baseline_plan, parse_baseline, sensitivity_plan, spread_layers
-from dse.characterize import KINDS, characterize, curve_layers, units
-from dse.config import ConfigError, load_study_config
-from dse.evaluate import EarlyStop, EvalConfig, Evaluator
-from dse.arch import find_projections
-from dse.plan import Plan
-from dse.size import plan_size
-from dse.worker import Worker
+from dse.core.errors import ConfigError
+from dse.space import PROBE_KINDS, curve_layers, parse_baseline, sensitivity_plan, spread_layers, units
+from dse.study.characterize import characterize
+from dse.study.config import load_study_config
+from dse.evaluate import EarlyStop, EvalConfig, Evaluator, staged_run
+from dse.model import find_projections
+from dse.decompose import Plan
+from dse.decompose import plan_size
+from dse.study.worker import Worker
 
 from conftest import BENCHMARKS, make_tiny
 from helpers import write_study
@@ -42,13 +43,13 @@ def test_curve_layers(kind, k, n, expected):
 
 
 def test_units_cover_modules_layers_and_curves(table):
-    todo = units(table, rank=1, kinds=KINDS, ks=(1, 2))
+    todo = units(table, rank=1, kinds=list(PROBE_KINDS), ks=(1, 2))
     by_kind = pd.Series([u.kind for u in todo]).value_counts().to_dict()
     assert by_kind == {"module": len(table), "layer": 3, "first": 2, "last": 2, "spread": 2, "adjacent": 2}
     layer = next(u for u in todo if u.name == "L1")
     assert set(layer.plan.ranks) == {n for n, p in table.items() if p.layer == 1}
     assert all(r == 1 for u in todo for r in u.plan.ranks.values())
-    with pytest.raises(ValueError, match=r"^characterize\.k: 4 is not between 1"):
+    with pytest.raises(ConfigError, match=r"^k: 4 is not between 1"):
         units(table, ks=(4,))
 
 
@@ -56,10 +57,11 @@ def test_units_cover_modules_layers_and_curves(table):
     ({"layers": 0}, r"^b\.layers: expected a count >= 1"),
     ({"layers": 2, "rank": 0}, r"^b\.rank: expected an integer >= 1"),
     ({"layers": 2, "ranks": 1}, r"^b\.ranks: unknown key"),
-    ({"sensitivity": 1.5, "characterization": "x.csv"}, r"^b\.sensitivity: expected the fraction"),
+    ({"sensitivity": 1.5, "characterization": "x.csv"}, r"^b\.sensitivity: must be in \(0, 1\)"),
     ({"sensitivity": 0.1}, r"^b\.characterization: expected the path"),
     ({"sensitivity": 0.1, "characterization": "missing.csv"}, r"^b\.characterization: no such file"),
-    ({"best": 1}, r"^b: expected 'dense'"),
+    ({"best": 1}, r"^b: expected one of 'dense', \{uniform"),
+    ("densest", r"^b: unknown baseline 'densest' \(did you mean 'dense'\?\)"),
 ])
 def test_bad_baselines_name_the_field(spec, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -67,11 +69,12 @@ def test_bad_baselines_name_the_field(spec, message, tmp_path):
 
 
 def test_layers_baseline_is_whole_layers_at_rank_one(table):
-    kind, value = parse_baseline({"layers": [0, 2]}, "b")
-    plan = baseline_plan(kind, value, table)
+    baseline = parse_baseline({"layers": [0, 2]}, "b")
+    assert baseline.label == "layers-0-2-rank1"
+    plan = baseline.plan(table, "svd")
     assert set(plan.ranks) == {n for n, p in table.items() if p.layer in (0, 2)}
     assert set(plan.ranks.values()) == {1}
-    plan = baseline_plan(*parse_baseline({"layers": 1, "rank": 2}, "b"), table)
+    plan = parse_baseline({"layers": 1, "rank": 2}, "b").plan(table, "svd")
     assert {table[n].layer for n in plan.ranks} == {1} and set(plan.ranks.values()) == {2}
 
 
@@ -135,19 +138,19 @@ def test_two_stage_accuracy_equals_one_stage(worker):
                                                                      data_dir=str(BENCHMARKS)))
     one = evaluator.run(progress=False)
     seen = []
-    two = evaluator.run(progress=False, first=0.25, early_stop=lambda m: seen.append(m) and None)
+    two = staged_run(evaluator, 0.25, lambda m: seen.append(m) and None, progress=False)
     assert seen and set(seen[0]) == {"acc/piqa", "acc/arc_easy", "accuracy"}
     for key in ("acc/piqa", "acc/arc_easy", "accuracy"):
         assert two[key] == pytest.approx(one[key], abs=1e-12)
     with pytest.raises(EarlyStop, match="too low") as stop:
-        evaluator.run(progress=False, first=0.25, early_stop=lambda m: "too low")
+        staged_run(evaluator, 0.25, lambda m: "too low", progress=False)
     assert stop.value.metrics["accuracy"] == seen[0]["accuracy"]
 
 
 def test_early_stop_rule_compares_with_the_best_at_this_size_or_smaller(worker):
     import dataclasses
 
-    from dse.config import MultiFidelity
+    from dse.study.config import MultiFidelity
 
     worker.config = dataclasses.replace(worker.config, multi_fidelity=MultiFidelity(first=0.25, margin=0.05))
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -165,7 +168,7 @@ def test_early_stop_rule_compares_with_the_best_at_this_size_or_smaller(worker):
 def test_multi_fidelity_study_records_pruned_trials(tiny_llama_dir, tmp_path):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    from dse.study import run_study
+    from dse.study.runner import run_study
 
     # margin 1 would never prune; margin 0 prunes whatever scores below the best smaller trial
     path = study_file(tmp_path, tiny_llama_dir, multi_fidelity={"first": 0.5, "margin": 0.0},
@@ -181,9 +184,9 @@ def test_multi_fidelity_study_records_pruned_trials(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"first": 1.5}, r"^study\.multi_fidelity\.first: the share"),
-    ({"margin": -1}, r"^study\.multi_fidelity\.margin:"),
-    ({"frist": 0.2}, r"^study\.multi_fidelity\.frist: unknown key"),
+    ({"first": 1.5}, r"^multi_fidelity\.first: must be in \(0, 1\)"),
+    ({"margin": -1}, r"^multi_fidelity\.margin:"),
+    ({"frist": 0.2}, r"^multi_fidelity\.frist: unknown key"),
 ])
 def test_bad_multi_fidelity_names_the_field(tmp_path, tiny_llama_dir, block, message):
     if not BENCHMARKS.is_dir():

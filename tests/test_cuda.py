@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from dse.allocation import Budget, allocate, importance
-from dse.arch import find_projections
-from dse.cache import FactorCache
-from dse.calibration import Calibration, collect_stats
+from dse.space import Budget, allocate, importance
+from dse.model import find_projections
+from dse.decompose import FactorCache
+from dse.decompose import Calibration, collect_stats
 from dse.decompose import decompose_, factor_forms, restore_
-from dse.methods import METHODS, make_config
-from dse.perplexity import perplexity
-from dse.plan import uniform_plan
+from dse.decompose import METHODS, make_config
+from dse.evaluate import perplexity
+from dse.decompose import uniform_plan
 
 from conftest import make_tiny
 from helpers import full_rank_plan, token_ids

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dse.arch import find_projections
-from dse.calibration import Calibration, CalibrationSpec, InputStats, calibrate, collect_stats
+from dse.model import find_projections
+from dse.decompose import Calibration, CalibrationSpec, InputStats, calibrate, collect_stats
 from dse.decompose import decompose_, restore_
-from dse.methods import get_method, make_config
-from dse.perplexity import TextSource
-from dse.plan import Plan, PlanError, uniform_plan
+from dse.decompose import get_method, make_config
+from dse.model import TextSource
+from dse.decompose import Plan, uniform_plan
+from dse.core.errors import PlanError
 
 from conftest import make_tiny, model_output
 
@@ -183,24 +184,28 @@ def test_full_rank_decomposition_keeps_the_model():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("n_samples", 0, "calibration.n_samples: must be >= 1, got 0"),
-    ("seq_len", 1.5, "calibration.seq_len: must be an integer"),
-    ("seed", -1, "calibration.seed: must be >= 0"),
+    ("n_samples", 0, "calibration.n_samples: expected an integer >= 1, got 0"),
+    ("seq_len", 1.5, "calibration.seq_len: expected an integer >= 2"),
+    ("seed", -1, "calibration.seed: expected an integer >= 0"),
 ])
 def test_bad_spec_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         CalibrationSpec(TextSource(path="x.txt"), **{field: value})
 
 
-def test_spec_from_dict():
+def test_spec_from_dict(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"page": "a b c"}\n')
     spec = CalibrationSpec.from_dict({"text": {"path": "p.jsonl", "field": "page", "rows": [40, 62]},
-                                      "n_samples": 8, "seq_len": 64, "seed": 3})
-    assert spec == CalibrationSpec(TextSource(path="p.jsonl", field="page", rows=(40, 62)), 8, 64, 3)
+                                      "n_samples": 8, "seq_len": 64, "seed": 3}, base=tmp_path)
+    assert spec == CalibrationSpec(TextSource(path=str(tmp_path / "p.jsonl"), field="page", rows=(40, 62)), 8, 64, 3)
+    assert CalibrationSpec.from_dict(spec.to_dict()) == spec  # as exported configs store it
     with pytest.raises(ValueError, match="calibration.samples: unknown key"):
         CalibrationSpec.from_dict({"text": {"path": "p"}, "samples": 8})
     with pytest.raises(ValueError, match="calibration.text.colum: unknown key"):
         CalibrationSpec.from_dict({"text": {"path": "p", "colum": "x"}})
-    with pytest.raises(ValueError, match="calibration.text: expected a mapping"):
+    with pytest.raises(ValueError, match="calibration.text.path: no such file"):
+        CalibrationSpec.from_dict({"text": {"path": "missing.jsonl"}}, base=tmp_path)
+    with pytest.raises(ValueError, match="calibration.text: required"):
         CalibrationSpec.from_dict({"n_samples": 8})
 
 
@@ -229,7 +234,7 @@ def test_calibration_is_cached_on_disk(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_calibration_shares_stats(smollm2, benchmarks_dir):
-    from dse.protocols import P1_CALIBRATION_PAGES, wikitext_pages
+    from dse.study.protocols import P1_CALIBRATION_PAGES, wikitext_pages
 
     model, tokenizer = smollm2
     spec = CalibrationSpec(wikitext_pages(benchmarks_dir, P1_CALIBRATION_PAGES), n_samples=2, seq_len=64, seed=0)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dse.cache import FactorCache
-from dse.latency import sync
-from dse.lowrank import LowRankLinear
-from dse.methods import SVDConfig
-from dse.models import resolve_device, resolve_dtype
+from dse.decompose import FactorCache
+from dse.evaluate import sync
+from dse.decompose import LowRankLinear
+from dse.decompose import SVDConfig
+from dse.model import resolve_device, resolve_dtype
 
 
 def test_auto_device_follows_cuda_availability(monkeypatch):

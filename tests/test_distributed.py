@@ -19,8 +19,9 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from dse.config import load_study_config
-from dse.study import make_storage, open_study
+from dse.study.config import load_study_config
+from dse.study.storage import make_storage
+from dse.study.runner import open_study
 
 from conftest import BENCHMARKS
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import make_tiny
 from dse.evaluate import EvalConfig, Evaluator, PerplexityConfig
-from dse.latency import prompt_ids, tokens_per_second
-from dse.tasks import LOCAL_TASKS, check_tasks, load_tasks
+from dse.evaluate import prompt_ids, tokens_per_second
+from dse.evaluate.tasks import BENCHMARK_FILES, check_tasks, load_tasks
 
 
 def _wikitext(benchmarks_dir, max_tokens=4096):
@@ -21,8 +21,8 @@ def _wikitext(benchmarks_dir, max_tokens=4096):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tasks="piqa"), "evaluation.tasks: expected a list"),
     (dict(tasks=["piqa", "piqa"]), "evaluation.tasks: 'piqa' is listed twice"),
-    (dict(limit=0), "evaluation.limit: must be an integer >= 1, got 0"),
-    (dict(batch_size=2.5), "evaluation.batch_size: must be an integer >= 1"),
+    (dict(limit=0), "evaluation.limit: expected an integer >= 1, got 0"),
+    (dict(batch_size=2.5), "evaluation.batch_size: expected an integer >= 1"),
     (dict(data_dir="/no/such/folder"), "evaluation.data_dir: no such folder"),
     (dict(metrics={"boolq": "acc"}), "evaluation.metrics.boolq: not one of evaluation.tasks"),
     (dict(tasks=["piqa"], metrics={"piqa": "f1"}), "evaluation.metrics.piqa: must be one of acc, acc_norm"),
@@ -40,30 +40,32 @@ def test_bad_config_names_the_field(kwargs, message):
 def test_from_dict(benchmarks_dir):
     with pytest.raises(ValueError, match="evaluation.task: unknown key"):
         EvalConfig.from_dict({"task": ["piqa"]})
-    with pytest.raises(ValueError, match="evaluation.perplexity.window: must be an integer >= 2"):
+    with pytest.raises(ValueError, match="evaluation.perplexity.window: expected an integer >= 2"):
         EvalConfig.from_dict({"perplexity": {**_wikitext(benchmarks_dir), "window": 1}})
-    with pytest.raises(ValueError, match="evaluation.perplexity.max_tokens: must be an integer >= 512, got 100"):
+    with pytest.raises(ValueError, match="evaluation.perplexity.max_tokens: expected an integer >= 512, got 100"):
         EvalConfig.from_dict({"perplexity": {**_wikitext(benchmarks_dir), "max_tokens": 100}})
     config = EvalConfig.from_dict({"tasks": ["piqa"], "limit": 5, "perplexity": _wikitext(benchmarks_dir)})
     assert isinstance(config.perplexity, PerplexityConfig)
     assert config.perplexity.text.rows == (0, 6)
-    assert EvalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert PerplexityConfig.from_dict({**_wikitext(benchmarks_dir), "text": config.perplexity.text.to_dict()}) \
+        == config.perplexity
 
 
 def test_unknown_task_and_missing_local_copy(tmp_path, benchmarks_dir):
-    with pytest.raises(ValueError, match=r"evaluation.tasks: unknown task 'helaswag' \(did you mean 'hellaswag'\?\)"):
+    with pytest.raises(ValueError, match=r"evaluation.tasks\[0\]: unknown task 'helaswag' \(did you mean 'hellaswag'\?\)"):
         EvalConfig(tasks=["helaswag"]).check_tasks()
-    with pytest.raises(ValueError, match="evaluation.tasks: 'ai2_arc' is a group"):
+    with pytest.raises(ValueError, match=r"evaluation.tasks\[0\]: 'ai2_arc' is a group"):
         check_tasks(["ai2_arc"])
     with pytest.raises(ValueError, match=f"evaluation.data_dir: no local copy of task 'piqa' in {tmp_path}"):
         check_tasks(["piqa"], tmp_path)
-    check_tasks(list(LOCAL_TASKS), benchmarks_dir)
+    check_tasks(list(BENCHMARK_FILES), benchmarks_dir)
 
 
 def test_local_tasks_read_every_row_of_their_file(benchmarks_dir):
-    tasks = load_tasks(list(LOCAL_TASKS), benchmarks_dir)
-    assert list(tasks) == list(LOCAL_TASKS)
-    for name, (file, split) in LOCAL_TASKS.items():
+    tasks = load_tasks(list(BENCHMARK_FILES), benchmarks_dir)
+    assert list(tasks) == list(BENCHMARK_FILES)
+    for name, copy in BENCHMARK_FILES.items():
+        file, split = copy.file, copy.split
         task = tasks[name]
         rows = sum(1 for line in (benchmarks_dir / file).open() if line.strip())
         assert task.config.task == name

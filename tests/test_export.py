@@ -42,9 +42,9 @@ def test_walk_study_to_compressed_model(walked, capsys):
     from transformers import AutoModelForCausalLM
 
     import dse
-    from dse.compressed import WEIGHTS_FILE, load_compressed
-    from dse.export import load_config_file
-    from dse.results import pareto_front
+    from dse.results.compressed import WEIGHTS_FILE, load_compressed
+    from dse.results.rankconfig import load_config_file
+    from dse.results.front import pareto_front
 
     root, study, model = walked
     yaml = root / "tiny.yaml"
@@ -90,8 +90,8 @@ def test_walk_study_to_compressed_model(walked, capsys):
 
 
 def test_select_trial_rules(walked):
-    from dse.export import ExportError, select_trial
-    from dse.results import pareto_front
+    from dse.results.export import ExportError, select_trial
+    from dse.results.front import pareto_front
 
     _, study, _ = walked
     front = pareto_front(study)
@@ -111,11 +111,12 @@ def test_select_trial_rules(walked):
 
 
 def test_config_for_another_model_is_refused(walked, tmp_path):
-    from dse.arch import find_projections
-    from dse.cache import model_fingerprint
-    from dse.compressed import apply_config
-    from dse.export import ExportError, load_config_file, rank_config
-    from dse.results import front_trials
+    from dse.model import find_projections
+    from dse.decompose import model_fingerprint
+    from dse.results.compressed import apply_config
+    from dse.results.export import ExportError, rank_config
+    from dse.results.rankconfig import load_config_file
+    from dse.results.front import front_trials
 
     _, study, _ = walked
     config = rank_config(study, front_trials(study)[0])
@@ -133,8 +134,9 @@ def test_config_for_another_model_is_refused(walked, tmp_path):
 
 
 def test_truncated_or_foreign_json_is_a_clear_error(walked, tmp_path):
-    from dse.export import ExportError, load_config_file, rank_config
-    from dse.results import front_trials
+    from dse.results.export import ExportError, rank_config
+    from dse.results.rankconfig import load_config_file
+    from dse.results.front import front_trials
 
     _, study, _ = walked
     text = json.dumps(rank_config(study, front_trials(study)[0]).to_dict())
@@ -144,16 +146,16 @@ def test_truncated_or_foreign_json_is_a_clear_error(walked, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps({"format": 1, "ranks": {}}))
     with pytest.raises(ExportError, match=r"config\.model\.id: required"):
         load_config_file(tmp_path / "plan.json")
-    with pytest.raises(FileNotFoundError, match="config: file not found"):
+    with pytest.raises(ExportError, match="config: file not found"):
         load_config_file(tmp_path / "missing.json")
 
 
 def test_no_completed_trials_and_occupied_out_are_refused(walked, tmp_path):
     import optuna
 
-    from dse.compressed import apply_config
-    from dse.export import export_front, rank_config, select_trial
-    from dse.results import ResultsError, front_trials
+    from dse.results.compressed import apply_config
+    from dse.results.export import export_front, rank_config, select_trial
+    from dse.results.front import ResultsError, front_trials
 
     _, study, model = walked
     empty = optuna.create_study(directions=["maximize", "minimize"], study_name="empty")
@@ -183,12 +185,13 @@ def test_smollm2_export_apply_load_compressed(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import dse
-    from dse.arch import find_projections
-    from dse.cache import model_fingerprint
-    from dse.compressed import WEIGHTS_FILE, apply_config, load_compressed
-    from dse.export import RankConfig, load_config_file
-    from dse.plan import uniform_plan
-    from dse.size import plan_size
+    from dse.model import find_projections
+    from dse.decompose import model_fingerprint
+    from dse.results.compressed import WEIGHTS_FILE, apply_config, load_compressed
+    from dse.results.export import RankConfig
+    from dse.results.rankconfig import load_config_file
+    from dse.decompose import uniform_plan
+    from dse.decompose import plan_size
 
     model, tokenizer = smollm2
     table = find_projections(model)
@@ -230,15 +233,15 @@ def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
     import dataclasses
 
     from conftest import BENCHMARKS
-    from dse.arch import find_projections
-    from dse.cache import model_fingerprint
-    from dse.calibration import CalibrationSpec, calibrate
-    from dse.compressed import apply_config, load_compressed
+    from dse.model import find_projections
+    from dse.decompose import model_fingerprint
+    from dse.decompose import CalibrationSpec, calibrate
+    from dse.results.compressed import apply_config, load_compressed
     from dse.decompose import decompose_, restore_
-    from dse.export import ExportError, RankConfig
-    from dse.models import load_model
-    from dse.perplexity import TextSource
-    from dse.plan import uniform_plan
+    from dse.results.export import ExportError, RankConfig
+    from dse.model import load_model
+    from dse.model import TextSource
+    from dse.decompose import uniform_plan
 
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
@@ -248,7 +251,7 @@ def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
                                       field="page", rows=(40, 42)), n_samples=4, seq_len=32, seed=3)
     config = RankConfig(str(tiny_llama_dir), model_fingerprint(model, table), "float32",
                         uniform_plan(table, rank=4, method="svdllm"),
-                        calibration=json.loads(json.dumps(dataclasses.asdict(spec))))
+                        calibration=json.loads(json.dumps(spec.to_dict())))
     config = RankConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # through JSON, as exported
 
     apply_config(config, tmp_path / "out")

@@ -14,8 +14,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from dse.methods import (METHODS, MethodConfig, as_pair, get_method, make_config, register_method,
-                         svd_form, truncate_two)
+from dse.core.errors import ConfigError
+
+from dse.decompose import METHODS, MethodConfig, as_pair, get_method, make_config, register_method, svd_form, truncate_two
 
 EY_RTOL = 1e-10
 SMOLLM2_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
@@ -121,13 +122,13 @@ def test_as_pair():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"^method: unknown 'nope'; known: ") as err:
+    with pytest.raises(ConfigError, match=r"^method: unknown method 'nope'; known: ") as err:
         get_method("nope")
     assert all(name in str(err.value) for name in METHODS)
 
 
 def test_unknown_option_is_named():
-    with pytest.raises(ValueError, match=r"^method_options: svd has no option 'alpha' \(known: none\)"):
+    with pytest.raises(ConfigError, match=r"^method_options\.alpha: svd has no such option \(known: none\)"):
         make_config("svd", {"alpha": 0.5})
 
 
@@ -135,10 +136,11 @@ def test_config_key_names_method_and_options():
     keys = {name: make_config(name).key() for name in METHODS}
     assert all(key.startswith(name) for name, key in keys.items())
     assert len(set(keys.values())) == len(keys)  # distinct cache keys per method
-    assert make_config("svd").options() == {}
+    assert make_config("svd").changed_options() == {}
+    assert make_config("asvd", {"alpha": 0.5, "floor": 1e-3}).changed_options() == {"floor": 1e-3}
 
 
-def test_a_new_method_is_one_registered_unit(monkeypatch):
+def test_a_new_method_is_one_registered_unit():
     @dataclass(frozen=True)
     class HalfConfig(MethodConfig):
         """Toy method: the SVD of W/2, scaled back at truncation."""
@@ -151,8 +153,10 @@ def test_a_new_method_is_one_registered_unit(monkeypatch):
         form.S = form.S / config.scale
         return form
 
-    monkeypatch.setitem(METHODS, HalfConfig.name, None)  # removed again after the test
     method = register_method(HalfConfig, factorize, truncate_two)
-    assert get_method("toy-half") is method
-    assert make_config("toy-half", {"scale": 0.25}).key() == "toy-half-scale0.25"
-    assert_eckart_young("toy-half", random_matrix(16, 10, seed=7), [1, 5, 10])
+    try:
+        assert get_method("toy-half") is method
+        assert make_config("toy-half", {"scale": 0.25}).key() == "toy-half-scale0.25"
+        assert_eckart_young("toy-half", random_matrix(16, 10, seed=7), [1, 5, 10])
+    finally:
+        METHODS.unregister("toy-half")

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from dse.models import (BUILTIN, ModelNotFoundError, load_config, load_model, resolve_device,
-                        resolve_dtype)
+from dse.model import BUILTIN, load_config, load_model, resolve_device, resolve_dtype
+from dse.model.load import ModelNotFoundError
 
 
 @pytest.fixture

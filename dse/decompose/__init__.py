@@ -1,0 +1,43 @@
+"""Decomposition: methods (pure math, weight -> factors), plans, the factor cache, calibration,
+module surgery (``decompose_`` / ``restore_``) and size accounting.
+
+The built-in methods register here. A method is one unit, a config class and its math::
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+    from dse.decompose import MethodConfig, SVDForm, register_method, truncate_two
+
+    @dataclass(frozen=True)
+    class ScaledSVDConfig(MethodConfig):
+        \"\"\"SVD of the weight with its columns scaled by ``power`` of their norms.\"\"\"
+        name: ClassVar[str] = "scaled"
+        power: float = 0.5
+
+    ...
+    register_method(ScaledSVDConfig, factorize, truncate_two)
+
+(the whole example is in ``docs/architecture.md``).
+"""
+
+from .cache import FactorCache, model_fingerprint
+from .calibration import Calibration, CalibrationSpec, InputStats, calibrate, collect_stats
+from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
+from .lowrank import LowRankLinear
+from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, as_pair, get_method, make_config,
+                      register_method)
+from .plan import PLAN_FORMAT, Plan, uniform_plan
+from .size import SizeReport, model_bytes, param_count, plan_size
+from .surgery import decompose_, factor_forms, is_decomposed, restore_, swap_module
+from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
+
+register_method(SVDConfig, svd_form, truncate_two)
+register_method(Tucker2Config, svd_form, truncate_three, pair_ranks=True)
+register_method(ASVDConfig, asvd_factorize, truncate_two)
+register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
+
+__all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "InputStats", "LowRankLinear", "METHODS",
+           "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig",
+           "SizeReport", "Tucker2Config", "as_config", "as_pair", "calibrate", "collect_stats", "decompose_", "factor_forms",
+           "get_method", "is_decomposed", "make_config", "model_bytes", "model_fingerprint", "param_count",
+           "plan_size", "register_method", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
+           "uniform_plan"]

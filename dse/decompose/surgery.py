@@ -1,0 +1,87 @@
+"""Module surgery: ``decompose_`` swaps projections for ``LowRankLinear``; ``restore_`` undoes it.
+
+Both act in place, like ``torchao.quantize_``. The whole plan is validated, and every factor is
+built, before the first module is swapped: a bad plan leaves the model untouched. The original
+modules are kept (not copied) on the model, so ``restore_`` is bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Optional
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import PlanError
+from ..model import find_projections
+from .cache import FactorCache, model_fingerprint
+from .lowrank import LowRankLinear
+from .methods import MethodConfig, SVDForm, get_method
+from .plan import Plan
+
+_ORIGINALS = "_dse_originals"
+
+
+def is_decomposed(model: nn.Module) -> bool:
+    return bool(getattr(model, _ORIGINALS, None))
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = None,
+               calibration=None, family: Optional[str] = None, progress: bool = False) -> nn.Module:
+    """Replace every module named in ``plan`` by its low-rank factorization, in place.
+
+    ``cache`` reuses factorizations across calls (a fresh in-memory cache is used if omitted);
+    ``calibration`` (a :class:`dse.decompose.Calibration`) is required by data-aware methods.
+    Raises :class:`PlanError` before any change if the plan does not fit the model.
+    """
+    if is_decomposed(model):
+        raise RuntimeError("model is already decomposed: call dse.restore_(model) first")
+    table = find_projections(model, family)
+    plan.validate(table)
+    config = plan.config
+    method = get_method(plan.method)
+    if config.needs_calibration and calibration is None:
+        raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
+                        "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
+    forms = factor_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table,
+                         progress=progress)
+    built: Dict[str, nn.Module] = {name: LowRankLinear.from_linear(model.get_submodule(name),
+                                                                   method.truncate(forms[name], rank))
+                                   for name, rank in plan.ranks.items()}
+    setattr(model, _ORIGINALS, {name: swap_module(model, name, new) for name, new in built.items()})
+    return model
+
+
+def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
+                 cache: Optional[FactorCache] = None, calibration=None, table: Optional[Mapping] = None,
+                 progress: bool = False) -> Dict[str, SVDForm]:
+    """The SVD form of each named projection under ``config``, from ``cache`` or factorized now.
+
+    Data-aware configs need ``calibration``; its key is part of the cache key.
+    """
+    table = table if table is not None else find_projections(model)
+    cache = cache if cache is not None else FactorCache()
+    method_key = config.key() + (f"-{calibration.key}" if config.needs_calibration else "")
+    fp = model_fingerprint(model, table)
+    forms = {}
+    for name in tqdm(list(names), desc="factorize", disable=not progress, leave=False):
+        stats = calibration.stats_for(name) if config.needs_calibration else None
+        forms[name] = cache.form((fp, name, method_key), model.get_submodule(name), config, stats)
+    return forms
+
+
+def restore_(model: nn.Module) -> nn.Module:
+    """Put the original dense modules back (bit-exact). A no-op on a model never decomposed."""
+    originals = getattr(model, _ORIGINALS, None) or {}
+    for name, old in originals.items():
+        swap_module(model, name, old)
+    setattr(model, _ORIGINALS, {})
+    return model

@@ -1,0 +1,48 @@
+"""Evaluation of an in-memory model: lm-eval tasks, perplexity, decode speed, and the objectives a
+study optimises. Nothing here knows how the model was decomposed.
+
+The built-in objectives and task sources register here. An objective is one unit::
+
+    from dse.evaluate import Objective, register_objective
+
+    register_objective(Objective(
+        "bits", attribute="bits_per_token", direction="minimize", label="bits per token",
+        header="bits/token", fmt="{:.3f}",
+        requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
+        derive=lambda m: math.log2(m["perplexity"]) if "perplexity" in m else None))
+"""
+
+from ..core.validate import finite
+from .config import METRICS, EvalConfig, PerplexityConfig
+from .evaluator import Evaluator
+from .latency import prompt_ids, sync, tokens_per_second
+from .objectives import OBJECTIVES, Objective, derive_metrics, register_objective
+from .perplexity import perplexity
+from .staged import EarlyStop, staged_run
+from .tasks import BENCHMARK_FILES, TASK_SOURCES, LocalCopy, benchmarks_source, check_tasks, load_tasks
+
+register_objective(Objective(
+    "accuracy", attribute="accuracy", direction="maximize", label="mean accuracy (fraction correct)",
+    header="accuracy", fmt="{:.4f}", reference=0.0,
+    requires=lambda evaluation: None if evaluation.tasks else "evaluation.tasks",
+    help="mean accuracy over the evaluation tasks"))
+register_objective(Objective(
+    "params", attribute="params_ratio", direction="minimize", label="parameters (% of the undecomposed model)",
+    header="params", fmt="{:.4f}", reference=1.0, size=True,
+    help="parameters kept, as a fraction of the undecomposed model"))
+register_objective(Objective(
+    "perplexity", attribute="perplexity", direction="minimize", label="perplexity", header="perplexity",
+    fmt="{:.2f}", requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
+    help="perplexity of the evaluation text"))
+register_objective(Objective(
+    "latency", attribute="latency_ms_per_token", direction="minimize", label="latency (ms per token)",
+    header="ms/token", fmt="{:.2f}", requires=lambda evaluation: None if evaluation.latency else "evaluation.latency",
+    derive=lambda m: 1000.0 / m["latency_tokens_per_s"] if finite(m.get("latency_tokens_per_s"))
+    and m["latency_tokens_per_s"] > 0 else None,
+    help="decode milliseconds per token, timed per trial"))
+
+TASK_SOURCES.register("benchmarks", benchmarks_source)
+
+__all__ = ["BENCHMARK_FILES", "METRICS", "OBJECTIVES", "TASK_SOURCES", "EarlyStop", "EvalConfig", "Evaluator",
+           "LocalCopy", "Objective", "PerplexityConfig", "benchmarks_source", "check_tasks", "derive_metrics",
+           "load_tasks", "perplexity", "prompt_ids", "register_objective", "staged_run", "sync", "tokens_per_second"]

@@ -1,0 +1,109 @@
+"""What an evaluation measures: :class:`EvalConfig` (tasks, perplexity, latency) and its parts.
+
+Built from the ``evaluation:`` section of a study (:meth:`EvalConfig.from_dict`) or in code; every
+bad value is a one-line :class:`~dse.core.errors.ConfigError` naming its ``evaluation.`` field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from ..core.errors import ConfigError
+from ..core.validate import boolean, integer, mapping, resolve_path
+from ..model import TextSource
+
+METRICS = ("acc", "acc_norm")
+
+
+@dataclass
+class PerplexityConfig:
+    """Perplexity of ``text``: its first ``max_tokens`` tokens (all if None) in windows of ``window``."""
+
+    text: TextSource
+    window: int = 512
+    max_tokens: Optional[int] = None
+    batch_size: int = 4
+
+    def __post_init__(self):
+        where = "evaluation.perplexity"
+        if not isinstance(self.text, TextSource):
+            raise ConfigError(f"{where}.text: expected a mapping with path or dataset")
+        integer(self.window, f"{where}.window", 2)
+        if self.max_tokens is not None:
+            integer(self.max_tokens, f"{where}.max_tokens", self.window)
+        integer(self.batch_size, f"{where}.batch_size", 1)
+
+    @classmethod
+    def from_dict(cls, data, base: Optional[Path] = None) -> "PerplexityConfig":
+        where = "evaluation.perplexity"
+        data = mapping(data, where, allowed={f.name for f in fields(cls)})
+        if "text" not in data:
+            raise ConfigError(f"{where}.text: required (a mapping with path or dataset)")
+        return cls(**{**data, "text": TextSource.from_dict(data["text"], f"{where}.text", base)})
+
+
+@dataclass
+class EvalConfig:
+    """What one evaluation measures.
+
+    ``tasks``: lm-eval task names, each scored by ``metrics[task]`` (``acc`` or ``acc_norm``;
+    default ``acc_norm`` where the task reports it, else ``acc``) on its first ``limit`` rows.
+    ``data_dir``: a folder of local copies of the tasks' datasets (see :mod:`dse.evaluate.tasks`);
+    tasks with a copy there read it instead of the hub. ``max_length`` caps the context lm-eval
+    gives the model.
+    """
+
+    tasks: List[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa", "winogrande"])
+    limit: Optional[int] = 100
+    batch_size: int = 16
+    data_dir: Optional[str] = None
+    perplexity: Optional[PerplexityConfig] = None
+    latency: bool = False
+    metrics: Dict[str, str] = field(default_factory=dict)
+    max_length: int = 2048
+
+    def __post_init__(self):
+        if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
+            raise ConfigError(f"evaluation.tasks: expected a list of task names, got {self.tasks!r}")
+        self.tasks = list(self.tasks)
+        duplicate = next((t for i, t in enumerate(self.tasks) if t in self.tasks[:i]), None)
+        if duplicate:
+            raise ConfigError(f"evaluation.tasks: {duplicate!r} is listed twice")
+        if self.limit is not None:
+            integer(self.limit, "evaluation.limit", 1)
+        integer(self.batch_size, "evaluation.batch_size", 1)
+        integer(self.max_length, "evaluation.max_length", 1)
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ConfigError(f"evaluation.data_dir: no such folder {self.data_dir!r}")
+        if isinstance(self.perplexity, Mapping):
+            self.perplexity = PerplexityConfig.from_dict(self.perplexity)
+        if self.perplexity is not None and not isinstance(self.perplexity, PerplexityConfig):
+            raise ConfigError(f"evaluation.perplexity: expected a mapping, got {self.perplexity!r}")
+        boolean(self.latency, "evaluation.latency")
+        self.metrics = mapping(self.metrics, "evaluation.metrics")
+        for task, metric in self.metrics.items():
+            if task not in self.tasks:
+                raise ConfigError(f"evaluation.metrics.{task}: not one of evaluation.tasks")
+            if metric not in METRICS:
+                raise ConfigError(f"evaluation.metrics.{task}: must be one of {', '.join(METRICS)}, got {metric!r}")
+        if not self.tasks and self.perplexity is None and not self.latency:
+            raise ConfigError("evaluation: nothing to measure (no tasks, no perplexity, no latency)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None) -> "EvalConfig":
+        """From the ``evaluation:`` section of a study file (unknown keys are errors); ``base``
+        anchors relative paths (the study file's folder)."""
+        data = mapping(data, "evaluation", allowed={f.name for f in fields(cls)})
+        if data.get("data_dir") is not None:
+            data["data_dir"] = str(resolve_path(base, str(data["data_dir"])))
+        if isinstance(data.get("perplexity"), Mapping):
+            data["perplexity"] = PerplexityConfig.from_dict(data["perplexity"], base)
+        return cls(**data)
+
+    def check_tasks(self) -> None:
+        """Check task names against lm-eval and local copies against ``data_dir`` (a few seconds)."""
+        from .tasks import check_tasks
+
+        check_tasks(self.tasks, self.data_dir)

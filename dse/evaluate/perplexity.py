@@ -1,0 +1,24 @@
+"""Perplexity of the in-memory model over token windows (:func:`dse.model.token_windows`):
+PPL = exp(mean token NLL over every predicted token of every window, each window alone)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp(mean NLL) of ``model`` over all predicted tokens of ``windows`` (each window alone)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)

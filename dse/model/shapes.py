@@ -1,0 +1,59 @@
+"""Projection tables without weights: a model's decomposable modules from its config alone.
+
+The model is built on the meta device (shapes only, no memory, no weights) and read with
+:func:`dse.model.find_projections`, so every family adapter applies. Measured on a shared 2-core
+CPU: Llama-2-7B from an inline config in about 1 s after the transformers import; SmolLM2-135M by
+name about 7 s, most of it ``load_config`` parsing the GGUF file. Tables are cached per process.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Dict, Mapping, Optional
+
+from ..core.errors import ConfigError
+from .families import Projection, find_projections
+
+
+def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error: type = ConfigError):
+    """A transformers config from a plain dict that names its ``model_type``."""
+    from transformers import AutoConfig
+
+    kw = dict(data)
+    model_type = kw.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise error(f"{where}.model_type: expected a transformers model type, got {model_type!r}")
+    try:
+        return AutoConfig.for_model(model_type, **kw)
+    except ValueError as e:
+        reason = str(e).splitlines()[0].split(". Should contain one of")[0]
+        raise error(f"{where}.model_type: {reason}") from None
+
+
+def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
+                     where: str = "model_config", error: type = ConfigError) -> Dict[str, Projection]:
+    """The :func:`~dse.model.find_projections` table of ``model_config`` if given, else of ``model``."""
+    if model_config is None and model is None:
+        raise error(f"{where}: give a model name or a model_config")
+    key = None if model_config is None else json.dumps(model_config, sort_keys=True)
+    return dict(_cached_table(None if key else model, key, where, error))
+
+
+@lru_cache(maxsize=8)
+def _cached_table(model: Optional[str], config_json: Optional[str], where: str, error: type) -> Dict[str, Projection]:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if config_json is not None:
+        config = config_from_dict(json.loads(config_json), where, error)
+    else:
+        from .load import load_config
+
+        config = load_config(model)
+    with torch.device("meta"):
+        try:
+            meta = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # an encoder-only family (bert) has no causal LM head
+            meta = AutoModel.from_config(config)
+    return find_projections(meta)

@@ -1,0 +1,261 @@
+"""Plots of a study: the front over all trials, hypervolume, where the front decomposes, per-task accuracy.
+
+Data comes from :mod:`dse.results.front`; each ``plot_*`` function draws on the ``ax`` given (or on a
+new figure) and returns the Axes. Figures are built with :class:`matplotlib.figure.Figure`, not
+pyplot, so nothing opens a window or touches global state. :func:`save_plots` writes PNG and SVG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..core.io import atomic_path
+from ..decompose import get_method
+from ..evaluate import OBJECTIVES
+from ..model import locate, ordered_types, tensor_types
+from ..space import curves, heatmap_frame
+from .front import front_trials, hypervolume_history, pareto_front, quality, reference_point, trials_frame
+
+PARAMS_LABEL = OBJECTIVES.get("params").label
+
+
+def _axes(ax: Optional[Axes], size=(8, 5.5)) -> Axes:
+    return ax if ax is not None else Figure(figsize=size, layout="constrained").add_subplot()
+
+
+def _millions_axis(ax: Axes, study) -> None:
+    """A top x axis in millions of parameters for an x axis in percent of the undecomposed model."""
+    base = (study.user_attrs.get("baseline") or {}).get("params")
+    if not base:
+        return
+    scale = base / 1e6 / 100.0
+    top = ax.secondary_xaxis("top", functions=(lambda p: p * scale, lambda m: m / scale))
+    top.set_xlabel("parameters (millions)")
+
+
+def plot_front(study, ax: Optional[Axes] = None) -> Axes:
+    """Quality against size for every completed trial, the feasible front, and the baselines."""
+    ax = _axes(ax)
+    objective = quality(study)
+    metric = objective.attribute
+    df = trials_frame(study)
+    done = df[df["state"] == "COMPLETE"]
+    front = pareto_front(study)
+    feasible, infeasible = done[done["feasible"]], done[~done["feasible"]]
+    ax.scatter(feasible["params_pct"], feasible[metric], s=18, color="0.6", label=f"feasible trial ({len(feasible)})")
+    if len(infeasible):
+        ax.scatter(infeasible["params_pct"], infeasible[metric], s=22, marker="x", color="0.75",
+                   label=f"trial violating the constraints ({len(infeasible)})")
+    ax.step(front["params_pct"], front[metric], where="post", color="C0", alpha=0.5)  # attainment curve
+    ax.plot(front["params_pct"], front[metric], "o", color="C0", ms=7, label=f"Pareto front ({len(front)})")
+    marks = iter(["s", "D", "^", "v", "P", "X"])
+    for _, row in done[done["baseline"].notna() & (done["baseline"] != "dense")].iterrows():
+        ax.plot(row["params_pct"], row[metric], next(marks, "s"), color="C1", ms=8, mec="k",
+                label=f"{row['baseline']} baseline (trial {row['number']})")
+    base = study.user_attrs.get("baseline") or {}
+    if metric in base:
+        ax.plot(100.0, base[metric], "*", color="C3", ms=15, mec="k", label="undecomposed model (dense)")
+    ax.set_xlabel(PARAMS_LABEL)
+    ax.set_ylabel(objective.label)
+    _millions_axis(ax, study)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{study.study_name}: {metric} vs. size, {len(done)} completed trials")
+    return ax
+
+
+def plot_hypervolume(study, ax: Optional[Axes] = None, reference=None) -> Axes:
+    """Hypervolume of the feasible trials so far, after each trial."""
+    ax = _axes(ax, (7, 4))
+    hist = hypervolume_history(study, reference)
+    ref = reference_point(study, reference)
+    ax.step(hist["number"], hist["hypervolume"], where="post", color="C0", label="feasible trials so far")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"hypervolume ({' × '.join(ref)})")
+    ax.set_title("Hypervolume after each trial\nreference point: "
+                 + ", ".join(f"{k} {v:g}" for k, v in ref.items()), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+@dataclass
+class ModuleUsage:
+    """Per layer (rows) and tensor type (columns): the fraction of front configs decomposing the
+    module, and its mean rank (first rank of a pair) where decomposed; ``n`` front configs."""
+
+    fraction: pd.DataFrame
+    mean_rank: pd.DataFrame
+    n: int
+
+
+def module_usage(study) -> ModuleUsage:
+    """How often, and at what rank, the front's plans decompose each module.
+
+    The grid spans every module named in any trial's plan (the uniform baselines name them all).
+    """
+    names = {n for t in study.get_trials(deepcopy=False) for n in t.user_attrs.get("plan", {}).get("ranks", {})}
+    cells = {n: locate(n) for n in names}
+    layers = sorted({layer for layer, _ in cells.values()})
+    types = ordered_types(t for _, t in cells.values())
+    count = pd.DataFrame(0.0, index=layers, columns=types)
+    rank_sum = count.copy()
+    front = front_trials(study)
+    for trial in front:
+        for name, rank in trial.user_attrs["plan"]["ranks"].items():
+            layer, ttype = cells[name]
+            count.loc[layer, ttype] += 1
+            rank_sum.loc[layer, ttype] += rank[0] if isinstance(rank, list) else rank
+    n = max(len(front), 1)
+    return ModuleUsage(count / n, (rank_sum / count.where(count > 0)), len(front))
+
+
+def plot_module_usage(study, ax: Optional[Axes] = None) -> Axes:
+    """Layer x tensor-type heatmap of how often the front decomposes each module; text: mean rank."""
+    usage = module_usage(study)
+    rows, cols = usage.fraction.shape
+    ax = _axes(ax, (1.6 + 0.75 * cols, 1.8 + 0.3 * rows))
+    image = ax.imshow(usage.fraction.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for i in range(rows):
+        for j in range(cols):
+            r = usage.mean_rank.iat[i, j]
+            if np.isfinite(r):
+                dark = usage.fraction.iat[i, j] > 0.6
+                ax.text(j, i, f"{r:.0f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    ax.set_xticks(range(cols), usage.fraction.columns)
+    ax.set_yticks(range(rows), usage.fraction.index)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Modules decomposed by the {usage.n} front configs\n(colour: fraction of configs; "
+                 "text: mean rank when decomposed)", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label="fraction of front configs", shrink=0.8)
+    return ax
+
+
+def plot_plan(plan, table: Mapping, ax: Optional[Axes] = None, title: Optional[str] = None) -> Axes:
+    """Layer x tensor-type heatmap of one plan: colour, the fraction of each module's parameters
+    kept (dense modules 1); text, the rank (``D``: dense)."""
+    layers = sorted({p.layer for p in table.values()})
+    types = tensor_types(table)
+    kept = pd.DataFrame(np.nan, index=layers, columns=types)
+    method = get_method(plan.method)
+    ax = _axes(ax, (1.6 + 0.75 * len(types), 1.8 + 0.3 * len(layers)))
+    for name, p in table.items():
+        rank = plan.ranks.get(name)
+        kept.loc[p.layer, p.type] = 1.0 if rank is None else method.params(rank, p.out_features, p.in_features) / p.dense_params
+        label = "D" if rank is None else str(rank[0] if isinstance(rank, tuple) else rank)
+        ax.text(types.index(p.type), layers.index(p.layer), label, ha="center", va="center", fontsize=6,
+                color="w" if kept.loc[p.layer, p.type] < 0.35 else "k")
+    image = ax.imshow(kept.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(types)), types)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"Plan: {plan.summary()}", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label="fraction of the module's parameters kept", shrink=0.8)
+    return ax
+
+
+def plot_sensitivity(frame: pd.DataFrame, table: Mapping, metric: str = "accuracy_drop",
+                     ax: Optional[Axes] = None) -> Axes:
+    """Layer x tensor-type heatmap of one module's decomposition cost, from ``dse characterize`` rows."""
+    grid = heatmap_frame(frame, metric, table)
+    rank = int(frame.loc[frame["kind"] == "module", "rank"].iloc[0])
+    ax = _axes(ax, (1.6 + 0.75 * grid.shape[1], 1.8 + 0.3 * grid.shape[0]))
+    values = grid.to_numpy()
+    bound = np.nanmax(np.abs(values)) or 1.0
+    cmap, vmin = ("Reds", 0) if np.nanmin(values) >= 0 else ("RdBu_r", -bound)
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=bound, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("tensor type")
+    ax.set_ylabel("layer")
+    ax.set_title(f"One module at rank {rank}: {metric.replace('_', ' ')}", fontsize=10)
+    ax.figure.colorbar(image, ax=ax, label=metric.replace("_", " "), shrink=0.8)
+    return ax
+
+
+def plot_layer_curves(frame: pd.DataFrame, metric: str = "accuracy", ax: Optional[Axes] = None) -> Axes:
+    """``metric`` against the number of whole layers decomposed, per pattern (first, last, spread,
+    adjacent), with each single layer's value as grey dots at k = 1 and the dense model dashed."""
+    ax = _axes(ax)
+    single = frame[frame["kind"] == "layer"]
+    if len(single):
+        ax.plot(np.ones(len(single)), single[metric], "o", color="0.6", ms=3, label="each single layer")
+    for i, kind in enumerate(curves()):
+        rows = frame[frame["kind"] == kind].sort_values("k")
+        if len(rows):
+            ax.plot(rows["k"], rows[metric], "o-", color=f"C{i}", label=f"{kind} k layers")
+    dense = frame[frame["kind"] == "dense"]
+    if len(dense):
+        ax.axhline(float(dense[metric].iloc[0]), color="k", ls="--", lw=1, label="undecomposed")
+    rank = int(frame.loc[frame["kind"] != "dense", "rank"].max())
+    ax.set_xlabel(f"whole layers decomposed at rank {rank} (k)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric.replace('_', ' ').capitalize()} against decomposed layers")
+    return ax
+
+
+def plot_task_accuracy(study, ax: Optional[Axes] = None) -> Axes:
+    """Per-task accuracy of the front's configs against size; dashed: the undecomposed model."""
+    ax = _axes(ax)
+    front = pareto_front(study)
+    base = study.user_attrs.get("baseline") or {}
+    task_cols = [c for c in front.columns if c.startswith("acc/")]
+    for i, col in enumerate(task_cols):
+        color = f"C{i % 10}"
+        ax.plot(front["params_pct"], front[col], "o-", color=color, ms=4, label=col[4:])
+        if col in base:
+            ax.axhline(base[col], color=color, ls="--", lw=1, alpha=0.7)
+    ax.plot(front["params_pct"], front["accuracy"], "k-", lw=2.5, label="mean")
+    ax.plot([], [], "k--", lw=1, label="undecomposed model (per task)")
+    ax.set_xlabel(PARAMS_LABEL)
+    ax.set_ylabel("accuracy (fraction correct)")
+    _millions_axis(ax, study)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"Per-task accuracy along the Pareto front ({len(front)} configs)")
+    return ax
+
+
+def plot_plans(plans: Mapping[str, object], table: Mapping, *, panel=(5.2, 9.0)) -> List[Axes]:
+    """:func:`plot_plan` of each plan side by side on one figure, titled by its key; ``panel`` is
+    one panel's size in inches."""
+    figure = Figure(figsize=(panel[0] * len(plans), panel[1]), layout="constrained")
+    axes = figure.subplots(1, len(plans), squeeze=False)[0]
+    for ax, (title, plan) in zip(axes, plans.items()):
+        plot_plan(plan, table, ax=ax, title=title)
+    return list(axes)
+
+
+def save_figure(figure: Figure, stem, *, formats=("png", "svg"), dpi: int = 150) -> List[Path]:
+    """Write ``figure`` as ``stem.<format>`` for each format (each file atomically); return the paths."""
+    written = []
+    for fmt in formats:
+        path = Path(f"{stem}.{fmt}")
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=fmt, dpi=dpi)
+        written.append(path)
+    return written
+
+
+def save_plots(study, out_dir, *, formats=("png", "svg")) -> List[Path]:
+    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths."""
+    plots = {"front": plot_front, "hypervolume": plot_hypervolume, "ranks": plot_module_usage}
+    if any(k.startswith("acc/") for t in front_trials(study) for k in t.user_attrs):
+        plots["tasks"] = plot_task_accuracy
+    return [path for name, plot in plots.items()
+            for path in save_figure(plot(study).figure, Path(out_dir) / name, formats=formats)]

@@ -1,0 +1,62 @@
+"""Text summaries of a study for the terminal: ``dse status`` and ``dse pareto``."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+
+from ..evaluate import OBJECTIVES
+from .front import objectives, pareto_front
+
+# frame column -> (header, format) of the columns every table shows; objectives add their own
+SHOWN = {
+    "number": ("trial", "{:d}"), "baseline": ("baseline", "{}"), "plan": ("plan", "{}"),
+    "params_pct": ("params %", "{:.1f}"), "params_m": ("params M", "{:.4g}"),
+}
+
+
+def columns_shown() -> dict:
+    """Column -> (header, format): the fixed ones, then each registered objective's (not sizes)."""
+    return {**SHOWN, **{o.attribute: (o.header, o.fmt) for o in OBJECTIVES.values() if not o.size}}
+
+
+def format_front(front: pd.DataFrame) -> str:
+    """The front as an aligned text table (per-task accuracies included, empty columns left out)."""
+    if front.empty:
+        return "(empty)"
+    shown = columns_shown()
+    columns = [c for c in front.columns if (c in shown or c.startswith("acc/")) and front[c].notna().any()]
+    cells = {}
+    for c in columns:
+        header, fmt = shown.get(c, (c, "{:.4f}"))
+        cells[header] = [("-" if pd.isna(v) else fmt.format(v)) for v in front[c]]
+    return pd.DataFrame(cells).to_string(index=False)
+
+
+def format_status(study) -> str:
+    """Trial counts per state, the study's setup, the undecomposed baseline and the feasible front."""
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name.lower() for t in trials)
+    meta = study.user_attrs.get("dse") or {}
+    by_state = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines = [f"study {study.study_name!r}: {len(trials)} trials ({by_state})" if trials
+             else f"study {study.study_name!r}: no trials yet"]
+    if meta:
+        lines.append(f"model {meta.get('model')} (fingerprint {meta.get('fingerprint')}, {meta.get('dtype')}), "
+                     f"method {meta.get('method')}, objectives {', '.join(objectives(study))}, "
+                     + (f"tasks {', '.join(meta['tasks'])} (limit {meta.get('limit')})" if meta.get("tasks")
+                        else "no accuracy tasks"))
+    base = study.user_attrs.get("baseline") or {}
+    if base:
+        shown = [f"params {base['params'] / 1e6:.2f} M"] if "params" in base else []
+        shown += [f"{o.attribute} {base[o.attribute]:.4g}" for o in OBJECTIVES.values()
+                  if not o.size and o.attribute in base]
+        shown += [f"{k} {v:.4g}" for k, v in base.items() if k.startswith("acc/")]
+        lines.append("baseline (undecomposed): " + ", ".join(shown))
+    if meta:
+        front = pareto_front(study)
+        lines.append(f"front: {len(front)} feasible configs" + (":" if len(front) else ""))
+        if len(front):
+            lines.append(format_front(front))
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Study configuration: the YAML a user writes under ``studies/``, validated into a :class:`StudyConfig`.
+
+Each section is parsed once, by the part of ``dse`` that owns it (the space by
+:func:`dse.space.load_space`, the method by :func:`dse.decompose.make_config`, the evaluation by
+:meth:`dse.evaluate.EvalConfig.from_dict`, the sampler by :func:`dse.study.samplers.parse_sampler`
+...), and the parsed objects are kept. Every error is one line naming the field
+(``sampler: unknown sampler 'tpee' (did you mean 'tpe'?); ...``). Relative paths (space file, data
+directory, text files, storage file, cache) resolve against the study file's folder, so a study
+runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple
+
+from ..core.errors import ConfigError
+from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
+from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, make_config
+from ..evaluate import OBJECTIVES, EvalConfig
+from ..model import DTYPES
+from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
+from .samplers import SamplerConfig, parse_sampler
+
+KEYS = ("name", "model", "device", "dtype", "space", "method", "method_options", "calibration", "evaluation",
+        "objectives", "sampler", "seed", "n_trials", "timeout", "storage", "constraints", "baselines", "cache_dir",
+        "heartbeat_s", "grace_s", "multi_fidelity")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Feasibility limits: ``max_drop`` in accuracy points (fraction, 0.10 = 10 points) below the
+    undecomposed baseline, ``max_params`` as a fraction of the model's parameters, ``max_perplexity``."""
+
+    max_drop: Optional[float] = None
+    max_params: Optional[float] = None
+    max_perplexity: Optional[float] = None
+
+    def violations(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> List[float]:
+        """Optuna's convention: one value per constraint, feasible when <= 0."""
+        out = []
+        if self.max_drop is not None:
+            out.append((baseline["accuracy"] - self.max_drop) - metrics["accuracy"])
+        if self.max_params is not None:
+            out.append(metrics["params_ratio"] - self.max_params)
+        if self.max_perplexity is not None:
+            out.append(metrics["perplexity"] - self.max_perplexity)
+        return out
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
+@dataclass(frozen=True)
+class MultiFidelity:
+    """Stop a trial after the first ``first`` share of each task's rows when its mean accuracy there
+    is more than ``margin`` (0.05 = 5 points) below the best completed trial of the same size or
+    smaller; the trial is recorded as pruned, with the reason in its ``pruned`` attribute."""
+
+    first: float = 0.25
+    margin: float = 0.05
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: Optional[Path]  # the YAML file, or None for a config built in code
+    space: AnySpace
+    evaluation: EvalConfig
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    method: MethodConfig = SVDConfig()
+    calibration: Optional[CalibrationSpec] = None
+    objectives: Tuple[str, ...] = ("accuracy", "params")
+    sampler: SamplerConfig = SamplerConfig()
+    seed: int = 0
+    n_trials: int = 20
+    timeout: Optional[float] = None
+    storage: Optional[str] = None
+    constraints: Constraints = Constraints()
+    baselines: Tuple[Baseline, ...] = ()
+    cache_dir: Optional[str] = None
+    heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
+    grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
+    multi_fidelity: Optional[MultiFidelity] = None
+
+    @property
+    def directions(self) -> List[str]:
+        return [OBJECTIVES.get(o).direction for o in self.objectives]
+
+    @property
+    def storage_url(self) -> str:
+        """The storage URL; by default a SQLite file beside the study file."""
+        if self.storage:
+            return self.storage
+        folder = self.path.parent if self.path else Path.cwd()
+        return f"sqlite:///{(folder / 'runs' / f'{self.name}.db').resolve()}"
+
+
+def load_study_config(path) -> StudyConfig:
+    path = Path(path).resolve()
+    return study_config_from_dict(read_yaml(path, "study"), path)
+
+
+def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None) -> StudyConfig:
+    """Validate a study mapping; ``path`` (the YAML file) anchors relative paths."""
+    base = path.parent if path else Path.cwd()
+    check_keys(data, KEYS, "")
+    name = string(data.get("name", path.stem if path else None), "name")
+    space = _space(data.get("space"), base)
+    method = make_config(string(data.get("method", "svd"), "method"), mapping(data.get("method_options") or {},
+                                                                              "method_options"))
+    calibration = _calibration(data.get("calibration"), base, method, space)
+    evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
+    objectives = _objectives(data.get("objectives", ["accuracy", "params"]), evaluation, space)
+    constraints = _constraints(data.get("constraints") or {}, evaluation)
+    return StudyConfig(
+        name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", "smollm2-135m"), "model"),
+        device=_device(data.get("device", "cpu")), dtype=_dtype(data.get("dtype", "float32")), method=method,
+        calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
+        seed=integer(data.get("seed", 0), "seed"), n_trials=integer(data.get("n_trials", 20), "n_trials", 1),
+        timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
+        storage=_storage(data.get("storage"), base), constraints=constraints,
+        baselines=_baselines(data.get("baselines") or [], base),
+        cache_dir=None if data.get("cache_dir") is None else str(resolve_path(base, string(data["cache_dir"], "cache_dir"))),
+        heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
+        grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
+        multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives))
+
+
+def _space(data, base: Path) -> AnySpace:
+    if isinstance(data, str):
+        return load_space(resolve_path(base, data))
+    if isinstance(data, Mapping):
+        return space_from_dict(data)
+    raise ConfigError("space: expected a path to a space YAML or an inline mapping")
+
+
+def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Optional[CalibrationSpec]:
+    calibration = None if data is None else CalibrationSpec.from_dict(data, base)
+    if method.needs_calibration and calibration is None:
+        raise ConfigError(f"calibration: method {method.name} needs calibration data; add a calibration: section")
+    if space.needs_importance and calibration is None:
+        raise ConfigError("calibration: an allocation space (budget:) needs calibration data (its loss gradients "
+                          "rank the components); add a calibration: section")
+    return calibration
+
+
+def _objectives(data, evaluation: EvalConfig, space: AnySpace) -> Tuple[str, ...]:
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"objectives: expected a non-empty list of objective names, got {data!r}")
+    for i, name in enumerate(data):
+        missing = OBJECTIVES.get(name, f"objectives[{i}]").missing(evaluation)
+        if missing:
+            raise ConfigError(f"objectives[{i}]: {name!r} needs {missing}")
+        if name in data[:i]:
+            raise ConfigError(f"objectives[{i}]: {name!r} is listed twice")
+    for i, start in enumerate(getattr(space, "starts", ())):
+        if STARTS.get(start).measures and not {"perplexity", "accuracy"} & set(data):
+            raise ConfigError(f"space.starts[{i}]: {start!r} measures the perplexity or accuracy objective; "
+                              "the study has neither")
+    return tuple(data)
+
+
+def _constraints(data, evaluation: EvalConfig) -> Constraints:
+    data = mapping(data, "constraints", allowed=[f.name for f in dataclasses.fields(Constraints)])
+    high = {"max_drop": 1, "max_params": 1, "max_perplexity": float("inf")}  # all from 0 (max_params above 0)
+    values = {key: number(value, f"constraints.{key}", 0, high[key], open_low=key == "max_params")
+              for key, value in data.items()}
+    if "max_drop" in values and not evaluation.tasks:
+        raise ConfigError("constraints.max_drop: needs evaluation.tasks")
+    return Constraints(**values)
+
+
+def _baselines(data, base: Path) -> Tuple[Baseline, ...]:
+    if not isinstance(data, list):
+        raise ConfigError(f"baselines: expected a list, got {data!r}")
+    return tuple(parse_baseline(spec, f"baselines[{i}]", base) for i, spec in enumerate(data))
+
+
+def _storage(url, base: Path) -> Optional[str]:
+    if url is None:
+        return None
+    url = string(url, "storage")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{resolve_path(base, url[len('sqlite:///'):])}"
+    return url
+
+
+def _device(device) -> str:
+    device = string(device, "device")
+    if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
+        raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
+def _dtype(dtype) -> str:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _multi_fidelity(data, evaluation: EvalConfig, objectives) -> Optional[MultiFidelity]:
+    if data is None:
+        return None
+    data = mapping(data, "multi_fidelity", allowed=[f.name for f in dataclasses.fields(MultiFidelity)])
+    first = number(data.get("first", 0.25), "multi_fidelity.first", 0, 1, open_low=True, open_high=True)
+    margin = number(data.get("margin", 0.05), "multi_fidelity.margin", 0, 1)
+    if "accuracy" not in objectives or not evaluation.tasks:
+        raise ConfigError("multi_fidelity: needs the accuracy objective and evaluation.tasks")
+    return MultiFidelity(first, margin)

@@ -1,0 +1,145 @@
+"""Optuna studies over rank plans: storage, sampler, baselines, and the optimisation loop.
+
+``run_study(config)`` creates or resumes the study named in ``config`` in its storage, evaluates
+the undecomposed baseline once (kept in the study's user attributes), enqueues the configured
+baseline plans once, and runs trials until ``n_trials`` trials have finished (complete or pruned),
+so running it again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from ..core.errors import ConfigError, StudyError
+from .config import StudyConfig
+from .samplers import quiet_optuna
+from .storage import open_study
+from .worker import Worker
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+log = logging.getLogger("dse")
+
+
+def enqueue_baselines(study: optuna.Study, config: StudyConfig) -> None:
+    """Enqueue the configured baseline plans once per study (marked in the study's attributes)."""
+    if study.user_attrs.get("baselines_enqueued"):
+        return
+    for baseline in config.baselines:
+        study.enqueue_trial({}, user_attrs={"baseline": baseline.label,
+                                            "baseline_spec": [baseline.kind, baseline.value]})
+    study.set_user_attr("baselines_enqueued", True)
+
+
+def _warn_unsteered(config: StudyConfig) -> None:
+    if config.constraints and not config.sampler.unit.honours_constraints:
+        log.warning(f"dse: warning: sampler: {config.sampler.name} cannot steer by the study's constraints; "
+                    "they still decide which trials are feasible")
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
+              progress: bool = True, worker=None, join: bool = False) -> optuna.Study:
+    """Create or resume the study and run trials until ``n_trials`` have finished in total.
+
+    ``join=True`` only joins a study that exists (as ``dse worker`` does) and enqueues nothing;
+    the process that creates the study enqueues the baselines and the space's starts, once. ``worker`` (a
+    :class:`dse.study.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
+    the running trial failed and propagates; running again resumes.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _warn_unsteered(config)
+    if worker is None:
+        config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made
+    target = n_trials or config.n_trials
+    study = open_study(config, storage, create=not join, shared=join)
+    if not join:
+        enqueue_baselines(study, config)
+    done = finished_trials(study)
+    if done >= target:
+        return study
+    if worker is None:
+        worker = Worker.from_config(config, progress=progress)
+    else:
+        worker.config = config  # a loaded model reused for another study (space, objectives, baselines)
+    worker.prepare(study, target)
+    if not join:
+        worker.enqueue_starts(study)
+    deadline = time.monotonic() + config.timeout if config.timeout else None
+    try:
+        # Failed trials do not count: run rounds until the target is met, or a round finishes nothing.
+        while (remaining := target - finished_trials(study)) > 0:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            study.optimize(worker.objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
+                           callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
+                           gc_after_trial=False)
+            if target - finished_trials(study) == remaining:
+                break  # every trial of the round failed: see their "error" attributes
+        _settle(study, worker, config, storage or config.storage_url)
+    finally:
+        worker.close()
+    return study
+
+
+def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
+    """Before a worker leaves: a trial still RUNNING whose worker died (no heartbeat for
+    ``grace_s``) is failed and its retry run here, so no trial is left RUNNING forever. Waits at
+    most ``grace_s + 2·heartbeat_s`` for other workers' running trials. Journal storage has no
+    heartbeats, so nothing is done there."""
+    if url.startswith("journal:"):
+        return
+    deadline = time.monotonic() + config.grace_s + 2 * config.heartbeat_s
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or _retries(study):
+        with quiet_optuna():
+            optuna.storages.fail_stale_trials(study)
+        if _retries(study):
+            study.optimize(worker.objective, n_trials=len(_retries(study)), catch=(Exception,),
+                           callbacks=[worker.report], gc_after_trial=False)
+        elif time.monotonic() > deadline:
+            return
+        else:
+            time.sleep(config.heartbeat_s)
+
+
+def _retries(study: optuna.Study) -> list:
+    """WAITING trials that re-run a trial whose worker died."""
+    with quiet_optuna():
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None]
+
+
+def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] = None,
+                storage: Optional[str] = None) -> optuna.Study:
+    """Create the study, enqueue its baselines, then run ``n_workers`` ``dse worker`` processes."""
+    url = storage or config.storage_url
+    config.evaluation.check_tasks()
+    if url.startswith("sqlite"):
+        raise ConfigError("storage: several workers need journal:///FILE (one host) or "
+                          "postgresql://... (many hosts), not SQLite")
+    study = open_study(config, url)
+    enqueue_baselines(study, config)
+    cmd = [sys.executable, "-m", "dse.cli", "worker", str(config.path), "--storage", url, "--quiet"]
+    if n_trials:
+        cmd += ["--n-trials", str(n_trials)]
+    procs = [subprocess.Popen(cmd) for _ in range(n_workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()  # each worker got the SIGINT too: it marks its trial and exits
+        raise
+    if any(codes):
+        raise StudyError(f"workers: exited with status {codes}; their messages are above")
+    return study

@@ -1,0 +1,246 @@
+"""The decompose-and-benchmark worker: one trial = plan → ``decompose_`` → evaluate → ``restore_``.
+
+A :class:`Worker` holds the loaded model, its projection table, the factor cache, the calibration
+(for data-aware methods) and one :class:`dse.evaluate.Evaluator` for the whole study, so a trial
+costs a truncation, an evaluation and a restore. Everything a trial measures is stored as trial
+user attributes; the undecomposed baseline is evaluated once per study and stored on the study.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import optuna
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..core.errors import StudyError
+from ..core.validate import finite
+from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, param_count, \
+    plan_size, restore_
+from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
+from ..model import find_projections, load_model
+from ..results.front import TRIAL_ONLY
+from ..space import STARTS, Baseline, importance
+from .config import StudyConfig
+
+
+class TrialFailed(RuntimeError):
+    """A trial whose measurement cannot be used (an objective that is not finite)."""
+
+
+class Worker:
+    def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
+                 calibration=None, progress: bool = True):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.evaluator = evaluator
+        self.table = find_projections(model)
+        self.cache = cache if cache is not None else FactorCache(config.cache_dir)
+        self.calibration = calibration
+        self.progress = progress
+        self.baseline: Dict[str, Any] = {}
+        self.model_params = param_count(model)
+        self._importances: Optional[Dict[str, Any]] = None
+        self._bar = None
+
+    @classmethod
+    def from_config(cls, config: StudyConfig, progress: bool = True) -> "Worker":
+        """Load the model, calibrate if the method needs it, and build the evaluator."""
+        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+        calibration = None
+        if config.calibration is not None:
+            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
+                                    gradients=config.space.needs_importance, progress=progress)
+        evaluator = Evaluator(model, tokenizer, config.evaluation)
+        return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
+
+    # --- study-level ----------------------------------------------------------------------------
+    def prepare(self, study: optuna.Study, target: Optional[int] = None) -> None:
+        """Check the study belongs to this model; evaluate and store the baseline once."""
+        meta = study.user_attrs.get("dse")
+        fingerprint = model_fingerprint(self.model, self.table)
+        if meta and meta.get("fingerprint") != fingerprint:
+            raise StudyError(f"model: study {study.study_name!r} was run on model {meta.get('model')!r} "
+                              f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
+        if not meta:
+            study.set_user_attr("dse", {
+                "version": __version__, "model": self.config.model, "fingerprint": fingerprint,
+                "method": self.config.method.name, "method_options": self.config.method.changed_options(),
+                "objectives": list(self.config.objectives), "dtype": self.config.dtype,
+                "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit,
+                "calibration": self.config.calibration.to_dict() if self.config.calibration else None})
+        self.baseline = study.user_attrs.get("baseline") or {}
+        if not self.baseline:
+            self.baseline = self.measure(Plan({}, self.config.method))
+            study.set_user_attr("baseline", self.baseline)
+        if self.progress:
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                  optuna.trial.TrialState.PRUNED)))
+            self._bar = tqdm(total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}",
+                             unit="trial")
+
+    def enqueue_starts(self, study: optuna.Study) -> None:
+        """Enqueue the space's starting points once per study (allocation spaces, see
+        :data:`dse.space.STARTS`). Only the process that owns the study calls this; each probe a
+        start measures is stored in the study's ``sensitivity`` attribute as soon as it is
+        measured, so a run stopped while probing measures only the missing probes when resumed."""
+        space = self.config.space
+        if not getattr(space, "starts", ()) or study.user_attrs.get("starts_enqueued"):
+            return
+        with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
+            measure = self._probe_measure(study, bar)
+            starts = {name: STARTS.get(name).params(space, self.table, self.config.method,
+                                                    model_params=self.model_params, measure=measure)
+                      for name in space.starts}  # all measured before any is enqueued
+        for name, params in starts.items():
+            study.enqueue_trial(params, user_attrs={"start": name})
+        study.set_user_attr("starts_enqueued", True)
+
+    def _probe_measure(self, study: optuna.Study, bar):
+        """``measure(name, plan)`` for starts: the loss increase of ``plan`` on the study's perplexity
+        (log ratio to the dense model) or else accuracy (points lost), recorded in the study."""
+        metric = "perplexity" if "perplexity" in self.config.objectives else "accuracy"  # checked in config
+        record = dict(study.user_attrs.get("sensitivity") or {})
+
+        def measure(name: str, plan: Plan) -> float:
+            if name not in record:
+                removed = sum(self.table[n].dense_params for n in plan.ranks) - plan.params(self.table)
+                record[name] = {metric: self.measure(plan)[metric], "params_removed": removed}
+                study.set_user_attr("sensitivity", record)
+            bar.update(1)
+            base, value = self.baseline[metric], record[name][metric]
+            return math.log(value / base) if metric == "perplexity" else base - value
+        return measure
+
+    def importances(self) -> Dict[str, Any]:
+        """Every projection's per-component :func:`dse.allocation.importance` under the study's
+        method (factorizing on first use); needs a calibration with gradients."""
+        if self._importances is None:
+            if self.calibration is None or not self.calibration.grads:
+                raise StudyError("calibration: an allocation space needs a calibration with gradients")
+            forms = factor_forms(self.model, self.table, self.config.method, cache=self.cache, calibration=self.calibration,
+                                 table=self.table, progress=self.progress)
+            self._importances = {n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx)
+                                 for n, f in forms.items()}
+        return self._importances
+
+    def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna callback: advance the progress bar with the trial's result."""
+        if self._bar is None:
+            return
+        self._bar.update(1)
+        attrs = trial.user_attrs
+        post = {"state": trial.state.name.lower()}
+        if "params_ratio" in attrs:
+            post["params"] = f"{attrs['params_ratio']:.1%}"
+        if finite(attrs.get("accuracy")):
+            post["acc"] = f"{attrs['accuracy']:.3f}"
+        if finite(attrs.get("perplexity")):
+            post["ppl"] = f"{attrs['perplexity']:.1f}"
+        self._bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # --- trial-level ----------------------------------------------------------------------------
+    def plan_for(self, trial: optuna.Trial) -> Plan:
+        """The enqueued baseline plan of ``trial``, or the space's suggestion."""
+        spec = trial.user_attrs.get("baseline_spec")
+        method, space = self.config.method, self.config.space
+        if spec is not None:
+            return Baseline(*spec).plan(self.table, method, model_params=self.model_params)
+        if space.needs_importance:
+            return space.suggest(trial, self.table, method, importances=self.importances(),
+                                 model_params=self.model_params)
+        return space.suggest(trial, self.table, method)
+
+    def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
+        """Decompose with ``plan``, evaluate, restore; return sizes and metrics (with every derived
+        objective's value). ``early_stop`` (multi-fidelity, see :func:`dse.evaluate.staged_run`) may
+        end the evaluation early: :class:`dse.evaluate.EarlyStop` then carries the sizes and the
+        metrics so far."""
+        size = plan_size(self.model, plan, self.table)
+        out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
+        t0 = time.perf_counter()
+        try:
+            if len(plan):
+                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration)
+            out["decompose_seconds"] = time.perf_counter() - t0
+            if not len(plan) and self.baseline:  # the dense model was measured once already
+                metrics = {k: v for k, v in self.baseline.items() if k not in out}
+            elif early_stop is not None:
+                metrics = staged_run(self.evaluator, self.config.multi_fidelity.first, early_stop, self.progress)
+            else:
+                metrics = self.evaluator.run(progress=self.progress)
+        except EarlyStop as stop:
+            stop.metrics = {**out, **stop.metrics}
+            raise
+        finally:
+            restore_(self.model)
+        out.update(metrics)
+        return derive_metrics(out)
+
+    @staticmethod
+    def earlier_result(study: optuna.Study, plan: Plan) -> Optional[Dict[str, Any]]:
+        """The metrics of a completed trial with the same plan (samplers repeat themselves in small
+        spaces): the plan is not evaluated twice, and the trial records ``duplicate_of``."""
+        wanted = plan.to_dict()
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("plan") == wanted:
+                kept = {k: v for k, v in t.user_attrs.items() if k not in TRIAL_ONLY}
+                return {**kept, "duplicate_of": t.number}
+        return None
+
+    def early_stop_rule(self, study: optuna.Study, plan: Plan):
+        """The multi-fidelity rule for ``plan``: stop when the first stage's accuracy is more than
+        ``margin`` below the best completed trial with at most as many parameters (None: no rule)."""
+        mf = self.config.multi_fidelity
+        if mf is None or not len(plan):
+            return None
+        params = plan_size(self.model, plan, self.table).params_after
+        rivals = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if finite(t.user_attrs.get("accuracy")) and t.user_attrs.get("params", math.inf) <= params]
+        if not rivals:
+            return None
+        best = max(rivals, key=lambda t: t.user_attrs["accuracy"])
+        bar = best.user_attrs["accuracy"] - mf.margin
+
+        def rule(first_stage: Dict[str, float]) -> Optional[str]:
+            if first_stage["accuracy"] < bar:
+                return (f"accuracy {first_stage['accuracy']:.3f} on the first {mf.first:.0%} of each task is more "
+                        f"than {mf.margin:g} below {best.user_attrs['accuracy']:.3f} (trial {best.number}, "
+                        f"{best.user_attrs['params']} parameters <= {params})")
+            return None
+        return rule
+
+    def objective(self, trial: optuna.Trial) -> List[float]:
+        plan = self.plan_for(trial)
+        trial.set_user_attr("plan", plan.to_dict())
+        trial.set_user_attr("plan_summary", plan.summary())
+        try:
+            metrics = self.earlier_result(trial.study, plan)
+            if metrics is None:
+                metrics = self.measure(plan, self.early_stop_rule(trial.study, plan))
+            values = [metrics.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
+            bad = [(o, v) for o, v in zip(self.config.objectives, values) if not finite(v)]
+            if bad:
+                raise TrialFailed(f"objective {bad[0][0]} is {bad[0][1]!r} (not finite)")
+        except EarlyStop as stop:
+            for key, value in stop.metrics.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("pruned", stop.reason)
+            raise optuna.TrialPruned(stop.reason) from None
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            raise
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        if self.config.constraints:
+            trial.set_user_attr("constraints", self.config.constraints.violations(metrics, self.baseline))
+        return values
