@@ -18,12 +18,8 @@ import time
 
 import torch
 
-from dse.model import find_projections
-from dse.decompose import FactorCache
-from dse.decompose import decompose_, restore_
-from dse.decompose import METHODS
-from dse.model import load_model
-from dse.decompose import Plan
+from dse.decompose import FactorCache, METHODS, Plan, decompose_, restore_
+from dse.model import find_projections, load_model
 
 TARGET_RATIO = 20.0
 

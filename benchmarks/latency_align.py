@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
-from dse.evaluate import sync
 from dse.decompose import LowRankLinear
+from dse.evaluate import sync
 
 
 def lowrank_stack(rank: int, hidden: int, inner: int, depth: int, device, dtype) -> nn.Sequential:

@@ -18,14 +18,9 @@ from pathlib import Path
 
 import torch
 
-from dse.model import find_projections
-from dse.decompose import FactorCache
-from dse.decompose import calibrate
-from dse.decompose import decompose_, restore_
-from dse.decompose import get_method
-from dse.model import load_model
+from dse.decompose import FactorCache, Plan, calibrate, decompose_, get_method, restore_, uniform_plan
 from dse.evaluate import perplexity
-from dse.decompose import Plan, uniform_plan
+from dse.model import find_projections, load_model
 from dse.study.protocols import p1_calibration, p1_windows
 
 BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"

@@ -41,15 +41,14 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from dse.space import Budget
-from dse.baselines import baseline_plan
-from dse.space import sensitivity_plan
-from dse.characterize import KINDS
+from dse.decompose import Plan, uniform_plan
+from dse.model import n_layers as count_layers
+from dse.results.front import hypervolume_history
+from dse.space import Budget, PROBE_KINDS, parse_baseline, sensitivity_plan
 from dse.study.characterize import run_characterization
 from dse.study.config import load_study_config
-from dse.decompose import Plan, uniform_plan
-from dse.results.front import hypervolume_history
 from dse.study.runner import run_study
+from dse.study.samplers import SamplerConfig
 from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,13 +119,13 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     worker = Worker.from_config(config, progress=False)
     table, total = worker.table, worker.model_params
-    dense_proj = sum(p.out_features * p.in_features for p in table.values())
+    dense_proj = sum(p.dense_params for p in table.values())
     print(f"{config.model}: {total} parameters, {len(table)} projections, method {config.method}, "
           f"tasks {', '.join(config.evaluation.tasks)} (limit {config.evaluation.limit}), device {config.device}")
 
     # 1. characterization
     start = time.perf_counter()
-    frame = run_characterization(config, out, rank=1, kinds=KINDS, ks=args.ks, modules_by_perplexity=True,
+    frame = run_characterization(config, out, rank=1, kinds=list(PROBE_KINDS), ks=args.ks, modules_by_perplexity=True,
                                  worker=worker, progress=False)
     base = frame[frame["kind"] == "dense"].iloc[0]
     print(f"characterization: {len(frame)} rows in {time.perf_counter() - start:.0f} s; dense accuracy "
@@ -138,7 +137,7 @@ def main(argv=None) -> None:
                     progress=False)
     tpe_s = time.perf_counter() - start
     start = time.perf_counter()
-    rnd = run_study(dataclasses.replace(config, name="search-random", sampler="random", n_trials=args.random_trials),
+    rnd = run_study(dataclasses.replace(config, name="search-random", sampler=SamplerConfig("random"), n_trials=args.random_trials),
                     worker=worker, progress=False)
     rnd_s = time.perf_counter() - start
     fixed, fixed_s, fixed_worker = _fixed_size_searches(args, out, config.storage)
@@ -146,13 +145,13 @@ def main(argv=None) -> None:
     # 2. baselines at each target, and the searched plans
     rows = []
     for target in args.targets:
-        n_layers = max(1, round(target * total / (dense_proj / (1 + max(p.layer for p in table.values())))))
+        n_layers = max(1, round(target * total / (dense_proj / count_layers(table))))
         plans = {
             "uniform": uniform_plan(table, ratio=target * total / dense_proj, method=config.method),
             "sensitivity": sensitivity_plan(frame, table, target, model_params=total, rank=1, method=config.method,
                                             metric="log_perplexity_ratio"),
-            f"layers ({n_layers} at rank 1)": baseline_plan("layers", {"layers": n_layers, "rank": 1}, table,
-                                                            config.method),
+            f"layers ({n_layers} at rank 1)": parse_baseline({"layers": n_layers, "rank": 1}, "layers").plan(
+                table, config.method),
         }
         for name, plan in plans.items():
             m = worker.measure(plan)

@@ -26,18 +26,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.space import Budget
-from dse.model import find_projections
-from dse.decompose import FactorCache
-from dse.decompose import calibrate
+from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, param_count, restore_, uniform_plan
+from dse.evaluate import Evaluator, perplexity
+from dse.model import find_projections, load_model, token_windows
+from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
-from dse.decompose import decompose_, factor_forms, restore_
-from dse.evaluate import Evaluator
-from dse.decompose import make_config
-from dse.evaluate import perplexity
-from dse.decompose import Plan, uniform_plan
 from dse.study.protocols import P1_EVAL_TOKENS, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
-from dse.decompose import param_count
 from dse.study.runner import run_study
 from dse.study.worker import Worker
 
@@ -52,11 +46,6 @@ def held_out_windows(tokenizer, benchmarks_dir) -> torch.Tensor:
 
     text = wikitext_pages(benchmarks_dir, HELD_OUT_PAGES).read()
     return token_windows(tokenizer, text, P1_WINDOW, max_tokens=P1_EVAL_TOKENS)
-
-
-def kept_params(plan: Plan, table) -> int:
-    """Weights the projections keep under ``plan`` (dense modules count in full)."""
-    return plan.params(table) + sum(p.out_features * p.in_features for n, p in table.items() if n not in plan.ranks)
 
 
 def measured(model, plan: Plan, cache, calibration, windows) -> list:
@@ -79,8 +68,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     base_config = load_study_config(args.study)
-    from dse.model import load_model
-
     model, tokenizer = load_model(base_config.model, device=base_config.device, dtype=base_config.dtype)
     table = find_projections(model)
     total = param_count(model)
@@ -91,17 +78,17 @@ def main(argv=None) -> None:
 
     # 1. SVD-LLM's pipeline, from nothing (best of --timing-repeats runs: shared machines are noisy)
     spec = p1_calibration(args.benchmarks_dir)
-    method, options = base_config.method, dict(base_config.method_options)
+    method = base_config.method
     runs = []
     for _ in range(args.timing_repeats):
         t0 = time.perf_counter()
         calibration = calibrate(model, tokenizer, spec, progress=False)
         t1 = time.perf_counter()
         cache = FactorCache()
-        factor_forms(model, table, make_config(method, options), cache=cache, calibration=calibration, table=table)
+        factor_forms(model, table, method, cache=cache, calibration=calibration, table=table)
         runs.append((t1 - t0, time.perf_counter() - t1))
     calib_s, factor_s = min(runs, key=sum)
-    print(f"calibration {calib_s:.1f} s + {method} {options} factorization of {len(table)} projections "
+    print(f"calibration {calib_s:.1f} s + {method} factorization of {len(table)} projections "
           f"{factor_s:.1f} s = {calib_s + factor_s:.1f} s, best of {len(runs)} (all: "
           f"{', '.join(f'{sum(r):.1f}' for r in runs)} s; target <= 25 s; SVD-LLM's code: 32 + 17 s)")
     if not args.ratios:
@@ -117,13 +104,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
     rows, best_plans = [], {}
-    dense = kept_params(Plan({}, method), table)
+    dense = Plan({}, method).kept_params(table)
     for ratio in args.ratios:
-        uniform = uniform_plan(table, ratio=ratio, method=method, method_options=options)
+        uniform = uniform_plan(table, ratio=ratio, method=method)
         u_p1, u_held = measured(model, uniform, cache, calibration, [p1, held])
         space = dataclasses.replace(base_config.space, budget=Budget(ratio=ratio))
         config = dataclasses.replace(base_config, name=f"vs-svdllm-R{ratio:g}", space=space,
-                                     baselines=[{"ratio": ratio}], n_trials=args.trials)
+                                     baselines=(parse_baseline({"ratio": ratio}, "baselines[0]"),), n_trials=args.trials)
         start = time.perf_counter()
         study = run_study(config, storage=storage, progress=False, worker=worker)
         minutes = (time.perf_counter() - start) / 60
@@ -133,7 +120,7 @@ def main(argv=None) -> None:
         best_plans[ratio] = plan
         s_held = measured(model, plan, cache, calibration, [held])[0]
         flat = next(t.value for t in study.trials if t.user_attrs.get("start") == "flat")
-        kept_uniform, kept_searched = kept_params(uniform, table), kept_params(plan, table)
+        kept_uniform, kept_searched = uniform.kept_params(table), plan.kept_params(table)
         assert kept_searched <= kept_uniform, (kept_searched, kept_uniform)
         rows.append({"R": ratio, "whole model removed %": 100 * (1 - (total - dense + kept_uniform) / total),
                      "kept projection params, uniform": kept_uniform, "kept, searched": kept_searched,

@@ -12,10 +12,8 @@ import torch
 import yaml
 
 from conftest import BENCHMARKS, make_tiny
+from dse.decompose import METHODS, Plan, is_decomposed
 from dse.model import find_projections
-from dse.decompose import is_decomposed
-from dse.decompose import METHODS
-from dse.decompose import Plan
 
 
 @contextmanager

@@ -12,13 +12,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from dse.space import AllocationError, AllocationSpace, Budget, allocate, importance
+from dse.decompose import InputStats, METHODS, collect_stats, get_method, make_config, uniform_plan
 from dse.model import find_projections
-from dse.decompose import InputStats, collect_stats
+from dse.space import AllocationError, AllocationSpace, Budget, SpaceError, allocate, importance, load_space
 from dse.study.config import load_study_config
-from dse.decompose import METHODS, get_method, make_config
-from dse.decompose import uniform_plan
-from dse.space import SpaceError, load_space
 from dse.study.runner import run_study
 
 from conftest import BENCHMARKS, make_tiny

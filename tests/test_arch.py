@@ -6,11 +6,11 @@ import pytest
 from conftest import FAMILIES, make_tiny
 from torch import nn
 
-from dse.model import FAMILIES as REGISTERED, Family, GENERIC, family_of, find_projections, register_family, tensor_types
 from dse.core.errors import ConfigError, ModelError
+from dse.model import (FAMILIES as REGISTERED, Family, GENERIC, family_of, find_projections, register_family,
+                       tensor_types)
 from helpers import registered
-from dse.decompose import decompose_
-from dse.decompose import uniform_plan
+from dse.decompose import decompose_, uniform_plan
 
 # Per family: the tensor types of one layer, in canonical order.
 EXPECTED_TYPES = {

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 
 from dse.core.errors import ConfigError
+from dse.decompose import Plan, plan_size
+from dse.evaluate import EarlyStop, EvalConfig, Evaluator, staged_run
+from dse.model import find_projections
 from dse.space import PROBE_KINDS, curve_layers, parse_baseline, sensitivity_plan, spread_layers, units
 from dse.study.characterize import characterize
 from dse.study.config import load_study_config
-from dse.evaluate import EarlyStop, EvalConfig, Evaluator, staged_run
-from dse.model import find_projections
-from dse.decompose import Plan
-from dse.decompose import plan_size
 from dse.study.worker import Worker
 
 from conftest import BENCHMARKS, make_tiny

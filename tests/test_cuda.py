@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dse.space import Budget, allocate, importance
-from dse.model import find_projections
-from dse.decompose import FactorCache
-from dse.decompose import Calibration, collect_stats
-from dse.decompose import decompose_, factor_forms, restore_
-from dse.decompose import METHODS, make_config
+from dse.decompose import (Calibration, FactorCache, METHODS, collect_stats, decompose_, factor_forms, make_config,
+                           restore_, uniform_plan)
 from dse.evaluate import perplexity
-from dse.decompose import uniform_plan
+from dse.model import find_projections
+from dse.space import Budget, allocate, importance
 
 from conftest import make_tiny
 from helpers import full_rank_plan, token_ids

@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dse.model import find_projections
-from dse.decompose import Calibration, CalibrationSpec, InputStats, calibrate, collect_stats
-from dse.decompose import decompose_, restore_
-from dse.decompose import get_method, make_config
-from dse.model import TextSource
-from dse.decompose import Plan, uniform_plan
 from dse.core.errors import PlanError
+from dse.decompose import (Calibration, CalibrationSpec, InputStats, Plan, calibrate, collect_stats, decompose_,
+                           get_method, make_config, restore_, uniform_plan)
+from dse.model import TextSource, find_projections
 
 from conftest import make_tiny, model_output
 

@@ -15,13 +15,9 @@ import torch
 from conftest import FAMILIES, make_tiny, model_output
 from helpers import assert_unchanged, calibration_for, full_rank_plan, random_plan, rel_err, snapshot, token_ids
 
-from dse.model import find_projections
-from dse.decompose import FactorCache
-from dse.decompose import decompose_, is_decomposed, restore_
-from dse.decompose import LowRankLinear
-from dse.decompose import METHODS
-from dse.decompose import Plan
 from dse.core.errors import PlanError
+from dse.decompose import FactorCache, LowRankLinear, METHODS, Plan, decompose_, is_decomposed, restore_
+from dse.model import find_projections
 
 FULL_RANK_RTOL = 1e-4
 METHOD_NAMES = list(METHODS)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dse.decompose import FactorCache
+from dse.decompose import FactorCache, LowRankLinear, SVDConfig
 from dse.evaluate import sync
-from dse.decompose import LowRankLinear
-from dse.decompose import SVDConfig
 from dse.model import resolve_device, resolve_dtype
 
 

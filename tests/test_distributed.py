@@ -20,8 +20,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dse.study.config import load_study_config
-from dse.study.storage import make_storage
 from dse.study.runner import open_study
+from dse.study.storage import make_storage
 
 from conftest import BENCHMARKS
 

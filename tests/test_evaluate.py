@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from dse.evaluate import EvalConfig, Evaluator, PerplexityConfig
-from dse.evaluate import prompt_ids, tokens_per_second
+from dse.evaluate import EvalConfig, Evaluator, PerplexityConfig, prompt_ids, tokens_per_second
 from dse.evaluate.tasks import BENCHMARK_FILES, check_tasks, load_tasks
 
 

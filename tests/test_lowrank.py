@@ -7,8 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dse.decompose import LowRankLinear
-from dse.decompose import svd_form, truncate_three, truncate_two
+from dse.decompose import LowRankLinear, svd_form, truncate_three, truncate_two
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative error of a full-rank factorization after a cast to the dtype (float64 product, cast back).

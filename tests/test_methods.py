@@ -16,7 +16,8 @@ import torch
 
 from dse.core.errors import ConfigError
 
-from dse.decompose import METHODS, MethodConfig, as_pair, get_method, make_config, register_method, svd_form, truncate_two
+from dse.decompose import (METHODS, MethodConfig, as_pair, get_method, make_config, register_method, svd_form,
+                           truncate_two)
 
 EY_RTOL = 1e-10
 SMOLLM2_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",

@@ -8,11 +8,9 @@ import pytest
 from conftest import make_tiny
 from helpers import assert_unchanged, snapshot
 
-from dse.model import find_projections
-from dse.decompose import decompose_
-from dse.decompose import METHODS
-from dse.decompose import PLAN_FORMAT, Plan, uniform_plan
 from dse.core.errors import PlanError
+from dse.decompose import METHODS, PLAN_FORMAT, Plan, decompose_, uniform_plan
+from dse.model import find_projections
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: q 32×32, k 16×32 (2 kv heads of 8)
 K = "model.layers.0.self_attn.k_proj"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dse.model.shapes import projection_table
-from dse.space import load_space, DENSE, Space, SpaceError, format_counts, resolve_rank
+from dse.space import DENSE, Space, SpaceError, format_counts, load_space, resolve_rank
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 SMOLLM2 = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, intermediate_size=1536,

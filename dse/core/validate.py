@@ -33,6 +33,20 @@ def read_yaml(path, what: str, error: type = ConfigError) -> Dict[str, Any]:
     return data
 
 
+def read_json(path, what: str, error: type = ConfigError, hint: str = ""):
+    """The data in a JSON file; a missing file or bad syntax raise ``error`` (``hint`` ends the
+    syntax message, e.g. what may have gone wrong)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
+
+
 def mapping(value, where: str, error: type = ConfigError, allowed: Optional[Iterable[str]] = None) -> Dict[str, Any]:
     """``value`` as a dict, checked to be a mapping (and its keys against ``allowed`` if given)."""
     if not isinstance(value, Mapping):

@@ -79,7 +79,3 @@ def derive_metrics(metrics: Mapping[str, float]) -> dict:
                 out[objective.attribute] = value
     return out
 
-
-def size_objectives() -> list:
-    """The names of the registered size objectives."""
-    return OBJECTIVES.where(lambda o: o.size)

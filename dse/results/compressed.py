@@ -23,6 +23,7 @@ import torch
 
 from ..core.errors import DseError, ExportError
 from ..core.io import atomic_dir
+from ..core.validate import read_json
 from ..decompose import CalibrationSpec, LowRankLinear, SVDForm, calibrate, decompose_, get_method, restore_, swap_module
 from ..model import find_projections, load_model, resolve_device, resolve_dtype
 from .rankconfig import CONFIG_FORMAT, RankConfig
@@ -82,13 +83,9 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
 
 def read_meta(path) -> dict:
     path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
+    if not (path / META_FILE).is_file():
         raise ExportError(f"compressed model: {path} has no {META_FILE} (not written by `dse apply`?)")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"compressed model: {meta_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return read_json(path / META_FILE, "compressed model", ExportError)
 
 
 def load_compressed(path, *, device: Optional[str] = "cpu"):

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 from .. import __version__
 from ..core.errors import ExportError, PlanError
 from ..core.io import atomic_write_text
+from ..core.validate import read_json
 from ..decompose import Plan, model_fingerprint
 from ..model import find_projections
 
@@ -83,14 +84,7 @@ class RankConfig:
 
 def load_config_file(path, model=None) -> RankConfig:
     """Read a rank config; with ``model``, also check it is that model's (fingerprint, plan)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"config: file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"config: {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                          "truncated, or not written by `dse export`?") from None
+    data = read_json(path, "config", ExportError, "; truncated, or not written by `dse export`?")
     config = RankConfig.from_dict(data, "config")
     if model is not None:
         config.check(model)
