@@ -1,7 +1,7 @@
 """Benchmark: perplexity of every decomposition method at uniform parameter cuts (protocol P1).
 
 For each method and each ratio ``R`` the decoder projections lose ``R`` of their parameters:
-rank ``int(m·n·(1−R)/(m+n))`` per ``m × n`` weight (``dse.plan.uniform_plan``); for ``tucker2`` the
+rank ``int(m·n·(1−R)/(m+n))`` per ``m × n`` weight (``dse.decompose.uniform_plan``); for ``tucker2`` the
 largest equal pair ``(r, r)`` with ``m·r + r² + r·n <= m·n·(1−R)``. Perplexity and calibration follow
 protocol P1 (``dse.protocols``). Everything is measured in one run; factorization seconds are the
 cost of the first ``decompose_`` of each method (later ratios only truncate cached forms).

@@ -3,7 +3,7 @@
 ``calibrate`` runs the model once over random token windows of a text and gathers, for the input
 ``x`` of every decomposable projection, in float64: the mean ``|x|`` per channel and the second
 moment ``XᵀX / N`` (``N`` tokens); with ``gradients=True`` also the mean squared loss gradient of
-every projection's output channels (for :mod:`dse.allocation`). Projections that read the same
+every projection's output channels (for :mod:`dse.space.allocation`). Projections that read the same
 input tensor (q/k/v, gate/up) share one statistic: the first one called holds it and the others
 alias it, so a llama layer has four statistics, not seven. Without gradients the forward pass
 stops after the last projection (no LM head).

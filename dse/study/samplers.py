@@ -1,7 +1,7 @@
 """Samplers: one registered unit per Optuna sampler a study may name, with validated options.
 
 A study writes ``sampler: tpe`` or ``sampler: {name: tpe, n_startup_trials: 8}``. Every option is a
-keyword of the Optuna sampler's constructor whose type is plain data (bool, int, float);
+keyword of the Optuna sampler's constructor whose type is plain data (bool, int, float, str);
 :func:`parse_sampler` checks names and types, builds the sampler once to let Optuna check values,
 and returns a :class:`SamplerConfig`. A sampler that cannot steer by constraints (``random``) says
 so when a study with constraints starts; constraints still decide which trials are feasible.
@@ -23,7 +23,7 @@ from ..core.errors import ConfigError
 from ..core.registry import Registry
 from ..core.validate import is_int, is_number, mapping
 
-_PLAIN = {"bool": lambda v: isinstance(v, bool), "int": is_int, "float": is_number}
+_PLAIN = {"bool": lambda v: isinstance(v, bool), "int": is_int, "float": is_number, "str": lambda v: isinstance(v, str)}
 
 
 @contextmanager

@@ -117,7 +117,7 @@ class Worker:
         return measure
 
     def importances(self) -> Dict[str, Any]:
-        """Every projection's per-component :func:`dse.allocation.importance` under the study's
+        """Every projection's per-component :func:`dse.space.importance` under the study's
         method (factorizing on first use); needs a calibration with gradients."""
         if self._importances is None:
             if self.calibration is None or not self.calibration.grads:
