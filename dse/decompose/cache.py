@@ -1,24 +1,39 @@
 """The factor cache: each weight is factorized once; trials only truncate.
 
 Keys are ``(model fingerprint, module name, method key)``; the method key includes the method's
-options and, for data-aware methods, the calibration's key. Entries live in memory and,
-when a directory is given, on disk as one ``.pt`` file per module written atomically, so a
-restarted study (or another worker on the same host) does not factorize again.
+options and, for data-aware methods, the calibration's key. A weight is factorized on its module's
+execution device (see :mod:`dse.model.devices`; an offloaded weight is loaded there for it). The
+full-rank forms are kept where ``memory`` says (a study's ``cache.memory``):
+
+* ``device``: beside the module (fastest; a form is 1.5-2x its weight, so on a GPU it about
+  doubles the model's memory);
+* ``cpu``: in host memory; a trial truncates there and moves only the truncated factors to the
+  module's device;
+* ``none``: not kept; each lookup reads the form from ``directory`` (or factorizes again).
+
+With a ``directory`` every form is also on disk, one ``.pt`` file per module written atomically,
+so a restarted study (or another worker sharing the folder) does not factorize again.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..core.io import atomic_path
+from ..core.validate import mapping, resolve_path, string
+from ..model import execution_device, module_tensors
 from .methods import MethodConfig, SVDForm, get_method
 
 Key = Tuple[str, str, str]
+MEMORY = ("device", "cpu", "none")
+CPU = torch.device("cpu")
 
 
 def model_fingerprint(model: nn.Module, table: Mapping) -> str:
@@ -29,15 +44,17 @@ def model_fingerprint(model: nn.Module, table: Mapping) -> str:
     the memo): fine-tuning or loading new weights gives a new fingerprint, so cached factors of
     the old weights are never reused. Cheap even for 7B models.
     """
-    weights = [model.get_submodule(name).weight for name in table]
-    state = tuple((name, w.data_ptr(), w._version) for name, w in zip(table, weights))
+    modules = [model.get_submodule(name) for name in table]
+    state = tuple((name, m.weight.data_ptr(), m.weight._version) for name, m in zip(table, modules))
     cached = getattr(model, "_dse_fingerprint", None)
     if cached and cached[0] == state:
         return cached[1]
     h = hashlib.sha256()
-    for name, w in zip(table, weights):
-        flat = w.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+    for name, module in zip(table, modules):
+        with module_tensors(module, CPU):  # an offloaded weight is read from its store
+            w = module.weight
+            flat = w.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         h.update(sample)
     fp = h.hexdigest()[:16]
@@ -51,15 +68,23 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-class FactorCache:
-    """In-memory (and optionally on-disk) store of :class:`SVDForm` per weight.
+def check_memory(memory: str, where: str = "cache.memory") -> str:
+    if memory not in MEMORY:
+        raise ConfigError(f"{where}: expected one of {', '.join(MEMORY)}, got {memory!r}")
+    return memory
 
-    Forms are computed in float64 and stored in ``dtype`` (the model's by default) on the
-    weight's device. ``hits`` and ``misses`` count lookups.
+
+class FactorCache:
+    """Store of :class:`SVDForm` per weight: in memory (``memory``, see the module doc) and, with a
+    ``directory``, on disk.
+
+    Forms are computed in float64 on the module's execution device and stored in the weight's
+    dtype. ``hits`` and ``misses`` count lookups (a miss factorizes).
     """
 
-    def __init__(self, directory: Optional[str | Path] = None):
+    def __init__(self, directory: Optional[str | Path] = None, memory: str = "device"):
         self.directory = Path(directory) if directory else None
+        self.memory = check_memory(memory)
         self._mem: Dict[Key, SVDForm] = {}
         self.hits = 0
         self.misses = 0
@@ -67,31 +92,61 @@ class FactorCache:
     def __len__(self) -> int:
         return len(self._mem)
 
+    def nbytes(self) -> int:
+        """Bytes of the forms held in memory."""
+        return sum(t.numel() * t.element_size() for f in self._mem.values() for t in (f.U, f.S, f.Vh))
+
     def _file(self, key: Key) -> Path:
         fp, name, method = key
         return self.directory / fp / method / f"{name}.pt"
+
+    def _read(self, key: Key, device: torch.device) -> Optional[SVDForm]:
+        if self.directory is None or not self._file(key).exists():
+            return None
+        try:
+            data = torch.load(self._file(key), map_location=device, weights_only=True)
+            return SVDForm(data["U"], data["S"], data["Vh"])
+        except Exception:  # a torn or foreign file: recompute and overwrite it
+            return None
 
     def form(self, key: Key, module: nn.Module, config: MethodConfig, stats=None) -> SVDForm:
         """The cached form for ``key``, factorizing ``module``'s weight on a miss."""
         if key in self._mem:
             self.hits += 1
             return self._mem[key]
-        weight = dense_weight(module)
-        form = None
-        if self.directory is not None and self._file(key).exists():
-            try:
-                data = torch.load(self._file(key), map_location=weight.device, weights_only=True)
-                form = SVDForm(data["U"], data["S"], data["Vh"])
-            except Exception:  # a torn or foreign file: recompute and overwrite it
-                form = None
+        home = execution_device(module) if self.memory == "device" else CPU
+        form = self._read(key, home)
         if form is None:
             self.misses += 1
-            form = get_method(config.name).factorize(weight.double(), config, stats)
-            form = form.to(dtype=weight.dtype, device=weight.device)
+            with module_tensors(module):
+                weight = dense_weight(module)
+                form = get_method(config.name).factorize(weight.double(), config, stats)
+                form = form.to(dtype=weight.dtype, device=home)
             if self.directory is not None:
                 with atomic_path(self._file(key)) as tmp:
                     torch.save({"U": form.U, "S": form.S, "Vh": form.Vh}, tmp)
         else:
             self.hits += 1
-        self._mem[key] = form
+        if self.memory != "none":
+            self._mem[key] = form
         return form
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where a study keeps factors: ``memory`` (``device``, ``cpu`` or ``none``, see the module
+    doc) and ``dir``, a folder on disk (shareable between workers), or None."""
+
+    dir: Optional[str] = None
+    memory: str = "device"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None, where: str = "cache") -> "CacheConfig":
+        """From a study's ``cache:`` block; ``base`` anchors a relative ``dir``."""
+        data = mapping(data, where, allowed=("dir", "memory"))
+        memory = check_memory(data.get("memory", "device"), f"{where}.memory")
+        folder = data.get("dir")
+        return cls(None if folder is None else str(resolve_path(base, string(folder, f"{where}.dir"))), memory)
+
+    def make(self) -> FactorCache:
+        return FactorCache(self.dir, self.memory)

@@ -1,15 +1,31 @@
 """Calibration: per-module input statistics for data-aware methods (``asvd``, ``svdllm``).
 
-``calibrate`` runs the model once over random token windows of a text and gathers, for the input
-``x`` of every decomposable projection, in float64: the mean ``|x|`` per channel and the second
-moment ``XᵀX / N`` (``N`` tokens); with ``gradients=True`` also the mean squared loss gradient of
-every projection's output channels (for :mod:`dse.space.allocation`). Projections that read the same
+``calibrate`` runs the model over random token windows of a text and gathers, for the input ``x``
+of every decomposable projection, in float64: the mean ``|x|`` per channel and the second moment
+``XᵀX / N`` (``N`` tokens); with ``gradients=True`` also the mean squared loss gradient of every
+projection's output channels (for :mod:`dse.space.allocation`). Projections that read the same
 input tensor (q/k/v, gate/up) share one statistic: the first one called holds it and the others
-alias it, so a llama layer has four statistics, not seven. Without gradients the forward pass
-stops after the last projection (no LM head).
+alias it, so a llama layer has four statistics, not seven.
 
-Results are cached on disk, keyed by the model fingerprint and a hash of the spec and of the
-sampled token ids, and written atomically.
+Two walks give the same statistics (the tests check it):
+
+* **at once** (default): one forward pass per batch, stopped after the last projection (no LM
+  head); every statistic is held in memory until the end (float64: about 800 MB for
+  SmolLM2-135M, 44 GB for Llama-2-7B).
+* **streamed** (``CalibrationSpec(streamed=True)``, a study's ``calibration.streamed``): layer by
+  layer, as GPTQ-style tools walk a big model. The inputs of the first layer, and the arguments
+  the model calls each layer with, are captured once; then layer ``l`` runs on the cached inputs
+  of layer ``l`` with hooks on its projections, its statistics are final (``on_layer`` may
+  factorize that layer there), written to the statistics store and released, and its outputs are
+  the inputs of layer ``l + 1``. Memory: one layer's statistics and two copies of one layer's
+  inputs. Loss gradients, when asked for, take one more pass (forward and backward) that
+  records only them.
+
+Statistics on disk (:class:`dse.decompose.stats.StatsStore`) are float32, the upper triangle of
+``XᵀX`` only, in a folder ``calibration-<key>`` of ``cache_dir`` keyed by the model fingerprint and
+a hash of the spec and of the sampled token ids; a streamed calibration without ``cache_dir``
+keeps them in a temporary folder for as long as the :class:`Calibration` lives. Every file is
+written atomically, the index last.
 """
 
 from __future__ import annotations
@@ -18,35 +34,36 @@ import hashlib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, ModelError
-from ..core.io import atomic_path
-from ..core.validate import check_keys, integer, mapping
-from ..model import TextSource, find_projections, token_ids
+from ..core.validate import boolean, check_keys, integer, mapping
+from ..model import TextSource, family_of, find_projections, input_device, token_ids
 from .cache import model_fingerprint
-
-CALIBRATION_FORMAT = 1
+from .stats import InputStats, StatsStore
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """What to run the model on: ``n_samples`` random windows of ``seq_len`` tokens (``seed``)."""
+    """What to run the model on: ``n_samples`` random windows of ``seq_len`` tokens (``seed``);
+    ``streamed`` picks the layer-by-layer walk (same statistics, so not part of the key)."""
 
     text: TextSource
     n_samples: int = 32
     seq_len: int = 256
     seed: int = 0
+    streamed: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.text, TextSource):
             raise ConfigError(f"calibration.text: expected a TextSource, got {type(self.text).__name__}")
         for name, low in (("n_samples", 1), ("seq_len", 2), ("seed", 0)):
             integer(getattr(self, name), f"calibration.{name}", low)
+        boolean(self.streamed, "calibration.streamed")
 
     @classmethod
     def from_dict(cls, data, base=None) -> "CalibrationSpec":
@@ -59,7 +76,8 @@ class CalibrationSpec:
 
     def to_dict(self) -> dict:
         """The spec as plain data (:meth:`from_dict` reads it back)."""
-        return {"text": self.text.to_dict(), "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
+        out = {"text": self.text.to_dict(), "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
+        return {**out, "streamed": True} if self.streamed else out
 
     def windows(self, tokenizer) -> torch.Tensor:
         """``(n_samples, seq_len)`` token ids: windows at random starts in the text's token stream."""
@@ -73,58 +91,17 @@ class CalibrationSpec:
 
 
 @dataclass
-class InputStats:
-    """Statistics of one projection input over ``tokens`` tokens (float64).
-
-    ``abs_mean``: mean ``|x|`` per input channel, ``(n,)``; ``xtx``: ``XᵀX / tokens``, ``(n, n)``.
-    """
-
-    abs_mean: torch.Tensor
-    xtx: torch.Tensor
-    tokens: int = 0
-
-    @classmethod
-    def zeros(cls, n: int, device=None) -> "InputStats":
-        return cls(torch.zeros(n, dtype=torch.float64, device=device),
-                   torch.zeros(n, n, dtype=torch.float64, device=device))
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs ``(..., n)`` as sums (see :meth:`finish`).
-
-        The batch's sums are computed in the input's dtype (half the cost of float64 on CPU for
-        float32 models) and added to the float64 sums; its relative rounding (about 1e-6 for float32
-        and a batch of a few thousand tokens) is below the regularizer ``svdllm`` adds anyway.
-        Half-precision inputs are raised to float32 first.
-        """
-        x = x.detach().reshape(-1, x.shape[-1])
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        self.abs_mean += x.abs().sum(0).double()
-        h = x.shape[1] // 2  # XᵀX is symmetric: three of its four blocks, mirrored in finish()
-        a, b = x[:, :h], x[:, h:]
-        self.xtx[:h, :h] += (a.T @ a).double()
-        self.xtx[:h, h:] += (a.T @ b).double()
-        self.xtx[h:, h:] += (b.T @ b).double()
-        self.tokens += x.shape[0]
-
-    def finish(self) -> "InputStats":
-        """Turn the accumulated sums into means."""
-        h = self.xtx.shape[0] // 2
-        self.xtx[h:, :h] = self.xtx[:h, h:].T
-        self.abs_mean /= max(self.tokens, 1)
-        self.xtx /= max(self.tokens, 1)
-        return self
-
-
-@dataclass
 class Calibration:
     """Input statistics of a model's projections; ``key`` names model and data (for cache keys).
 
-    ``stats`` holds one :class:`InputStats` per distinct input, under the name of the first
-    projection that reads it; ``aliases`` maps every other projection to that name. ``grads``
-    (only when calibrated with ``gradients=True``) holds, per projection, the mean squared
-    gradient of the next-token loss with respect to each output channel (float64, ``(out,)``): a
-    diagonal Fisher estimate of how much an error in that output costs.
+    ``stats`` holds the :class:`InputStats` kept in memory, one per distinct input, under the name
+    of the first projection that reads it; ``aliases`` maps every other projection to that name;
+    ``store`` (a :class:`StatsStore`) holds the others on disk, read on demand by
+    :meth:`stats_for`. ``grads`` (only when calibrated with ``gradients=True``) holds, per
+    projection, the mean squared gradient of the next-token loss with respect to each output
+    channel (``(out,)``): a diagonal Fisher estimate of how much an error in that output costs.
+    ``peak_bytes`` is the most the statistics (and, streamed, the cached layer inputs) held in
+    memory at once while they were gathered, counted from the live tensors.
     """
 
     key: str
@@ -132,29 +109,35 @@ class Calibration:
     aliases: Dict[str, str] = field(default_factory=dict)
     grads: Dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    store: Optional[StatsStore] = None
+    peak_bytes: int = 0
 
     def stats_for(self, name: str) -> InputStats:
         owner = self.aliases.get(name, name)
-        if owner not in self.stats:
-            raise KeyError(f"calibration: no statistics for module {name!r} "
-                           "(was the calibration computed on this model?)")
-        return self.stats[owner]
+        if owner in self.stats:
+            return self.stats[owner]
+        if self.store is not None and self.store.has(owner):
+            return self.store.read(owner)
+        raise KeyError(f"calibration: no statistics for module {name!r} "
+                       "(was the calibration computed on this model?)")
 
-    def save(self, path) -> None:
-        data = {"format": CALIBRATION_FORMAT, "key": self.key, "aliases": self.aliases,
-                "stats": {n: {"abs_mean": s.abs_mean.cpu(), "xtx": s.xtx.cpu(), "tokens": s.tokens}
-                          for n, s in self.stats.items()},
-                "grads": {n: g.cpu() for n, g in self.grads.items()}}
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
+    def save(self, directory) -> StatsStore:
+        """Write the statistics held in memory, the gradients and the index to a store at ``directory``."""
+        store = StatsStore(directory)
+        for owner, stats in self.stats.items():
+            store.write(owner, stats)
+        store.write_grads(self.grads)
+        store.write_index(self.key, self.aliases)
+        return store
 
     @classmethod
-    def load(cls, path, device=None) -> "Calibration":
-        data = torch.load(path, map_location=device, weights_only=True)
-        if data.get("format") != CALIBRATION_FORMAT:
-            raise ConfigError(f"calibration file {path}: format {data.get('format')!r} is not supported")
-        stats = {n: InputStats(s["abs_mean"], s["xtx"], int(s["tokens"])) for n, s in data["stats"].items()}
-        return cls(data["key"], stats, dict(data["aliases"]), dict(data.get("grads", {})))
+    def load(cls, directory) -> Optional["Calibration"]:
+        """The calibration in a complete store at ``directory`` (statistics read on demand), or None."""
+        store = StatsStore(directory)
+        index = store.read_index()
+        if index is None:
+            return None
+        return cls(index["key"], {}, dict(index["aliases"]), store.read_grads(), store=store)
 
 
 class _StopForward(Exception):
@@ -235,30 +218,35 @@ def _forward(model: nn.Module, ids: torch.Tensor, gradients: bool) -> None:
         loss.backward()
 
 
-def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
-                  progress: bool = False) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
-    """``(stats, aliases, grads)`` of every projection over ``windows`` (one pass; see
-    :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
-    and ``grads`` is empty; with them the next-token loss is back-propagated and the squared output
-    gradients are summed per channel."""
+def _check_dense(model: nn.Module) -> None:
     from .surgery import is_decomposed
 
     if is_decomposed(model):
         raise RuntimeError("calibration: model is decomposed; calibrate the dense model (dse.restore_ first)")
+
+
+def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
+                  inputs: bool = True, progress: bool = False
+                  ) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
+    """``(stats, aliases, grads)`` of every projection over ``windows`` (one pass; see
+    :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
+    and ``grads`` is empty; with them the next-token loss is back-propagated and the squared output
+    gradients are summed per channel. ``inputs=False`` records the gradients alone."""
+    _check_dense(model)
     table = find_projections(model)
-    device = next(model.parameters()).device
-    inputs, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder()
+    recorder, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder()
     modules = {name: model.get_submodule(name) for name in table}
-    handles = [m.register_forward_pre_hook(inputs.hook(name)) for name, m in modules.items()]
+    handles = [m.register_forward_pre_hook(recorder.hook(name)) for name, m in modules.items()] if inputs else []
     if gradients:
         handles += [m.register_full_backward_hook(grads.hook(name)) for name, m in modules.items()]
     trainable = [p for p in model.parameters() if p.requires_grad]
+    device = input_device(model)
     try:
         for p in trainable:
             p.requires_grad_(False)
         for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress,
                           leave=False):
-            inputs.new_batch()
+            recorder.new_batch()
             _forward(model, windows[start:start + batch_size].to(device), gradients)
     finally:
         for handle in handles:
@@ -266,28 +254,130 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
         for p in trainable:
             p.requires_grad_(True)
     tokens = windows.numel()
-    return ({n: s.finish() for n, s in inputs.stats.items()}, inputs.aliases,
+    return ({n: s.finish() for n, s in recorder.stats.items()}, recorder.aliases,
             {n: g / tokens for n, g in grads.sums.items()})
 
 
+class _LayerCall(nn.Module):
+    """Stands in for one layer while the first layer's inputs are captured: records the arguments
+    the model calls it with (after the hidden states) and passes the hidden states on; the last one
+    ends the forward pass. Other attributes are the layer's (a model may read them in its loop)."""
+
+    def __init__(self, layer: nn.Module, calls: list, first_inputs: Optional[list], last: bool):
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: the layer is not part of the shim
+        self.calls, self.first_inputs, self.last = calls, first_inputs, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_layer" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        if not args:
+            raise ModelError("calibration.streamed: the model calls its layers without positional hidden states; "
+                             "calibrate with streamed: false")
+        if self.first_inputs is not None:
+            self.first_inputs.append(args[0])
+        self.calls.append((args[1:], kwargs))
+        if self.last:
+            raise _StopForward
+        return args[0]
+
+
+def _capture(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int):
+    """``(first-layer inputs per batch, per layer the (args, kwargs) it is called with per batch)``,
+    from forward passes that skip every layer (embeddings, masks and positions only)."""
+    calls: List[list] = [[] for _ in layers]
+    first: list = []
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _LayerCall(layer, calls[i], first if i == 0 else None, i == len(originals) - 1)
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                try:
+                    model(windows[start:start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return first, calls
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+OnLayer = Callable[[List[str], "Calibration"], None]
+
+
+def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_size: int,
+            on_layer: Optional[OnLayer], progress: bool) -> None:
+    """Gather ``cal``'s statistics layer by layer into ``cal.store`` (see the module doc)."""
+    table = find_projections(model)
+    layers = model.get_submodule(family_of(model).layers)
+    hidden, calls = _capture(model, layers, windows, batch_size)
+    for index, layer in enumerate(tqdm(layers, desc="calibrate (streamed)", disable=not progress, leave=False)):
+        names = [n for n, p in table.items() if p.layer == index]
+        recorder, outputs = _InputRecorder(None), []
+        handles = [model.get_submodule(n).register_forward_pre_hook(recorder.hook(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for x, (args, kwargs) in zip(hidden, calls[index]):
+                    recorder.new_batch()
+                    out = layer(x, *args, **kwargs)
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats = {n: s.finish() for n, s in recorder.stats.items()}
+        cal.peak_bytes = max(cal.peak_bytes, _nbytes(hidden) + _nbytes(outputs) + sum(s.nbytes for s in stats.values()))
+        cal.stats.update(stats)
+        cal.aliases.update(recorder.aliases)
+        if on_layer is not None:
+            on_layer(names, cal)
+        for owner in stats:
+            cal.store.write(owner, cal.stats.pop(owner))
+        hidden = outputs
+    cal.store.write_index(cal.key, cal.aliases)
+
+
 def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
-              *, gradients: bool = False, batch_size: int = 8, progress: bool = True) -> Calibration:
+              *, gradients: bool = False, batch_size: int = 8, on_layer: Optional[OnLayer] = None,
+              progress: bool = True) -> Calibration:
     """Input statistics (and with ``gradients``, output-gradient statistics) of ``model``'s
-    projections over ``spec``'s windows, cached in ``cache_dir``."""
+    projections over ``spec``'s windows, in a store in ``cache_dir`` (reused when complete).
+
+    ``spec.streamed`` walks the model layer by layer; then ``on_layer(names, calibration)`` is
+    called after each layer with its projections' names, while their statistics are still in
+    memory in float64 (to factorize them before they are released).
+    """
+    _check_dense(model)
     start = time.perf_counter()
     windows = spec.windows(tokenizer)
     key = calibration_key(model, spec, windows)
-    path = Path(cache_dir) / f"calibration-{key}{'-grads' if gradients else ''}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        try:
-            cal = Calibration.load(path, device=next(model.parameters()).device)
-            cal.seconds = time.perf_counter() - start
-            return cal
-        except Exception:  # a torn or foreign file: recompute and overwrite it
-            pass
-    stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
-                                          progress=progress)
-    cal = Calibration(key, stats, aliases, grads, time.perf_counter() - start)
-    if path is not None:
-        cal.save(path)
+    where = Path(cache_dir) / f"calibration-{key}" if cache_dir else None
+    cal = Calibration.load(where) if where is not None else None
+    if cal is None and spec.streamed:
+        cal = Calibration(key, {}, store=StatsStore(where) if where is not None else StatsStore.temporary())
+        _stream(model, windows, cal, batch_size=batch_size, on_layer=on_layer, progress=progress)
+    elif cal is None:
+        stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
+                                              progress=progress)
+        cal = Calibration(key, stats, aliases, grads,
+                          peak_bytes=sum(s.nbytes for s in stats.values()) + _nbytes(grads.values()))
+        if where is not None:
+            cal.store = cal.save(where)
+    if gradients and not cal.grads:
+        cal.grads = collect_stats(model, windows, batch_size=batch_size, gradients=True, inputs=False,
+                                  progress=progress)[2]
+        if cal.store is not None:
+            cal.store.write_grads(cal.grads)
+    cal.seconds = time.perf_counter() - start
     return cal

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import execution_device, module_tensors
+
 
 class LowRankLinear(nn.Module):
     """``y = x · F1ᵀ · F2ᵀ [· F3ᵀ] + b``: factors in input-to-output order, each ``(out_i, in_i)``.
@@ -45,16 +47,18 @@ class LowRankLinear(nn.Module):
     def from_linear(cls, module: nn.Module, factors: Sequence[torch.Tensor]) -> "LowRankLinear":
         """Build from a dense ``nn.Linear`` or ``Conv1D`` and factors of its ``(out, in)`` weight.
 
-        The factors are moved to the module's device and dtype; the bias is shared, not copied.
+        The factors are moved to the module's execution device (see :mod:`dse.model.devices`) and
+        dtype; the bias is shared, not copied (an offloaded module's is read onto that device).
         """
-        weight = module.weight
+        weight, device = module.weight, execution_device(module)
         transposed = type(module).__name__ == "Conv1D"
-        factors = [f.to(device=weight.device, dtype=weight.dtype).contiguous() for f in factors]
+        factors = [f.to(device=device, dtype=weight.dtype).contiguous() for f in factors]
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         if factors[0].shape[1] != in_f or factors[-1].shape[0] != out_f:
             raise ValueError(f"factors map {factors[0].shape[1]} -> {factors[-1].shape[0]}, "
                              f"module maps {in_f} -> {out_f}")
-        bias = None if module.bias is None else module.bias.data
+        with module_tensors(module):
+            bias = None if module.bias is None else module.bias.data
         return cls(factors, bias, transposed)
 
     def dense_weight(self) -> torch.Tensor:

@@ -20,9 +20,10 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes of distinct parameters and buffers, as gpt-fast counts model size."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen and t.numel():
+        key = id(t) if t.is_meta else t.data_ptr()  # offloaded tensors are all at address 0
+        if key in seen and t.numel():
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 

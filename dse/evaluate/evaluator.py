@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError
-from ..model import token_windows
+from ..model import input_device, token_windows
 from .config import EvalConfig
 from .latency import prompt_ids, tokens_per_second
 from .perplexity import perplexity
@@ -78,8 +78,10 @@ def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
         def generate_until(self, requests, disable_tqdm: bool = not verbose):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-    return InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size,
-                      max_length=config.max_length)
+    lm = InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size,
+                    max_length=config.max_length)
+    lm._device = input_device(model)  # HFLM takes the first parameter's, which may be offloaded (meta)
+    return lm
 
 
 class Evaluator:

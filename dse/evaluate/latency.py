@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from ..model import input_device
+
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
           "Within fifty years printers worked in more than two hundred cities across Europe, and the "
@@ -43,7 +45,7 @@ def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, repeats
     """Median over ``repeats`` runs of greedy ``new_tokens``-token generation from ``prompt``."""
     if new_tokens < 1 or repeats < 1:
         raise ValueError(f"latency: new_tokens and repeats must be >= 1, got {new_tokens}, {repeats}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt = prompt.to(device)
     for _ in range(warmup):
         _generate(model, prompt, new_tokens)

@@ -9,6 +9,8 @@ The built-in families register here. A family is one unit::
         "self_attn.dense": "o", "mlp.fc1": "up", "mlp.fc2": "down"}))
 """
 
+from .devices import (DEVICE_MAPS, DeviceMap, execution_device, host_state_dict, input_device, is_offloaded,
+                      module_tensors, parse_device_map, parse_max_memory)
 from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, Projection, family_of, find_projections,
                        locate, n_layers, ordered_types, register_family, tensor_types)
 from .load import BUILTIN, DTYPES, load_config, load_model, resolve_device, resolve_dtype
@@ -30,6 +32,8 @@ register_family(Family("bert", ("bert", "roberta"), "encoder.layer", {
     "attention.output.dense": "o", "intermediate.dense": "up", "output.dense": "down"}))
 register_family(Family(GENERIC, ()))
 
-__all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "Projection", "TextSource",
-           "family_of", "find_projections", "load_config", "load_model", "locate", "n_layers", "ordered_types",
-           "register_family", "resolve_device", "resolve_dtype", "tensor_types", "token_ids", "token_windows"]
+__all__ = ["BUILTIN", "CANONICAL_TYPES", "DEVICE_MAPS", "DTYPES", "DeviceMap", "FAMILIES", "GENERIC", "Family",
+           "Projection", "TextSource", "execution_device", "family_of", "find_projections", "host_state_dict",
+           "input_device", "is_offloaded", "load_config", "load_model", "locate", "module_tensors", "n_layers",
+           "ordered_types", "parse_device_map", "parse_max_memory", "register_family", "resolve_device",
+           "resolve_dtype", "tensor_types", "token_ids", "token_windows"]

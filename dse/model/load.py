@@ -7,12 +7,16 @@ Built-in names map to model files that a Python package ships (found with
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..core.errors import ConfigError, ModelNotFoundError
+from .devices import DeviceMap, device_kwargs
 
 BUILTIN: Dict[str, Tuple[str, str]] = {
     # name: (package that ships the file, file name inside it)
@@ -88,20 +92,27 @@ def load_config(name: str):
         raise _not_found(name, e) from None
 
 
-def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype="float32"):
+def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype="float32",
+               device_map: Optional[DeviceMap] = None, max_memory: Optional[Mapping] = None,
+               offload_dir: Optional[str] = None):
     """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
 
-    A GGUF model is dequantized on load; its quantization marker is cleared so that
-    ``save_pretrained`` works (the tensors are plain already).
+    With ``device_map`` (``auto``, ``balanced``, ``sequential`` or an explicit map, see
+    :func:`dse.model.devices.parse_device_map`) accelerate spreads the modules instead, within
+    ``max_memory`` per device, offloading what does not fit to the CPU or to ``offload_dir`` (a
+    temporary folder, removed with the model, if none is given); ``device`` is then unused. A GGUF model is dequantized on load; its quantization marker is
+    cleared so that ``save_pretrained`` works (the tensors are plain already).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, kw = _source(name)
     torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if device_map is None else None
+    scratch = tempfile.mkdtemp(prefix="dse-offload-") if device_map is not None and offload_dir is None else None
+    placed = device_kwargs(device_map, max_memory, offload_dir or scratch)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw, **placed)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
     if "gguf_file" in kw:
@@ -111,7 +122,11 @@ def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype=
         model.is_quantized = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev).eval()
+    if scratch is not None:  # weights offloaded to disk live as long as the model
+        weakref.finalize(model, shutil.rmtree, scratch, True)
+    if dev is not None:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     model.name_or_path = name
     return model, tokenizer

@@ -18,15 +18,15 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
-from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, make_config
+from ..decompose import CacheConfig, CalibrationSpec, MethodConfig, SVDConfig, make_config
 from ..evaluate import OBJECTIVES, EvalConfig
-from ..model import DTYPES
+from ..model import DTYPES, DeviceMap, parse_device_map, parse_max_memory
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
 from .samplers import SamplerConfig, parse_sampler
 
-KEYS = ("name", "model", "device", "dtype", "space", "method", "method_options", "calibration", "evaluation",
-        "objectives", "sampler", "seed", "n_trials", "timeout", "storage", "constraints", "baselines", "cache_dir",
-        "heartbeat_s", "grace_s", "multi_fidelity")
+KEYS = ("name", "model", "device", "device_map", "max_memory", "offload_dir", "dtype", "space", "method",
+        "method_options", "calibration", "evaluation", "objectives", "sampler", "seed", "n_trials", "timeout", "storage",
+        "constraints", "baselines", "cache", "cache_dir", "heartbeat_s", "grace_s", "multi_fidelity")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class StudyConfig:
     evaluation: EvalConfig
     model: str = "smollm2-135m"
     device: str = "cpu"
+    device_map: Optional[DeviceMap] = None  # accelerate's placement over devices, instead of ``device``
+    max_memory: Optional[Mapping] = None
+    offload_dir: Optional[str] = None
     dtype: str = "float32"
     method: MethodConfig = SVDConfig()
     calibration: Optional[CalibrationSpec] = None
@@ -82,7 +85,7 @@ class StudyConfig:
     storage: Optional[str] = None
     constraints: Constraints = Constraints()
     baselines: Tuple[Baseline, ...] = ()
-    cache_dir: Optional[str] = None
+    cache: CacheConfig = CacheConfig()
     heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
     multi_fidelity: Optional[MultiFidelity] = None
@@ -120,12 +123,13 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     return StudyConfig(
         name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", "smollm2-135m"), "model"),
         device=_device(data.get("device", "cpu")), dtype=_dtype(data.get("dtype", "float32")), method=method,
+        **_placement(data, base),
         calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
         seed=integer(data.get("seed", 0), "seed"), n_trials=integer(data.get("n_trials", 20), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
         storage=_storage(data.get("storage"), base), constraints=constraints,
         baselines=_baselines(data.get("baselines") or [], base),
-        cache_dir=None if data.get("cache_dir") is None else str(resolve_path(base, string(data["cache_dir"], "cache_dir"))),
+        cache=_cache(data, base),
         heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives))
@@ -195,6 +199,32 @@ def _device(device) -> str:
     if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
         raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}")
     return device
+
+
+def _placement(data: Mapping[str, Any], base: Path) -> dict:
+    """``device_map``, ``max_memory`` and ``offload_dir`` (the latter two only with a map)."""
+    if data.get("device_map") is None:
+        extra = next((k for k in ("max_memory", "offload_dir") if data.get(k) is not None), None)
+        if extra:
+            raise ConfigError(f"{extra}: only used with a device_map")
+        return {}
+    if "device" in data:
+        raise ConfigError("device_map: the study also sets device; give one of them")
+    out = {"device_map": parse_device_map(data["device_map"])}
+    if data.get("max_memory") is not None:
+        out["max_memory"] = parse_max_memory(data["max_memory"])
+    if data.get("offload_dir") is not None:
+        out["offload_dir"] = str(resolve_path(base, string(data["offload_dir"], "offload_dir")))
+    return out
+
+
+def _cache(data: Mapping[str, Any], base: Path) -> CacheConfig:
+    """``cache: {memory, dir}``, or ``cache_dir: PATH`` (the same as ``cache: {dir: PATH}``)."""
+    if data.get("cache_dir") is None:
+        return CacheConfig.from_dict(data.get("cache") or {}, base)
+    if data.get("cache") is not None:
+        raise ConfigError("cache_dir: the study also has a cache: block; write cache: {dir: ...} alone")
+    return CacheConfig(str(resolve_path(base, string(data["cache_dir"], "cache_dir"))))
 
 
 def _dtype(dtype) -> str:

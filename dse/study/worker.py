@@ -39,7 +39,7 @@ class Worker:
         self.tokenizer = tokenizer
         self.evaluator = evaluator
         self.table = find_projections(model)
-        self.cache = cache if cache is not None else FactorCache(config.cache_dir)
+        self.cache = cache if cache is not None else config.cache.make()
         self.calibration = calibration
         self.progress = progress
         self.baseline: Dict[str, Any] = {}
@@ -49,14 +49,23 @@ class Worker:
 
     @classmethod
     def from_config(cls, config: StudyConfig, progress: bool = True) -> "Worker":
-        """Load the model, calibrate if the method needs it, and build the evaluator."""
-        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
-        calibration = None
+        """Load the model (placed by ``device`` or ``device_map``), calibrate if the study has a
+        calibration, and build the evaluator. A streamed calibration for a data-aware method
+        factorizes each layer into the factor cache as soon as its statistics are final."""
+        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
+                                      device_map=config.device_map, max_memory=config.max_memory,
+                                      offload_dir=config.offload_dir)
+        cache, calibration = config.cache.make(), None
         if config.calibration is not None:
-            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    gradients=config.space.needs_importance, progress=progress)
+            keeps = cache.memory != "none" or cache.directory is not None
+            on_layer = None
+            if config.calibration.streamed and config.method.needs_calibration and keeps:
+                def on_layer(names, cal):
+                    factor_forms(model, names, config.method, cache=cache, calibration=cal)
+            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache.dir,
+                                    gradients=config.space.needs_importance, on_layer=on_layer, progress=progress)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
-        return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
+        return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, progress=progress)
 
     # --- study-level ----------------------------------------------------------------------------
     def prepare(self, study: optuna.Study, target: Optional[int] = None) -> None:
