@@ -25,7 +25,7 @@ from ..core.errors import DseError, ExportError
 from ..core.io import atomic_dir
 from ..core.validate import read_json
 from ..decompose import CalibrationSpec, LowRankLinear, SVDForm, calibrate, decompose_, get_method, restore_, swap_module
-from ..model import find_projections, load_model, resolve_device, resolve_dtype
+from ..model import find_projections, host_state_dict, load_model, resolve_device, resolve_dtype
 from .rankconfig import CONFIG_FORMAT, RankConfig
 
 META_FILE = "dse_compressed.json"
@@ -33,18 +33,20 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None, tokenizer=None,
-                 device: Optional[str] = "cpu", cache=None, calibration=None, progress: bool = False) -> Path:
+                 device: Optional[str] = "cpu", device_map=None, cache=None, calibration=None,
+                 progress: bool = False) -> Path:
     """Write ``config`` applied to its model as a folder at ``out_dir``; return the folder.
 
-    ``model`` and ``tokenizer`` default to ``dse.load_model(config.model)`` in the config's dtype;
-    a model passed in is checked against the config and left as it was. ``cache`` (a
-    :class:`dse.FactorCache`, e.g. a study's ``cache_dir``) reuses factorizations; ``calibration``
+    ``model`` and ``tokenizer`` default to ``dse.load_model(config.model)`` in the config's dtype,
+    on ``device`` or spread by ``device_map`` (offloaded weights are read back for saving); a
+    model passed in is checked against the config and left as it was. ``cache`` (a
+    :class:`dse.FactorCache`, e.g. a study's ``cache.dir``) reuses factorizations; ``calibration``
     is needed for data-aware methods (``asvd``, ``svdllm``).
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:  # refuses an existing, non-empty out_dir before any work
         if model is None:
-            model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
+            model, tokenizer = load_model(config.model, device=device, dtype=config.dtype, device_map=device_map)
         config.check(model)
         if config.plan.config.needs_calibration and calibration is None:
             if config.calibration is None:
@@ -60,15 +62,15 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
             if merge:
                 merged = {name: model.get_submodule(name) for name in config.plan.ranks}
                 restore_(model)
-                state = model.state_dict()
+                state = host_state_dict(model)
                 for name, low_rank in merged.items():
                     w = low_rank.dense_weight()
                     state[f"{name}.weight"] = w.t().contiguous() if low_rank.transposed else w
                 model.save_pretrained(tmp, state_dict=state)
             else:
-                from safetensors.torch import save_model
+                from safetensors.torch import save_file
 
-                save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+                save_file(_unshared(host_state_dict(model)), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
                 model.config.save_pretrained(tmp)
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
@@ -79,6 +81,18 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
         meta = {"format": CONFIG_FORMAT, "merged": merge, "rank_config": config.to_dict()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir
+
+
+def _unshared(state: dict) -> dict:
+    """``state`` with each storage once (tied weights: the first name is kept; the loader re-ties)."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        where = (tensor.device, tensor.untyped_storage().data_ptr())
+        if tensor.numel() and where in seen:
+            continue
+        seen.add(where)
+        out[name] = tensor.contiguous()
+    return out
 
 
 def read_meta(path) -> dict:
