@@ -51,12 +51,16 @@ def _cmd_space(args) -> None:
 
 
 def _cmd_run(args, join: bool = False) -> None:
+    from .core.errors import ConfigError
     from .study.config import load_study_config
     from .study.runner import finished_trials, run_study, run_workers
 
     config = load_study_config(args.study)
     if getattr(args, "workers", 1) > 1:
-        study = run_workers(config, args.workers, n_trials=args.n_trials, storage=args.storage)
+        study = run_workers(config, args.workers, n_trials=args.n_trials, storage=args.storage, devices=args.devices)
+    elif getattr(args, "devices", None):
+        raise ConfigError("--devices: pins several local workers (--workers N); one process uses the study's "
+                          "device or device_map")
     else:
         study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet,
                           join=join)
@@ -203,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="storage URL (default: the study's, or a SQLite file beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes (needs a journal:/// or postgresql:// storage)")
+                   help="local worker processes (needs a journal:/// or postgresql:// storage), each with "
+                        "its share of the cores")
+    p.add_argument("--devices", metavar="auto|cuda:0,cuda:1,...",
+                   help="with --workers: deal these GPUs out to the workers (CUDA_VISIBLE_DEVICES)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("worker", help="join a running study (one process; start as many as you like)")

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from ..core.errors import ConfigError, StudyError
 from .config import StudyConfig
+from .pinning import available_cores, parse_devices, start_pinned, visible_gpus, worker_slots
 from .samplers import quiet_optuna
 from .storage import open_study
 from .worker import Worker
@@ -121,9 +122,13 @@ def _retries(study: optuna.Study) -> list:
 
 
 def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] = None,
-                storage: Optional[str] = None) -> optuna.Study:
-    """Create the study, enqueue its baselines, then run ``n_workers`` ``dse worker`` processes."""
+                storage: Optional[str] = None, devices: Optional[str] = None) -> optuna.Study:
+    """Create the study, enqueue its baselines, then run ``n_workers`` ``dse worker`` processes,
+    each pinned to its share of the cores and, with ``devices`` (``auto`` or ``cuda:0,cuda:1,...``),
+    of the GPUs (see :mod:`dse.study.pinning`)."""
     url = storage or config.storage_url
+    gpus = None if devices is None else parse_devices(devices, visible_gpus())
+    slots = worker_slots(n_workers, gpus, available_cores())
     config.evaluation.check_tasks()
     if url.startswith("sqlite"):
         raise ConfigError("storage: several workers need journal:///FILE (one host) or "
@@ -133,7 +138,7 @@ def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] 
     cmd = [sys.executable, "-m", "dse.cli", "worker", str(config.path), "--storage", url, "--quiet"]
     if n_trials:
         cmd += ["--n-trials", str(n_trials)]
-    procs = [subprocess.Popen(cmd) for _ in range(n_workers)]
+    procs = [start_pinned(cmd, slot) for slot in slots]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
