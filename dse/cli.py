@@ -63,7 +63,7 @@ def _cmd_run(args, join: bool = False) -> None:
                           "device or device_map")
     else:
         study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet,
-                          join=join)
+                          join=join, wait=getattr(args, "wait", 0.0))
     print(f"dse: study {config.name!r}: {finished_trials(study)} trials finished, stored in "
           f"{args.storage or config.storage_url}; `dse status {args.study}` for the table", file=sys.stderr)
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage", help="the study's storage URL (postgresql://..., journal:///FILE)")
     p.add_argument("--n-trials", type=int, help="stop when the study has this many finished trials")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another process (`dse run`) to create the study")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_worker)
 

@@ -18,7 +18,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from ..core.errors import ConfigError, StudyError
+from ..core.errors import ConfigError, StorageError, StudyError
 from .config import StudyConfig
 from .pinning import available_cores, parse_devices, start_pinned, visible_gpus, worker_slots
 from .samplers import quiet_optuna
@@ -50,10 +50,11 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
-              progress: bool = True, worker=None, join: bool = False) -> optuna.Study:
+              progress: bool = True, worker=None, join: bool = False, wait: float = 0.0) -> optuna.Study:
     """Create or resume the study and run trials until ``n_trials`` have finished in total.
 
-    ``join=True`` only joins a study that exists (as ``dse worker`` does) and enqueues nothing;
+    ``join=True`` only joins a study that exists (as ``dse worker`` does; waiting up to ``wait``
+    seconds for another process to create it) and enqueues nothing;
     the process that creates the study enqueues the baselines and the space's starts, once. ``worker`` (a
     :class:`dse.study.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
     the running trial failed and propagates; running again resumes.
@@ -63,7 +64,7 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     if worker is None:
         config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made
     target = n_trials or config.n_trials
-    study = open_study(config, storage, create=not join, shared=join)
+    study = _joined(config, storage, wait) if join else open_study(config, storage)
     if not join:
         enqueue_baselines(study, config)
     done = finished_trials(study)
@@ -92,6 +93,19 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     finally:
         worker.close()
     return study
+
+
+def _joined(config: StudyConfig, storage: Optional[str], wait: float) -> optuna.Study:
+    """The existing study, polled for up to ``wait`` seconds (a cluster job's workers may start
+    before the process that creates it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return open_study(config, storage, create=False, shared=True)
+        except StorageError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
