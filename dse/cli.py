@@ -78,6 +78,20 @@ def _cmd_status(args) -> None:
     print(format_status(_open(args)))
 
 
+def _cmd_estimate(args) -> None:
+    from .core.errors import StorageError
+    from .study.config import load_study_config
+    from .study.estimate import estimate
+    from .study.storage import open_study
+
+    config = load_study_config(args.study)
+    try:
+        study = open_study(config, args.storage, create=False)
+    except StorageError:  # not run yet: no trial to time
+        study = None
+    print(estimate(config, study).format())
+
+
 def _open(args):
     from .study.config import load_study_config
     from .study.storage import open_study
@@ -221,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for another process (`dse run`) to create the study")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("estimate", help="memory, disk and per-trial time a study needs, from the model's config")
+    p.add_argument("study", metavar="STUDY_YAML")
+    p.add_argument("--storage", help="the study's storage, to time trials already run")
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("status", help="trials of a study: counts, baseline and best so far")
     p.add_argument("study", metavar="STUDY_YAML")

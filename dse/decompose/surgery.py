@@ -7,7 +7,7 @@ modules are kept (not copied) on the model, so ``restore_`` is bit-exact.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -51,31 +51,32 @@ def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = N
     if config.needs_calibration and calibration is None:
         raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
                         "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
-    forms = factor_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table,
-                         progress=progress)
+    forms = iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table, progress=progress)
+    # each form is truncated as it comes: a cache that keeps none holds one full form at a time
     built: Dict[str, nn.Module] = {name: LowRankLinear.from_linear(model.get_submodule(name),
-                                                                   method.truncate(forms[name], rank))
-                                   for name, rank in plan.ranks.items()}
+                                                                   method.truncate(form, plan.ranks[name]))
+                                   for name, form in forms}
     setattr(model, _ORIGINALS, {name: swap_module(model, name, new) for name, new in built.items()})
     return model
 
 
-def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
-                 cache: Optional[FactorCache] = None, calibration=None, table: Optional[Mapping] = None,
-                 progress: bool = False) -> Dict[str, SVDForm]:
-    """The SVD form of each named projection under ``config``, from ``cache`` or factorized now.
-
-    Data-aware configs need ``calibration``; its key is part of the cache key.
-    """
+def iter_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
+               cache: Optional[FactorCache] = None, calibration=None, table: Optional[Mapping] = None,
+               progress: bool = False) -> Iterator[Tuple[str, SVDForm]]:
+    """``(name, SVD form)`` of each named projection under ``config``, from ``cache`` or factorized
+    now, one at a time. Data-aware configs need ``calibration``; its key is part of the cache key."""
     table = table if table is not None else find_projections(model)
     cache = cache if cache is not None else FactorCache()
     method_key = config.key() + (f"-{calibration.key}" if config.needs_calibration else "")
     fp = model_fingerprint(model, table)
-    forms = {}
     for name in tqdm(list(names), desc="factorize", disable=not progress, leave=False):
         stats = calibration.stats_for(name) if config.needs_calibration else None
-        forms[name] = cache.form((fp, name, method_key), model.get_submodule(name), config, stats)
-    return forms
+        yield name, cache.form((fp, name, method_key), model.get_submodule(name), config, stats)
+
+
+def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, **kw) -> Dict[str, SVDForm]:
+    """The SVD form of each named projection (see :func:`iter_forms`, which takes the same arguments)."""
+    return dict(iter_forms(model, names, config, **kw))
 
 
 def restore_(model: nn.Module) -> nn.Module:

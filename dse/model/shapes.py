@@ -34,14 +34,21 @@ def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error
 def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
                      where: str = "model_config", error: type = ConfigError) -> Dict[str, Projection]:
     """The :func:`~dse.model.find_projections` table of ``model_config`` if given, else of ``model``."""
+    return dict(find_projections(meta_model(model, model_config, where=where, error=error)))
+
+
+def meta_model(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
+               where: str = "model_config", error: type = ConfigError):
+    """The model of ``model_config`` if given, else of ``model``, built on the meta device (shapes,
+    no weights; one per config per process)."""
     if model_config is None and model is None:
         raise error(f"{where}: give a model name or a model_config")
     key = None if model_config is None else json.dumps(model_config, sort_keys=True)
-    return dict(_cached_table(None if key else model, key, where, error))
+    return _cached_meta(None if key else model, key, where, error)
 
 
 @lru_cache(maxsize=8)
-def _cached_table(model: Optional[str], config_json: Optional[str], where: str, error: type) -> Dict[str, Projection]:
+def _cached_meta(model: Optional[str], config_json: Optional[str], where: str, error: type):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -53,7 +60,6 @@ def _cached_table(model: Optional[str], config_json: Optional[str], where: str, 
         config = load_config(model)
     with torch.device("meta"):
         try:
-            meta = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
         except ValueError:  # an encoder-only family (bert) has no causal LM head
-            meta = AutoModel.from_config(config)
-    return find_projections(meta)
+            return AutoModel.from_config(config)
