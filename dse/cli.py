@@ -144,10 +144,12 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_apply(args) -> None:
+    from .model import parse_device_map
     from .results.compressed import apply_config
     from .results.rankconfig import load_config_file
 
     out = apply_config(load_config_file(args.config), args.out, merge=args.merge, device=args.device,
+                       device_map=args.device_map and parse_device_map(args.device_map, "--device-map"),
                        progress=not args.quiet)
     print(f"dse: wrote {'merged dense' if args.merge else 'low-rank'} model to {out}", file=sys.stderr)
 
@@ -199,6 +201,8 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("--merge", action="store_true",
                    help="multiply the factors back: a dense model that transformers loads as is")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", metavar="auto|balanced|sequential",
+                   help="spread the model over the GPUs and offload the rest (instead of --device)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_apply)
 

@@ -70,7 +70,8 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
             else:
                 from safetensors.torch import save_file
 
-                save_file(_unshared(host_state_dict(model)), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+                tensors, metadata = _unshared(host_state_dict(model))
+                save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
                 model.config.save_pretrained(tmp)
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
@@ -83,16 +84,20 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
     return out_dir
 
 
-def _unshared(state: dict) -> dict:
-    """``state`` with each storage once (tied weights: the first name is kept; the loader re-ties)."""
-    seen, out = set(), {}
+def _unshared(state: dict):
+    """``(tensors, metadata)``: ``state`` with each storage once, kept under the first of its names
+    in sorted order and the others recorded in the metadata, as ``safetensors.save_model`` does
+    (tied weights; the loader ties them again)."""
+    groups: dict = {}
     for name, tensor in state.items():
-        where = (tensor.device, tensor.untyped_storage().data_ptr())
-        if tensor.numel() and where in seen:
-            continue
-        seen.add(where)
-        out[name] = tensor.contiguous()
-    return out
+        where = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.numel() else name
+        groups.setdefault(where, []).append(name)
+    tensors, metadata = {}, {"format": "pt"}
+    for names in groups.values():
+        first, *others = sorted(names)
+        tensors[first] = state[first].contiguous()
+        metadata.update(dict.fromkeys(others, first))
+    return tensors, metadata
 
 
 def read_meta(path) -> dict:
