@@ -4,7 +4,8 @@ with protocol P1 and the svdllm options of ``studies/smollm2-budget.yaml``, in o
 Each variant runs in a fresh process (``--repeats`` times, medians reported): load the model,
 calibrate on P1's 32 windows of 256 tokens and factorize all 210 projections (streamed: inside
 the layer loop, from the float64 statistics before they are released), then measure P1
-perplexity at SVD-LLM's uniform cuts. Printed: the memory the statistics hold at their peak
+perplexity at SVD-LLM's uniform cuts. The seconds come from one more process that runs both
+variants alternately (the same machine load for both; shared machines vary 2-5x). Printed: the memory the statistics hold at their peak
 (counted from the live tensors, the model not counted; streamed: one layer's statistics and two
 copies of its cached inputs), the process's peak resident memory (``VmHWM``: model, statistics,
 factor cache, everything) and its rise over the loaded model, the statistics on disk (before:
@@ -31,34 +32,67 @@ BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 REFERENCE = {0.1: 74.94, 0.2: 116.44, 0.4: 322.82}  # uniform svdllm, P1, before this change (README)
 
 
-def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
-    import dataclasses
-
-    import torch
-
-    from dse.decompose import FactorCache, calibrate, decompose_, factor_forms, restore_, uniform_plan
-    from dse.evaluate import perplexity
+def _setup(benchmarks_dir: str):
     from dse.model import find_projections, load_model
     from dse.study.config import load_study_config
-    from dse.study.protocols import p1_calibration, p1_windows
+    from dse.study.protocols import p1_calibration
 
     method = load_study_config(ROOT / "studies" / "smollm2-budget.yaml").method
     model, tokenizer = load_model("smollm2-135m")
-    table = find_projections(model)
-    windows = p1_windows(tokenizer, benchmarks_dir)
-    spec = dataclasses.replace(p1_calibration(benchmarks_dir), streamed=variant == "streamed")
-    loaded = vm("VmRSS")
-    reset_peak()
+    return model, tokenizer, find_projections(model), method, p1_calibration(benchmarks_dir)
+
+
+def _calibrate_and_factorize(model, tokenizer, table, method, spec):
+    """``(calibration, factor cache)``: calibration, then every projection factorized (streamed:
+    each layer inside the loop, from its float64 statistics)."""
+    from dse.decompose import FactorCache, calibrate, factor_forms
+
     cache = FactorCache()
-    start = time.perf_counter()
     if spec.streamed:
         calibration = calibrate(model, tokenizer, spec, progress=False, on_layer=lambda names, cal: factor_forms(
             model, names, method, cache=cache, calibration=cal))
     else:
         calibration = calibrate(model, tokenizer, spec, progress=False)
         factor_forms(model, table, method, cache=cache, calibration=calibration)
-    out = {"seconds": time.perf_counter() - start, "stats_peak": calibration.peak_bytes,
-           "process_peak": vm("VmHWM"), "process_rise": vm("VmHWM") - loaded}
+    return calibration, cache
+
+
+def timings(repeats: int, benchmarks_dir: str) -> dict:
+    """Seconds of each variant, alternating in one process (the same machine load for both)."""
+    import dataclasses
+
+    from dse.decompose import FactorCache, factor_forms
+
+    model, tokenizer, table, method, spec = _setup(benchmarks_dir)
+    out = {"at_once": [], "streamed": [], "from_store": []}
+    for _ in range(repeats):
+        for variant in ("at_once", "streamed"):
+            start = time.perf_counter()
+            calibration, _ = _calibrate_and_factorize(model, tokenizer, table, method,
+                                                      dataclasses.replace(spec, streamed=variant == "streamed"))
+            out[variant].append(time.perf_counter() - start)
+        start = time.perf_counter()  # the factors again from the float32 store, as after a restart
+        factor_forms(model, table, method, cache=FactorCache(), calibration=calibration)
+        out["from_store"].append(time.perf_counter() - start)
+    return out
+
+
+def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
+    import dataclasses
+
+    import torch
+
+    from dse.decompose import FactorCache, decompose_, restore_, uniform_plan
+    from dse.evaluate import perplexity
+    from dse.study.protocols import p1_windows
+
+    model, tokenizer, table, method, spec = _setup(benchmarks_dir)
+    windows = p1_windows(tokenizer, benchmarks_dir)
+    spec = dataclasses.replace(spec, streamed=variant == "streamed")
+    loaded = vm("VmRSS")
+    reset_peak()
+    calibration, cache = _calibrate_and_factorize(model, tokenizer, table, method, spec)
+    out = {"stats_peak": calibration.peak_bytes, "process_peak": vm("VmHWM"), "process_rise": vm("VmHWM") - loaded}
     if spec.streamed:
         out["disk"] = calibration.store.nbytes()
     else:
@@ -92,6 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--benchmarks-dir", default=str(BENCHMARKS))
     ap.add_argument("--child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child == "timings":
+        print(json.dumps(timings(args.repeats, args.benchmarks_dir)))
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.ratios, args.benchmarks_dir)))
         return
@@ -100,10 +137,14 @@ def main(argv=None) -> None:
         for variant in runs:
             runs[variant].append(child(__file__, variant, "--ratios", *map(str, args.ratios),
                                        "--benchmarks-dir", args.benchmarks_dir))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "stats_peak", "process_peak",
-                                                              "process_rise", "disk")} for v, rs in runs.items()}
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("stats_peak", "process_peak", "process_rise", "disk")}
+           for v, rs in runs.items()}
+    seconds = child(__file__, "timings", "--repeats", str(args.repeats), "--benchmarks-dir", args.benchmarks_dir)
+    for variant in runs:
+        med[variant]["seconds"] = statistics.median(seconds[variant])
     before, after = med["at_once"], med["streamed"]
-    print(f"SmolLM2-135M, P1 calibration (32 x 256 tokens), svdllm; medians of {args.repeats} fresh processes each\n")
+    print(f"SmolLM2-135M, P1 calibration (32 x 256 tokens), svdllm; memory: medians of {args.repeats} fresh "
+          f"processes each; seconds: median of {args.repeats} alternating runs in one process\n")
     print("| | at once (before) | streamed (after) | after / before |")
     print("|---|---|---|---|")
     for key, label in (("stats_peak", "statistics peak in memory (model not counted)"),
@@ -111,6 +152,8 @@ def main(argv=None) -> None:
                        ("disk", "statistics on disk"), ("seconds", "calibration + factorization of 210 (s)")):
         show = (lambda v: f"{v:.1f}") if key == "seconds" else mb
         print(f"| {label} | {show(before[key])} | {show(after[key])} | {after[key] / before[key]:.3f} |")
+    print("\nseconds, every run: " + "; ".join(f"{v}: {', '.join(f'{x:.1f}' for x in xs)}" for v, xs in seconds.items())
+          + " (from_store: factorizing all 210 again from the float32 statistics, without calibrating)")
     print(f"\nbefore, stored as the float32 store instead: {mb(runs['at_once'][0]['disk_float32_store'])}")
     print("\nP1 perplexity, uniform svdllm (reference: before this change, README)")
     print("| R | reference | at once | streamed | streamed, factors from the float32 store | worst difference |")

@@ -64,8 +64,8 @@ def _check(path: Path, n_trials: int) -> None:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) >= n_trials and TrialState.RUNNING not in states
     assert "baseline" in study.user_attrs and study.user_attrs["baselines_enqueued"]
-    forms = [f for f in Path(config.cache.dir).rglob("model.layers.*.pt") if not f.parent.name.startswith("calibration-")]
-    stats = list(Path(config.cache.dir).glob("calibration-*/index.pt"))
+    forms = [f for f in Path(config.cache_dir).rglob("model.layers.*.pt") if not f.parent.name.startswith("calibration-")]
+    stats = list(Path(config.cache_dir).glob("calibration-*/index.pt"))
     assert len(stats) == 1 and forms  # one calibration and one set of factors, shared by every worker
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import BENCHMARKS
 from dse.cli import main
 from dse.study.config import load_study_config, study_config_from_dict
-from dse.study.estimate import estimate
+from dse.study.estimate import estimate, size
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl")
@@ -77,11 +77,11 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
     table = find_projections(model)
     spec = config.calibration
     at_once = calibrate(model, tokenizer, spec, progress=False)
-    cache = FactorCache(config.cache.dir)
+    cache = FactorCache(config.cache_dir)
     streamed_spec = CalibrationSpec(spec.text, spec.n_samples, spec.seq_len, spec.seed, streamed=True)
-    streamed = calibrate(model, tokenizer, streamed_spec, cache_dir=config.cache.dir, progress=False,
+    streamed = calibrate(model, tokenizer, streamed_spec, cache_dir=config.cache_dir, progress=False,
                          on_layer=lambda names, cal: factor_forms(model, names, config.method, cache=cache, calibration=cal))
-    forms_on_disk = sum(f.stat().st_size for f in Path(config.cache.dir).rglob("*.pt")
+    forms_on_disk = sum(f.stat().st_size for f in Path(config.cache_dir).rglob("*.pt")
                         if not f.parent.name.startswith("calibration-"))
     plan = config.baselines[1].plan(table, config.method)  # the ratio-0.1 cut: the study's largest plan
     decompose_(model, plan, cache=cache, calibration=streamed)
@@ -99,7 +99,9 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
                 "calibration streamed": streamed.peak_bytes, "calibration statistics on disk": streamed.store.nbytes(),
                 "factor cache (memory: device)": cache.nbytes(), "factor cache on disk": forms_on_disk,
                 "one trial": factors + working}
+    print("\n| | estimated | measured |\n|---|---|---|")  # shown with pytest -s (docs/cluster.md)
     for what, value in measured.items():
         line = est.line(what)
+        print(f"| {what} | {size(line.host + line.disk)} | {size(value)} |")
         assert value == pytest.approx(line.host + line.disk, rel=0.2), (what, value, line)
     assert torch.equal(streamed.stats_for(next(iter(table))).xtx, at_once.stats_for(next(iter(table))).xtx.float())

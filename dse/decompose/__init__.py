@@ -19,7 +19,7 @@ The built-in methods register here. A method is one unit, a config class and its
 (the whole example is in ``docs/architecture.md``).
 """
 
-from .cache import CacheConfig, FactorCache, model_fingerprint
+from .cache import MEMORY, FactorCache, check_memory, model_fingerprint
 from .calibration import Calibration, CalibrationSpec, calibrate, collect_stats
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
 from .lowrank import LowRankLinear
@@ -36,9 +36,9 @@ register_method(Tucker2Config, svd_form, truncate_three, pair_ranks=True)
 register_method(ASVDConfig, asvd_factorize, truncate_two)
 register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
 
-__all__ = ["ASVDConfig", "CacheConfig", "Calibration", "CalibrationSpec", "FactorCache", "InputStats", "LowRankLinear", "METHODS",
+__all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "InputStats", "LowRankLinear", "MEMORY", "METHODS",
            "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig",
-           "SizeReport", "StatsStore", "Tucker2Config", "as_config", "as_pair", "calibrate", "collect_stats", "decompose_", "factor_forms",
+           "SizeReport", "StatsStore", "Tucker2Config", "as_config", "as_pair", "calibrate", "check_memory", "collect_stats", "decompose_", "factor_forms",
            "get_method", "is_decomposed", "make_config", "model_bytes", "model_fingerprint", "param_count",
            "plan_size", "register_method", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
            "uniform_plan"]

@@ -18,16 +18,14 @@ so a restarted study (or another worker sharing the folder) does not factorize a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.io import atomic_path
-from ..core.validate import mapping, resolve_path, string
 from ..model import execution_device, module_tensors
 from .methods import MethodConfig, SVDForm, get_method
 
@@ -131,22 +129,3 @@ class FactorCache:
             self._mem[key] = form
         return form
 
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Where a study keeps factors: ``memory`` (``device``, ``cpu`` or ``none``, see the module
-    doc) and ``dir``, a folder on disk (shareable between workers), or None."""
-
-    dir: Optional[str] = None
-    memory: str = "device"
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None, where: str = "cache") -> "CacheConfig":
-        """From a study's ``cache:`` block; ``base`` anchors a relative ``dir``."""
-        data = mapping(data, where, allowed=("dir", "memory"))
-        memory = check_memory(data.get("memory", "device"), f"{where}.memory")
-        folder = data.get("dir")
-        return cls(None if folder is None else str(resolve_path(base, string(folder, f"{where}.dir"))), memory)
-
-    def make(self) -> FactorCache:
-        return FactorCache(self.dir, self.memory)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, ModelError
 from ..core.validate import boolean, check_keys, integer, mapping
-from ..model import TextSource, family_of, find_projections, input_device, token_ids
+from ..model import TextSource, find_projections, input_device, token_ids
 from .cache import model_fingerprint
 from .stats import InputStats, StatsStore
 
@@ -144,10 +144,10 @@ class _StopForward(Exception):
     """Raised once every projection has seen its input: the rest of the model is not needed."""
 
 
-def calibration_key(model: nn.Module, spec: CalibrationSpec, windows: torch.Tensor) -> str:
+def calibration_key(model: nn.Module, spec: CalibrationSpec, windows: torch.Tensor, table=None) -> str:
     """``<model fingerprint>-<hash of spec and token ids>`` (names the input statistics, so factor
     caches are shared by calibrations with and without gradients)."""
-    table = find_projections(model)
+    table = table if table is not None else find_projections(model)
     h = hashlib.sha256(repr(spec).encode())
     h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     return f"{model_fingerprint(model, table)}-{h.hexdigest()[:12]}"
@@ -226,14 +226,15 @@ def _check_dense(model: nn.Module) -> None:
 
 
 def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
-                  inputs: bool = True, progress: bool = False
+                  inputs: bool = True, progress: bool = False, table=None
                   ) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
-    """``(stats, aliases, grads)`` of every projection over ``windows`` (one pass; see
-    :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
-    and ``grads`` is empty; with them the next-token loss is back-propagated and the squared output
-    gradients are summed per channel. ``inputs=False`` records the gradients alone."""
+    """``(stats, aliases, grads)`` of every projection of ``table`` (default: the model's family's)
+    over ``windows`` (one pass; see :class:`Calibration`). Without ``gradients`` the forward pass
+    stops after the last projection and ``grads`` is empty; with them the next-token loss is
+    back-propagated and the squared output gradients are summed per channel. ``inputs=False``
+    records the gradients alone."""
     _check_dense(model)
-    table = find_projections(model)
+    table = table if table is not None else find_projections(model)
     recorder, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder()
     modules = {name: model.get_submodule(name) for name in table}
     handles = [m.register_forward_pre_hook(recorder.hook(name)) for name, m in modules.items()] if inputs else []
@@ -317,11 +318,17 @@ def _nbytes(tensors) -> int:
 OnLayer = Callable[[List[str], "Calibration"], None]
 
 
+def _layers(model: nn.Module, table) -> nn.ModuleList:
+    """The module list that holds the layers of ``table`` (``model.layers.0.mlp.up_proj``: ``model.layers``)."""
+    first = next(iter(table.values()))
+    return model.get_submodule(first.name[:first.name.index(f".{first.layer}.")])
+
+
 def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_size: int,
-            on_layer: Optional[OnLayer], progress: bool) -> None:
+            on_layer: Optional[OnLayer], progress: bool, table=None) -> None:
     """Gather ``cal``'s statistics layer by layer into ``cal.store`` (see the module doc)."""
-    table = find_projections(model)
-    layers = model.get_submodule(family_of(model).layers)
+    table = table if table is not None else find_projections(model)
+    layers = _layers(model, table)
     hidden, calls = _capture(model, layers, windows, batch_size)
     for index, layer in enumerate(tqdm(layers, desc="calibrate (streamed)", disable=not progress, leave=False)):
         names = [n for n, p in table.items() if p.layer == index]
@@ -350,9 +357,10 @@ def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_
 
 def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
               *, gradients: bool = False, batch_size: int = 8, on_layer: Optional[OnLayer] = None,
-              progress: bool = True) -> Calibration:
-    """Input statistics (and with ``gradients``, output-gradient statistics) of ``model``'s
-    projections over ``spec``'s windows, in a store in ``cache_dir`` (reused when complete).
+              progress: bool = True, table=None) -> Calibration:
+    """Input statistics (and with ``gradients``, output-gradient statistics) of the projections of
+    ``table`` (default: the model's family's) over ``spec``'s windows, in a store in ``cache_dir``
+    (reused when complete).
 
     ``spec.streamed`` walks the model layer by layer; then ``on_layer(names, calibration)`` is
     called after each layer with its projections' names, while their statistics are still in
@@ -361,22 +369,22 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
     _check_dense(model)
     start = time.perf_counter()
     windows = spec.windows(tokenizer)
-    key = calibration_key(model, spec, windows)
+    key = calibration_key(model, spec, windows, table)
     where = Path(cache_dir) / f"calibration-{key}" if cache_dir else None
     cal = Calibration.load(where) if where is not None else None
     if cal is None and spec.streamed:
         cal = Calibration(key, {}, store=StatsStore(where) if where is not None else StatsStore.temporary())
-        _stream(model, windows, cal, batch_size=batch_size, on_layer=on_layer, progress=progress)
+        _stream(model, windows, cal, batch_size=batch_size, on_layer=on_layer, progress=progress, table=table)
     elif cal is None:
         stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
-                                              progress=progress)
+                                              progress=progress, table=table)
         cal = Calibration(key, stats, aliases, grads,
                           peak_bytes=sum(s.nbytes for s in stats.values()) + _nbytes(grads.values()))
         if where is not None:
             cal.store = cal.save(where)
     if gradients and not cal.grads:
         cal.grads = collect_stats(model, windows, batch_size=batch_size, gradients=True, inputs=False,
-                                  progress=progress)[2]
+                                  progress=progress, table=table)[2]
         if cal.store is not None:
             cal.store.write_grads(cal.grads)
     cal.seconds = time.perf_counter() - start

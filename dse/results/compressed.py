@@ -40,7 +40,7 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
     ``model`` and ``tokenizer`` default to ``dse.load_model(config.model)`` in the config's dtype,
     on ``device`` or spread by ``device_map`` (offloaded weights are read back for saving); a
     model passed in is checked against the config and left as it was. ``cache`` (a
-    :class:`dse.FactorCache`, e.g. a study's ``cache.dir``) reuses factorizations; ``calibration``
+    :class:`dse.FactorCache`, e.g. a study's ``cache_dir``) reuses factorizations; ``calibration``
     is needed for data-aware methods (``asvd``, ``svdllm``).
     """
     out_dir = Path(out_dir)

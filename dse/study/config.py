@@ -18,7 +18,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
-from ..decompose import CacheConfig, CalibrationSpec, MethodConfig, SVDConfig, make_config
+from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, check_memory, make_config
 from ..evaluate import OBJECTIVES, EvalConfig
 from ..model import DTYPES, DeviceMap, parse_device_map, parse_max_memory
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
@@ -85,7 +85,8 @@ class StudyConfig:
     storage: Optional[str] = None
     constraints: Constraints = Constraints()
     baselines: Tuple[Baseline, ...] = ()
-    cache: CacheConfig = CacheConfig()
+    cache_dir: Optional[str] = None  # factors, calibration statistics (cache.dir)
+    cache_memory: str = "device"  # where the factor cache keeps full-rank forms (cache.memory)
     heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
     multi_fidelity: Optional[MultiFidelity] = None
@@ -129,7 +130,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
         storage=_storage(data.get("storage"), base), constraints=constraints,
         baselines=_baselines(data.get("baselines") or [], base),
-        cache=_cache(data, base),
+        **_cache(data, base),
         heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives))
@@ -218,13 +219,16 @@ def _placement(data: Mapping[str, Any], base: Path) -> dict:
     return out
 
 
-def _cache(data: Mapping[str, Any], base: Path) -> CacheConfig:
-    """``cache: {memory, dir}``, or ``cache_dir: PATH`` (the same as ``cache: {dir: PATH}``)."""
-    if data.get("cache_dir") is None:
-        return CacheConfig.from_dict(data.get("cache") or {}, base)
-    if data.get("cache") is not None:
+def _cache(data: Mapping[str, Any], base: Path) -> dict:
+    """``cache_dir`` and ``cache_memory`` from ``cache: {memory, dir}``, or from ``cache_dir: PATH``
+    (short for ``cache: {dir: PATH}``)."""
+    if data.get("cache_dir") is not None and data.get("cache") is not None:
         raise ConfigError("cache_dir: the study also has a cache: block; write cache: {dir: ...} alone")
-    return CacheConfig(str(resolve_path(base, string(data["cache_dir"], "cache_dir"))))
+    if data.get("cache_dir") is not None:
+        return {"cache_dir": str(resolve_path(base, string(data["cache_dir"], "cache_dir")))}
+    cache = mapping(data.get("cache") or {}, "cache", allowed=("dir", "memory"))
+    folder = None if cache.get("dir") is None else str(resolve_path(base, string(cache["dir"], "cache.dir")))
+    return {"cache_dir": folder, "cache_memory": check_memory(cache.get("memory", "device"))}
 
 
 def _dtype(dtype) -> str:

@@ -101,10 +101,10 @@ def estimate(config: StudyConfig, study=None) -> Estimate:
         lines += _calibration(config, table, meta.config, b, on_device)
     modules = _modules(config, table, params)
     forms = sum(_form_bytes(table[n], b) for n in modules)
-    cache = config.cache
-    held = 0 if cache.memory == "none" else forms
-    lines.append(_where(f"factor cache (memory: {cache.memory})", held, on_device and cache.memory == "device"))
-    if cache.dir:
+    memory = config.cache_memory
+    held = 0 if memory == "none" else forms
+    lines.append(_where(f"factor cache (memory: {memory})", held, on_device and memory == "device"))
+    if config.cache_dir:
         lines.append(Line("factor cache on disk", disk=forms))
     lines.append(_where("one trial", _trial_bytes(config, table, meta.config, b, params), on_device))
     placed = config.device if config.device_map is None else (

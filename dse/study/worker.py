@@ -39,7 +39,7 @@ class Worker:
         self.tokenizer = tokenizer
         self.evaluator = evaluator
         self.table = find_projections(model)
-        self.cache = cache if cache is not None else config.cache.make()
+        self.cache = cache if cache is not None else FactorCache(config.cache_dir, config.cache_memory)
         self.calibration = calibration
         self.progress = progress
         self.baseline: Dict[str, Any] = {}
@@ -55,14 +55,14 @@ class Worker:
         model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
                                       device_map=config.device_map, max_memory=config.max_memory,
                                       offload_dir=config.offload_dir)
-        cache, calibration = config.cache.make(), None
+        cache, calibration = FactorCache(config.cache_dir, config.cache_memory), None
         if config.calibration is not None:
             keeps = cache.memory != "none" or cache.directory is not None
             on_layer = None
             if config.calibration.streamed and config.method.needs_calibration and keeps:
                 def on_layer(names, cal):
                     factor_forms(model, names, config.method, cache=cache, calibration=cal)
-            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache.dir,
+            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
                                     gradients=config.space.needs_importance, on_layer=on_layer, progress=progress)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
         return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, progress=progress)
