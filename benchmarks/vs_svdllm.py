@@ -26,9 +26,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, param_count, restore_, uniform_plan
+from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, restore_, uniform_plan
 from dse.evaluate import Evaluator, perplexity
-from dse.model import find_projections, load_model, token_windows
+from dse.model import find_projections, load_model, param_count, token_windows
 from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
 from dse.study.protocols import P1_EVAL_TOKENS, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages

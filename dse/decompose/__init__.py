@@ -26,7 +26,7 @@ from .lowrank import LowRankLinear
 from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, as_pair, get_method, make_config,
                       register_method)
 from .plan import PLAN_FORMAT, Plan, uniform_plan
-from .size import SizeReport, model_bytes, param_count, plan_size
+from .size import SizeReport, plan_size
 from .surgery import decompose_, factor_forms, is_decomposed, restore_, swap_module
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
 
@@ -38,6 +38,6 @@ register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
 __all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "InputStats", "LowRankLinear", "METHODS",
            "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig",
            "SizeReport", "Tucker2Config", "as_config", "as_pair", "calibrate", "collect_stats", "decompose_", "factor_forms",
-           "get_method", "is_decomposed", "make_config", "model_bytes", "model_fingerprint", "param_count",
+           "get_method", "is_decomposed", "make_config", "model_fingerprint",
            "plan_size", "register_method", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
            "uniform_plan"]

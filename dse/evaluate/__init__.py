@@ -15,7 +15,7 @@ The built-in objectives and task sources register here. An objective is one unit
 from ..core.validate import finite
 from .config import METRICS, EvalConfig, PerplexityConfig
 from .evaluator import Evaluator
-from .latency import prompt_ids, sync, tokens_per_second
+from .latency import prompt_ids, tokens_per_second
 from .objectives import OBJECTIVES, Objective, derive_metrics, register_objective
 from .perplexity import perplexity
 from .staged import EarlyStop, staged_run
@@ -45,4 +45,4 @@ TASK_SOURCES.register("benchmarks", benchmarks_source)
 
 __all__ = ["BENCHMARK_FILES", "METRICS", "OBJECTIVES", "TASK_SOURCES", "EarlyStop", "EvalConfig", "Evaluator",
            "LocalCopy", "Objective", "PerplexityConfig", "benchmarks_source", "check_tasks", "derive_metrics",
-           "load_tasks", "perplexity", "prompt_ids", "register_objective", "staged_run", "sync", "tokens_per_second"]
+           "load_tasks", "perplexity", "prompt_ids", "register_objective", "staged_run", "tokens_per_second"]

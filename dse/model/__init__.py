@@ -13,6 +13,7 @@ from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, Projection, f
                        locate, n_layers, ordered_types, register_family, tensor_types)
 from .load import BUILTIN, DTYPES, load_config, load_model, resolve_device, resolve_dtype
 from .text import TextSource, token_ids, token_windows
+from .weights import model_bytes, param_count
 
 _LLAMA_LIKE = {
     "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
@@ -31,5 +32,6 @@ register_family(Family("bert", ("bert", "roberta"), "encoder.layer", {
 register_family(Family(GENERIC, ()))
 
 __all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "Projection", "TextSource",
-           "family_of", "find_projections", "load_config", "load_model", "locate", "n_layers", "ordered_types",
+           "family_of", "find_projections", "load_config", "load_model", "locate", "model_bytes", "n_layers",
+           "ordered_types", "param_count",
            "register_family", "resolve_device", "resolve_dtype", "tensor_types", "token_ids", "token_windows"]

@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..core.errors import StudyError
 from ..core.validate import finite
-from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, param_count, \
-    plan_size, restore_
+from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, plan_size, restore_
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
-from ..model import find_projections, load_model
+from ..model import find_projections, load_model, param_count
 from ..results.front import TRIAL_ONLY
 from ..space import STARTS, Baseline, importance
 from .config import StudyConfig
