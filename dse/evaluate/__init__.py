@@ -35,7 +35,11 @@ register_objective(Objective(
     fmt="{:.2f}", requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
     help="perplexity of the evaluation text"))
 register_objective(Objective(
-    "latency", attribute="latency_ms_per_token", direction="minimize", label="latency (ms per token)",
+    "latency", attribute="predicted_decode_ms", direction="minimize",
+    label="predicted decode latency (ms per step)", header="pred. ms", fmt="{:.2f}",
+    help="decode milliseconds per step predicted by the study's latency table (free, noise-free)"))
+register_objective(Objective(
+    "latency_measured", attribute="latency_ms_per_token", direction="minimize", label="measured latency (ms per token)",
     header="ms/token", fmt="{:.2f}", requires=lambda evaluation: None if evaluation.latency else "evaluation.latency",
     derive=lambda m: 1000.0 / m["latency_tokens_per_s"] if finite(m.get("latency_tokens_per_s"))
     and m["latency_tokens_per_s"] > 0 else None,

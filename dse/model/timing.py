@@ -7,6 +7,7 @@ tables of :mod:`dse.decompose.latency`.
 
 from __future__ import annotations
 
+import inspect
 import os
 import resource
 import statistics
@@ -61,17 +62,37 @@ def timed(run: Callable[[], object], device: torch.device, *, repeats: int = 5, 
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor):
-    """One forward pass over ``ids`` that fills the KV cache; returns the model output."""
-    return model(ids, use_cache=True)
+    """One forward pass over ``ids`` that fills the KV cache; returns the model output. As in
+    ``generate``, only the last position's logits are computed when the model can skip the others."""
+    return model(ids, use_cache=True, **_last_logits(model))
 
 
 @torch.no_grad()
 def decode(model, out, steps: int):
     """``steps`` greedy single-token steps from ``out`` (a prefill's or a step's output)."""
+    name = _cache_keyword(model)
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(token, use_cache=True, **{name: _cache_of(out)})
     return out
+
+
+def _forward_parameters(model) -> set:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _last_logits(model) -> dict:
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def _cache_keyword(model) -> str:
+    """``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def reset_peak_memory(device: torch.device) -> None:

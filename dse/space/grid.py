@@ -41,7 +41,9 @@ for modules of every shape; switches are booleans.
 **Rules.** ``skip_first: k`` / ``skip_last: k``: the first / last ``k`` layers of the model stay
 dense. ``max_layers: k``: at most ``k`` layers are decomposed (a layer is decomposed when any of
 its modules is). ``no_adjacent``: no two decomposed layers are neighbours (model indices ``l`` and
-``l + 1``). ``align: a``: ranks resolve to multiples of ``a``. ``max_layers`` and ``no_adjacent``
+``l + 1``). ``align: a``: ranks resolve to multiples of ``a``; ``align: auto``: a study rounds each
+sampled rank down to its shape's measured fast step (:mod:`dse.decompose.latency`) and leaves dense
+any module whose rank is measured no faster than dense (counts are those of ``align: 1``). ``max_layers`` and ``no_adjacent``
 apply to groups module, layer and layer_x_type (module and layer need ``dense`` among the ranks);
 for type and shared they are an error; under layer_x_type they bind the layer switches. Sampling
 respects every rule by construction: layers are visited in order, and a layer right after a
@@ -80,7 +82,12 @@ class Rules:
     skip_last: int = 0
     no_adjacent: bool = False
     max_layers: Optional[int] = None
-    align: int = 1
+    align: Union[int, str] = 1  # or "auto": each shape's measured fast step (a latency table), at run time
+
+    @property
+    def align_step(self) -> int:
+        """The step ranks resolve to in the space itself (``auto`` rounds later, by the latency table)."""
+        return 1 if self.align == "auto" else self.align
 
     def may_decompose(self, decomposed: int, after_decomposed: bool) -> bool:
         """Whether a layer may be decomposed when ``decomposed`` layers already are and the layer
@@ -173,7 +180,7 @@ class Space(ModelSpace):
         return Layout(tuple(sorted({layer for layer, _ in cells})), types, dict(cells), resolved)
 
     def _resolve(self, name: str, full: int) -> Tuple[Optional[int], ...]:
-        resolved = tuple(resolve_rank(c, full, self.rules.align) for c in self.ranks)
+        resolved = tuple(resolve_rank(c, full, self.rules.align_step) for c in self.ranks)
         seen: Dict[int, int] = {}
         for j, r in enumerate(resolved):
             if r is not None and r in seen:
@@ -291,7 +298,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
     for key in ("skip_first", "skip_last"):
         if key in kw:
             integer(kw[key], f"space.rules.{key}", 0, SpaceError)
-    if "align" in kw:
+    if "align" in kw and kw["align"] != "auto":
         integer(kw["align"], "space.rules.align", 1, SpaceError)
     if kw.get("max_layers") is not None:
         integer(kw["max_layers"], "space.rules.max_layers", 1, SpaceError)

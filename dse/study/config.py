@@ -19,6 +19,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
 from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, make_config
+from ..decompose.latency import TableSpec
 from ..evaluate import OBJECTIVES, EvalConfig
 from ..model import DTYPES
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
@@ -26,7 +27,7 @@ from .samplers import SamplerConfig, parse_sampler
 
 KEYS = ("name", "model", "device", "dtype", "space", "method", "method_options", "calibration", "evaluation",
         "objectives", "sampler", "seed", "n_trials", "timeout", "storage", "constraints", "baselines", "cache_dir",
-        "heartbeat_s", "grace_s", "multi_fidelity")
+        "heartbeat_s", "grace_s", "multi_fidelity", "latency_table")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,18 @@ class StudyConfig:
     heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
     multi_fidelity: Optional[MultiFidelity] = None
+    latency_table: Optional[TableSpec] = None  # given, or implied by what needs one (see uses_latency)
+
+    @property
+    def optimises_latency(self) -> bool:
+        """A latency objective or a latency budget: sampled plans never keep a rank measured slower than dense."""
+        return "latency" in self.objectives or getattr(getattr(self.space, "budget", None), "latency", None) is not None
+
+    @property
+    def uses_latency(self) -> bool:
+        """Whether trials need a latency table: latency optimised, ``align: auto``, or a table given."""
+        rules = getattr(self.space, "rules", None)
+        return self.optimises_latency or getattr(rules, "align", None) == "auto" or self.latency_table is not None
 
     @property
     def directions(self) -> List[str]:
@@ -128,7 +141,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         cache_dir=None if data.get("cache_dir") is None else str(resolve_path(base, string(data["cache_dir"], "cache_dir"))),
         heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
-        multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives))
+        multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
+        latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base))
 
 
 def _space(data, base: Path) -> AnySpace:

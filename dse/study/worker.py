@@ -19,6 +19,7 @@ from .. import __version__
 from ..core.errors import StudyError
 from ..core.validate import finite
 from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, plan_size, restore_
+from ..decompose.latency import LatencyTable, TableSpec, latency_table
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
 from ..model import find_projections, load_model, param_count
 from ..results.front import TRIAL_ONLY
@@ -32,7 +33,7 @@ class TrialFailed(RuntimeError):
 
 class Worker:
     def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
-                 calibration=None, progress: bool = True):
+                 calibration=None, latency: Optional[LatencyTable] = None, progress: bool = True):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -44,6 +45,7 @@ class Worker:
         self.baseline: Dict[str, Any] = {}
         self.model_params = param_count(model)
         self._importances: Optional[Dict[str, Any]] = None
+        self._latency = latency
         self._bar = None
 
     @classmethod
@@ -56,6 +58,14 @@ class Worker:
                                     gradients=config.space.needs_importance, progress=progress)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
         return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
+
+    def latency(self) -> Optional[LatencyTable]:
+        """The study's latency table (measured, or read from the cache, on first use), or None when
+        the study needs none (:attr:`StudyConfig.uses_latency`)."""
+        if self._latency is None and self.config.uses_latency:
+            self._latency = latency_table(self.model, self.table, self.config.latency_table or TableSpec(),
+                                          self.config.cache_dir, progress=self.progress)
+        return self._latency if self.config.uses_latency else None
 
     # --- study-level ----------------------------------------------------------------------------
     def prepare(self, study: optuna.Study, target: Optional[int] = None) -> None:
@@ -93,7 +103,8 @@ class Worker:
         with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
             measure = self._probe_measure(study, bar)
             starts = {name: STARTS.get(name).params(space, self.table, self.config.method,
-                                                    model_params=self.model_params, measure=measure)
+                                                    model_params=self.model_params, measure=measure,
+                                                    latency=self.latency())
                       for name in space.starts}  # all measured before any is enqueued
         for name, params in starts.items():
             study.enqueue_trial(params, user_attrs={"start": name})
@@ -155,9 +166,14 @@ class Worker:
         if spec is not None:
             return Baseline(*spec).plan(self.table, method, model_params=self.model_params)
         if space.needs_importance:
-            return space.suggest(trial, self.table, method, importances=self.importances(),
-                                 model_params=self.model_params)
-        return space.suggest(trial, self.table, method)
+            plan = space.suggest(trial, self.table, method, importances=self.importances(),
+                                 model_params=self.model_params, latency=self.latency())
+        else:
+            plan = space.suggest(trial, self.table, method)
+        align = getattr(getattr(space, "rules", None), "align", None) == "auto"
+        if self.config.optimises_latency or align:  # never a rank measured slower than dense
+            plan = self.latency().faster_plan(plan, self.table, align=align)
+        return plan
 
     def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
         """Decompose with ``plan``, evaluate, restore; return sizes and metrics (with every derived
@@ -166,6 +182,8 @@ class Worker:
         metrics so far."""
         size = plan_size(self.model, plan, self.table)
         out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
+        if self.latency() is not None:
+            out.update(self.latency().predict(plan, self.table))
         t0 = time.perf_counter()
         try:
             if len(plan):
