@@ -64,6 +64,18 @@ def model_output(model, ids):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No network here: make the hub fail at once instead of retrying for a minute."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_model(request):
     return make_tiny(request.param)

@@ -11,15 +11,6 @@ from dse.model import BUILTIN, load_config, load_model, resolve_device, resolve_
 from dse.model.load import ModelNotFoundError
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No network here: make the hub fail at once instead of retrying for a minute."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 @pytest.mark.parametrize("loader", [load_model, load_config])
 @pytest.mark.parametrize("name, message", [
     ("/nonexistent/model/dir", r"no such local folder \(/nonexistent/model/dir\)"),

@@ -12,7 +12,7 @@ hold its projections (see :mod:`dse.model.families`)::
 
 from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, Layout, Projection, family_of, find_projections,
                        locate, n_layers, ordered_types, register_family, tensor_types)
-from .load import BUILTIN, DTYPES, auto_class, is_causal_lm, load_config, load_model, resolve_device, resolve_dtype
+from .load import BUILTIN, DTYPES, auto_class, is_causal_lm, is_masked_lm, load_config, load_model, resolve_device, resolve_dtype
 from .text import TextSource, token_ids, token_windows
 
 register_family(Family("llama", {
@@ -38,6 +38,6 @@ register_family(Family("bert", {
 register_family(Family(GENERIC, help="every nn.Linear of the layers, typed by its attribute name (only when named)"))
 
 __all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "Layout", "Projection",
-           "TextSource", "auto_class", "family_of", "find_projections", "is_causal_lm", "load_config", "load_model",
+           "TextSource", "auto_class", "family_of", "find_projections", "is_causal_lm", "is_masked_lm", "load_config", "load_model",
            "locate", "n_layers", "ordered_types", "register_family", "resolve_device", "resolve_dtype",
            "tensor_types", "token_ids", "token_windows"]

@@ -108,6 +108,13 @@ def is_causal_lm(model) -> bool:
     return isinstance(model, GenerationMixin)
 
 
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` has a masked-LM head (pseudo-perplexity needs it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
 def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype="float32"):
     """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``, with the checkpoint's own head
     (:func:`auto_class`; a GGUF file holds a decoder).
