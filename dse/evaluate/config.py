@@ -54,7 +54,7 @@ class EvalConfig:
     default ``acc_norm`` where the task reports it, else ``acc``) on its first ``limit`` rows.
     ``data_dir``: a folder of local copies of the tasks' datasets (see :mod:`dse.evaluate.tasks`);
     tasks with a copy there read it instead of the hub. ``include_path``: a folder of the user's
-    lm-eval task YAMLs (or one YAML), whose tasks ``tasks`` may name. A group or tag in ``tasks``
+    lm-eval task YAMLs, whose tasks ``tasks`` may name. A group or tag in ``tasks``
     stands for its tasks. ``max_length`` caps the context lm-eval gives the model.
     ``similarity`` and ``pseudo_perplexity`` (:class:`~dse.evaluate.encoder.TextSet`) are the encoder
     measures (:mod:`dse.evaluate.encoder`); a study section that names one and no ``tasks`` has none.
@@ -85,8 +85,8 @@ class EvalConfig:
         integer(self.max_length, "evaluation.max_length", 1)
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"evaluation.data_dir: no such folder {self.data_dir!r}")
-        if self.include_path is not None and not Path(self.include_path).expanduser().exists():
-            raise ConfigError(f"evaluation.include_path: no such folder or file {self.include_path!r}")
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
+            raise ConfigError(f"evaluation.include_path: no such folder {self.include_path!r} (a folder of task YAMLs)")
         for key in ("similarity", "pseudo_perplexity"):
             value = getattr(self, key)
             if isinstance(value, Mapping):

@@ -14,6 +14,7 @@ the rows of a JSONL field, the paragraphs of a text file), each cut to ``max_tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
@@ -99,4 +100,4 @@ def pseudo_perplexity(model, batches: List[dict], mask_id: int, rows: int = 64) 
                 count += len(chunk)
     if count == 0:
         raise ConfigError("evaluation.pseudo_perplexity.text: no token to mask (only special tokens)")
-    return float(torch.exp(torch.tensor(total / count)))
+    return math.exp(total / count)

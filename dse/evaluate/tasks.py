@@ -1,6 +1,6 @@
 """lm-eval tasks by name: built-in, from the user's task YAMLs, from local copies or the hub.
 
-``include_path`` (a folder of task YAMLs, or one YAML) is given to lm-eval's ``TaskManager`` beside
+``include_path`` (a folder of task YAMLs) is given to lm-eval's ``TaskManager`` beside
 its built-in tasks; a relative ``data_files`` path in those YAMLs resolves against the YAML's folder
 (lm-eval itself resolves it against the working directory). A group or tag of tasks is expanded
 into its tasks (their mean accuracy is the study's, not the group's own aggregate). A task with a
@@ -130,8 +130,7 @@ def _from_include_path(name: str, include_path: Optional[str]) -> bool:
     if include_path is None:
         return False
     path = task_manager(include_path).task_index[name].yaml_path
-    root = Path(include_path).resolve()
-    return path is not None and (Path(path).resolve() == root or root in Path(path).resolve().parents)
+    return path is not None and Path(include_path).resolve() in Path(path).resolve().parents
 
 
 def _spec(name: str, data_dir, include_path: Optional[str]):
