@@ -47,8 +47,10 @@ def _task_config(name: str, include_path: Optional[str]) -> Dict[str, Any]:
 
 
 def convention_source(name: str, data_dir: Path) -> Optional[LocalCopy]:
-    """``data_dir/<task>/<split>.jsonl`` (fields as on the hub) for any built-in task: the split
-    the task evaluates on first (its test split, else its validation split), then any other."""
+    """``data_dir/<task>/<split>.jsonl``, fields as on the hub, for any built-in task.
+
+    Of the files there, the split the task evaluates on is taken first (its test split, else its
+    validation split), then any other."""
     folder = data_dir / name
     entry = task_manager().task_index.get(name) if folder.is_dir() else None
     if entry is None or entry.yaml_path is None:
