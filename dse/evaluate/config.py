@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..core.errors import ConfigError
 from ..core.validate import boolean, integer, mapping, resolve_path
-from ..model import TextSource
+from ..model import TextSource, text_section
 from .encoder import TextSet
 
 METRICS = ("acc", "acc_norm")
@@ -39,11 +39,7 @@ class PerplexityConfig:
 
     @classmethod
     def from_dict(cls, data, base: Optional[Path] = None) -> "PerplexityConfig":
-        where = "evaluation.perplexity"
-        data = mapping(data, where, allowed={f.name for f in fields(cls)})
-        if "text" not in data:
-            raise ConfigError(f"{where}.text: required (a mapping with path or dataset)")
-        return cls(**{**data, "text": TextSource.from_dict(data["text"], f"{where}.text", base)})
+        return cls(**text_section(data, "evaluation.perplexity", {f.name for f in fields(cls)}, base))
 
 
 @dataclass

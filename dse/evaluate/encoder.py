@@ -22,8 +22,8 @@ from typing import List, Optional
 import torch
 
 from ..core.errors import ConfigError
-from ..core.validate import integer, mapping
-from ..model import TextSource
+from ..core.validate import integer
+from ..model import TextSource, text_section
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,13 @@ class TextSet:
     where: str = "evaluation.similarity"
 
     def __post_init__(self):
-        for name, low in (("n_texts", 1), ("max_tokens", 3), ("batch_size", 1)):
-            integer(getattr(self, name), f"{self.where}.{name}", low)
+        integer(self.n_texts, f"{self.where}.n_texts", 1)
+        integer(self.max_tokens, f"{self.where}.max_tokens", 3)  # [CLS], a token, [SEP]
+        integer(self.batch_size, f"{self.where}.batch_size", 1)
 
     @classmethod
     def from_dict(cls, data, where: str, base: Optional[Path] = None) -> "TextSet":
-        data = mapping(data, where, allowed={f.name for f in fields(cls)} - {"where"})
-        if "text" not in data:
-            raise ConfigError(f"{where}.text: required (a mapping with path or dataset)")
-        return cls(**{**data, "text": TextSource.from_dict(data["text"], f"{where}.text", base)}, where=where)
+        return cls(**text_section(data, where, {f.name for f in fields(cls)} - {"where"}, base), where=where)
 
     def batches(self, tokenizer) -> List[dict]:
         """The texts tokenized (with the tokenizer's special tokens), padded per batch."""

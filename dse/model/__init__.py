@@ -13,7 +13,7 @@ hold its projections (see :mod:`dse.model.families`)::
 from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, Layout, Projection, family_of, find_projections,
                        locate, n_layers, ordered_types, register_family, tensor_types)
 from .load import BUILTIN, DTYPES, auto_class, is_causal_lm, is_masked_lm, load_config, load_model, resolve_device, resolve_dtype
-from .text import TextSource, token_ids, token_windows
+from .text import TextSource, text_section, token_ids, token_windows
 
 register_family(Family("llama", {
     "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
@@ -40,4 +40,4 @@ register_family(Family(GENERIC, help="every nn.Linear of the layers, typed by it
 __all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "Layout", "Projection",
            "TextSource", "auto_class", "family_of", "find_projections", "is_causal_lm", "is_masked_lm", "load_config", "load_model",
            "locate", "n_layers", "ordered_types", "register_family", "resolve_device", "resolve_dtype",
-           "tensor_types", "token_ids", "token_windows"]
+           "tensor_types", "text_section", "token_ids", "token_windows"]
