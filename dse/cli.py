@@ -145,7 +145,7 @@ def _cmd_characterize(args) -> None:
         config = load_study_config(args.target)
     else:
         config = model_study(args.target, tasks=args.tasks, limit=args.limit, data_dir=args.data_dir,
-                             method=args.method, device=args.device)
+                             method=args.method, device=args.device, family=args.family)
     frame = run_characterization(config, args.out, rank=args.rank, kinds=args.kinds, ks=args.k,
                                  modules_by_perplexity=args.modules_by_perplexity, progress=not args.quiet)
     print(f"dse: {len(frame)} rows in {Path(args.out) / 'characterization.csv'}, plots beside it", file=sys.stderr)
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="svd", help="with a model name: a method without calibration "
                    "(`dse list methods`)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", help="with a model name: its architecture family (`dse list families`; "
+                   "default: the one its layers show)")
     p.add_argument("--modules-by-perplexity", action="store_true",
                    help="measure single modules on the study's perplexity alone (cheaper, less noisy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

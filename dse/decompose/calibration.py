@@ -161,10 +161,10 @@ class _StopForward(Exception):
     """Raised once every projection has seen its input: the rest of the model is not needed."""
 
 
-def calibration_key(model: nn.Module, spec: CalibrationSpec, windows: torch.Tensor) -> str:
+def calibration_key(model: nn.Module, spec: CalibrationSpec, windows: torch.Tensor, table=None) -> str:
     """``<model fingerprint>-<hash of spec and token ids>`` (names the input statistics, so factor
     caches are shared by calibrations with and without gradients)."""
-    table = find_projections(model)
+    table = table if table is not None else find_projections(model)
     h = hashlib.sha256(repr(spec).encode())
     h.update(windows.to(torch.int64).cpu().numpy().tobytes())
     return f"{model_fingerprint(model, table)}-{h.hexdigest()[:12]}"
@@ -236,16 +236,16 @@ def _forward(model: nn.Module, ids: torch.Tensor, gradients: bool) -> None:
 
 
 def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
-                  progress: bool = False) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
-    """``(stats, aliases, grads)`` of every projection over ``windows`` (one pass; see
-    :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
+                  progress: bool = False, table=None) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
+    """``(stats, aliases, grads)`` of every projection of ``table`` (default: the family found on
+    ``model``) over ``windows`` (one pass; see :class:`Calibration`). Without ``gradients`` the forward pass stops after the last projection
     and ``grads`` is empty; with them the next-token loss is back-propagated and the squared output
     gradients are summed per channel."""
     from .surgery import is_decomposed
 
     if is_decomposed(model):
         raise RuntimeError("calibration: model is decomposed; calibrate the dense model (dse.restore_ first)")
-    table = find_projections(model)
+    table = table if table is not None else find_projections(model)
     device = next(model.parameters()).device
     inputs, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder()
     modules = {name: model.get_submodule(name) for name in table}
@@ -271,12 +271,12 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
 
 
 def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
-              *, gradients: bool = False, batch_size: int = 8, progress: bool = True) -> Calibration:
-    """Input statistics (and with ``gradients``, output-gradient statistics) of ``model``'s
-    projections over ``spec``'s windows, cached in ``cache_dir``."""
+              *, gradients: bool = False, batch_size: int = 8, progress: bool = True, table=None) -> Calibration:
+    """Input statistics (and with ``gradients``, output-gradient statistics) of the projections of
+    ``table`` (default: the family found on ``model``) over ``spec``'s windows, cached in ``cache_dir``."""
     start = time.perf_counter()
     windows = spec.windows(tokenizer)
-    key = calibration_key(model, spec, windows)
+    key = calibration_key(model, spec, windows, table)
     path = Path(cache_dir) / f"calibration-{key}{'-grads' if gradients else ''}.pt" if cache_dir else None
     if path is not None and path.exists():
         try:
@@ -286,7 +286,7 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
         except Exception:  # a torn or foreign file: recompute and overwrite it
             pass
     stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
-                                          progress=progress)
+                                          progress=progress, table=table)
     cal = Calibration(key, stats, aliases, grads, time.perf_counter() - start)
     if path is not None:
         cal.save(path)

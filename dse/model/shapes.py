@@ -32,18 +32,23 @@ def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error
 
 
 def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
-                     where: str = "model_config", error: type = ConfigError) -> Dict[str, Projection]:
-    """The :func:`~dse.model.find_projections` table of ``model_config`` if given, else of ``model``."""
+                     family: Optional[str] = None, where: str = "model_config",
+                     error: type = ConfigError) -> Dict[str, Projection]:
+    """The :func:`~dse.model.find_projections` table (of ``family``, else the one recognised) of
+    ``model_config`` if given, else of ``model``. The model is built with the head it loads with
+    (:func:`dse.model.auto_class`), so module names match the loaded model's."""
     if model_config is None and model is None:
         raise error(f"{where}: give a model name or a model_config")
     key = None if model_config is None else json.dumps(model_config, sort_keys=True)
-    return dict(_cached_table(None if key else model, key, where, error))
+    return dict(_cached_table(None if key else model, key, family, where, error))
 
 
 @lru_cache(maxsize=8)
-def _cached_table(model: Optional[str], config_json: Optional[str], where: str, error: type) -> Dict[str, Projection]:
+def _cached_table(model: Optional[str], config_json: Optional[str], family: Optional[str], where: str,
+                  error: type) -> Dict[str, Projection]:
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+
+    from .load import auto_class
 
     if config_json is not None:
         config = config_from_dict(json.loads(config_json), where, error)
@@ -52,8 +57,5 @@ def _cached_table(model: Optional[str], config_json: Optional[str], where: str, 
 
         config = load_config(model)
     with torch.device("meta"):
-        try:
-            meta = AutoModelForCausalLM.from_config(config)
-        except ValueError:  # an encoder-only family (bert) has no causal LM head
-            meta = AutoModel.from_config(config)
-    return find_projections(meta)
+        meta = auto_class(config).from_config(config)
+    return find_projections(meta, family)

@@ -25,7 +25,7 @@ from ..core.errors import DseError, ExportError
 from ..core.io import atomic_dir
 from ..core.validate import read_json
 from ..decompose import CalibrationSpec, LowRankLinear, SVDForm, calibrate, decompose_, get_method, restore_, swap_module
-from ..model import find_projections, load_model, resolve_device, resolve_dtype
+from ..model import auto_class, find_projections, load_model, resolve_device, resolve_dtype
 from .rankconfig import CONFIG_FORMAT, RankConfig
 
 META_FILE = "dse_compressed.json"
@@ -46,6 +46,7 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
         if model is None:
             model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
         config.check(model)
+        table = find_projections(model, config.family)
         if config.plan.config.needs_calibration and calibration is None:
             if config.calibration is None:
                 raise ExportError(f"config.calibration: method {config.plan.method} needs calibration statistics "
@@ -54,8 +55,8 @@ def apply_config(config: RankConfig, out_dir, *, merge: bool = False, model=None
                 spec = CalibrationSpec.from_dict(config.calibration)
             except DseError as e:
                 raise ExportError(f"config.{e}") from None
-            calibration = calibrate(model, tokenizer, spec, progress=progress)
-        decompose_(model, config.plan, cache=cache, calibration=calibration, progress=progress)
+            calibration = calibrate(model, tokenizer, spec, progress=progress, table=table)
+        decompose_(model, config.plan, cache=cache, calibration=calibration, table=table, progress=progress)
         try:
             if merge:
                 merged = {name: model.get_submodule(name) for name in config.plan.ranks}
@@ -95,18 +96,19 @@ def load_compressed(path, *, device: Optional[str] = "cpu"):
     module replaced by a ``LowRankLinear`` shell of the stored ranks, then filled from the
     safetensors file (strictly: every tensor must match).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     meta = read_meta(path)
     config = RankConfig.from_dict(meta.get("rank_config"), f"{META_FILE}.rank_config")
     dtype = resolve_dtype(config.dtype)
+    model_config = AutoConfig.from_pretrained(path)
     if meta.get("merged"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = auto_class(model_config).from_pretrained(path, dtype=dtype)
     else:
         from safetensors.torch import load_model as load_safetensors
 
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model = auto_class(model_config).from_config(model_config, dtype=dtype)
         _insert_shells(model, config)
         load_safetensors(model, str(path / WEIGHTS_FILE), strict=True)
     model.to(resolve_device(device)).eval()
@@ -121,7 +123,7 @@ def load_compressed(path, *, device: Optional[str] = "cpu"):
 
 def _insert_shells(model, config: RankConfig) -> None:
     """Replace every planned module by a ``LowRankLinear`` whose factors have the stored shapes."""
-    table = find_projections(model)
+    table = find_projections(model, config.family)
     config.plan.validate(table)
     method = get_method(config.plan.method)
     for name, rank in config.plan.ranks.items():

@@ -198,6 +198,7 @@ class AllocationSpace(ModelSpace):
     budget: Budget
     model: Optional[str] = None
     model_config: Optional[Mapping[str, Any]] = None
+    family: Optional[str] = None
     layers: Any = "all"
     types: Optional[Tuple[str, ...]] = None
     low: float = 0.1
@@ -349,11 +350,11 @@ def sensitivity_start(space: AllocationSpace, table: Mapping, method: MethodConf
 STARTS: Registry[Start] = Registry("start")
 
 
-_KEYS = ("name", "description", "model", "model_config", "layers", "types", "budget", "weights", "starts")
+_KEYS = ("name", "description", "model", "model_config", "family", "layers", "types", "budget", "weights", "starts")
 
 
 def _parse(data) -> AllocationSpace:
-    name, description, model, model_config = parse_model(data, _KEYS)
+    fields = parse_model(data, _KEYS)
     budget = data.get("budget")
     if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in ("ratio", "params", "latency"):
         raise SpaceError(f"space.budget: expected {{ratio: R}}, {{params: F}} or {{latency: F}}, got {budget!r}")
@@ -371,7 +372,6 @@ def _parse(data) -> AllocationSpace:
         raise SpaceError(f"space.starts: expected a list of {', '.join(STARTS)}, got {starts!r}")
     for i, start in enumerate(starts):
         STARTS.get(start, f"space.starts[{i}]", SpaceError)
-    return AllocationSpace(name=name, budget=budget, model=model, model_config=model_config,
-                           layers=parse_layers(data.get("layers", "all")),
+    return AllocationSpace(**fields, budget=budget, layers=parse_layers(data.get("layers", "all")),
                            types=parse_types(data.get("types")), low=low, high=high, layer_knots=knots,
-                           starts=tuple(starts), description=description)
+                           starts=tuple(starts))

@@ -6,6 +6,7 @@ A grid space is a YAML file (or a dict) validated into a frozen :class:`Space`::
     description: free text                  # optional
     model: smollm2-135m                     # the model a study loads (dse.model.load_model)
     model_config: {model_type: llama, ...}  # optional: shapes come from this config, offline
+    family: llama                           # optional: the family (dse list families); default: recognised
     layers: all                             # all | [0, 3, 7] | {from: 2, to: 10} (both ends included)
     types: [q, k, v, o, gate, up, down]     # tensor types (dse.model); default: all the model has
     ranks: [0.5, 0.25, 0.1, dense]          # the choices, below
@@ -129,6 +130,7 @@ class Space(ModelSpace):
     ranks: Tuple[Choice, ...]
     model: Optional[str] = None
     model_config: Optional[Mapping[str, Any]] = None
+    family: Optional[str] = None
     layers: Layers = "all"
     types: Optional[Tuple[str, ...]] = None
     group: str = "module"
@@ -146,7 +148,7 @@ class Space(ModelSpace):
     def to_dict(self) -> Dict[str, Any]:
         """The space as plain data; ``Space.from_dict(space.to_dict()) == space``."""
         out = {"name": self.name, "description": self.description, "model": self.model,
-               "model_config": dict(self.model_config) if self.model_config else None,
+               "model_config": dict(self.model_config) if self.model_config else None, "family": self.family,
                "layers": layers_to_data(self.layers), "types": list(self.types) if self.types else None,
                "ranks": list(self.ranks), "group": self.group, "rules": dataclasses.asdict(self.rules)}
         return {k: v for k, v in out.items() if v not in (None, "")}
@@ -276,7 +278,7 @@ def format_counts(space: Space, table: Mapping) -> str:
 
 # --- validation --------------------------------------------------------------------------------
 
-_KEYS = ("name", "description", "model", "model_config", "layers", "types", "ranks", "group", "rules")
+_KEYS = ("name", "description", "model", "model_config", "family", "layers", "types", "ranks", "group", "rules")
 
 
 def _choice(value, where: str) -> Choice:
@@ -318,7 +320,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
 
 
 def _parse(data) -> Space:
-    name, description, model, model_config = parse_model(data, _KEYS)
+    fields = parse_model(data, _KEYS)
     group = data.get("group", "module")
     unit = GROUPS.get(group, "space.group", SpaceError)
     raw_ranks = data.get("ranks")
@@ -333,6 +335,6 @@ def _parse(data) -> Space:
             raise SpaceError(f"space.ranks[{i}]: group {group} leaves modules dense by its switches; remove 'dense'")
     if labels == [DENSE]:
         raise SpaceError("space.ranks: needs a rank besides 'dense'")
-    return Space(name=name, ranks=ranks, model=model, model_config=model_config,
-                 layers=parse_layers(data.get("layers", "all")), types=parse_types(data.get("types")), group=group,
-                 rules=_rules(data.get("rules") or {}, group, DENSE in labels), description=description)
+    return Space(**fields, ranks=ranks, layers=parse_layers(data.get("layers", "all")),
+                 types=parse_types(data.get("types")), group=group,
+                 rules=_rules(data.get("rules") or {}, group, DENSE in labels))

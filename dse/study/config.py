@@ -21,11 +21,11 @@ from ..core.validate import check_keys, integer, mapping, number, read_yaml, res
 from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, make_config
 from ..decompose.latency import TableSpec
 from ..evaluate import OBJECTIVES, EvalConfig
-from ..model import DTYPES
+from ..model import DTYPES, FAMILIES
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
 from .samplers import SamplerConfig, parse_sampler
 
-KEYS = ("name", "model", "device", "dtype", "space", "method", "method_options", "calibration", "evaluation",
+KEYS = ("name", "model", "family", "device", "dtype", "space", "method", "method_options", "calibration", "evaluation",
         "objectives", "sampler", "seed", "n_trials", "timeout", "storage", "constraints", "baselines", "cache_dir",
         "heartbeat_s", "grace_s", "multi_fidelity", "latency_table")
 
@@ -71,6 +71,7 @@ class StudyConfig:
     space: AnySpace
     evaluation: EvalConfig
     model: str = "smollm2-135m"
+    family: Optional[str] = None  # the architecture family (dse.model.FAMILIES); None: the one recognised
     device: str = "cpu"
     dtype: str = "float32"
     method: MethodConfig = SVDConfig()
@@ -132,7 +133,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     return StudyConfig(
         name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", "smollm2-135m"), "model"),
-        device=_device(data.get("device", "cpu")), dtype=_dtype(data.get("dtype", "float32")), method=method,
+        family=_family(data.get("family"), space), device=_device(data.get("device", "cpu")), dtype=_dtype(data.get("dtype", "float32")), method=method,
         calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
         seed=integer(data.get("seed", 0), "seed"), n_trials=integer(data.get("n_trials", 20), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
@@ -151,6 +152,16 @@ def _space(data, base: Path) -> AnySpace:
     if isinstance(data, Mapping):
         return space_from_dict(data)
     raise ConfigError("space: expected a path to a space YAML or an inline mapping")
+
+
+def _family(family, space: AnySpace) -> Optional[str]:
+    """The study's ``family``, else its space's; the two must agree when both are set."""
+    if family is None:
+        return space.family
+    FAMILIES.get(string(family, "family"), "family")
+    if space.family is not None and space.family != family:
+        raise ConfigError(f"family: {family!r}, but the space says space.family: {space.family!r}")
+    return family
 
 
 def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Optional[CalibrationSpec]:

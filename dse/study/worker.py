@@ -21,7 +21,7 @@ from ..core.validate import finite
 from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, plan_size, restore_
 from ..decompose.latency import LatencyTable, TableSpec, latency_table
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
-from ..model import find_projections, load_model, param_count
+from ..model import family_of, find_projections, load_model, param_count
 from ..results.front import TRIAL_ONLY
 from ..space import STARTS, Baseline, importance
 from .config import StudyConfig
@@ -33,12 +33,13 @@ class TrialFailed(RuntimeError):
 
 class Worker:
     def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
-                 calibration=None, latency: Optional[LatencyTable] = None, progress: bool = True):
+                 calibration=None, table=None, latency: Optional[LatencyTable] = None, progress: bool = True):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.evaluator = evaluator
-        self.table = find_projections(model)
+        self.family = family_of(model, config.family).family
+        self.table = table if table is not None else find_projections(model, self.family)
         self.cache = cache if cache is not None else FactorCache(config.cache_dir)
         self.calibration = calibration
         self.progress = progress
@@ -52,12 +53,13 @@ class Worker:
     def from_config(cls, config: StudyConfig, progress: bool = True) -> "Worker":
         """Load the model, calibrate if the method needs it, and build the evaluator."""
         model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+        table = find_projections(model, config.family)
         calibration = None
         if config.calibration is not None:
             calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    gradients=config.space.needs_importance, progress=progress)
+                                    gradients=config.space.needs_importance, progress=progress, table=table)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
-        return cls(config, model, tokenizer, evaluator, calibration=calibration, progress=progress)
+        return cls(config, model, tokenizer, evaluator, calibration=calibration, table=table, progress=progress)
 
     def latency(self) -> Optional[LatencyTable]:
         """The study's latency table (measured, or read from the cache, on first use), or None when
@@ -77,7 +79,7 @@ class Worker:
                               f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
         if not meta:
             study.set_user_attr("dse", {
-                "version": __version__, "model": self.config.model, "fingerprint": fingerprint,
+                "version": __version__, "model": self.config.model, "family": self.family, "fingerprint": fingerprint,
                 "method": self.config.method.name, "method_options": self.config.method.changed_options(),
                 "objectives": list(self.config.objectives), "dtype": self.config.dtype,
                 "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit,
@@ -187,7 +189,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             if len(plan):
-                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration)
+                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table)
             out["decompose_seconds"] = time.perf_counter() - t0
             if not len(plan) and self.baseline:  # the dense model was measured once already
                 metrics = {k: v for k, v in self.baseline.items() if k not in out}
