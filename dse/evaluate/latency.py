@@ -18,8 +18,11 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "number of books grew from thousands of handwritten copies to millions of printed ones.")
 
 
-def prompt_ids(tokenizer, length: int = 64, batch: int = 1) -> torch.Tensor:
-    """``(batch, length)`` token ids: the start of ``PROMPT`` (repeated if the tokenizer needs more)."""
+def prompt_ids(tokenizer, length: int = 64, batch: int = 1, vocab: int = 0) -> torch.Tensor:
+    """``(batch, length)`` token ids: the start of ``PROMPT`` (repeated if the tokenizer needs more);
+    without a tokenizer, fixed random ids below ``vocab`` (speed does not depend on which)."""
+    if tokenizer is None:
+        return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).repeat(batch, 1)
     ids = token_ids(tokenizer, PROMPT)
     ids = ids.repeat(-(-length // ids.numel()))[:length]
     return ids.unsqueeze(0).repeat(batch, 1)

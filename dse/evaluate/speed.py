@@ -85,10 +85,12 @@ class SpeedReport:
 
 
 def measure_speed(model, tokenizer, config: SpeedConfig = SpeedConfig(), label: str = "model") -> SpeedReport:
-    """Time ``model`` as it is now (see the module doc)."""
+    """Time ``model`` as it is now (see the module doc); the prompt is text when there is a
+    ``tokenizer``, else fixed random token ids."""
     device = model_device(model)
-    one = prompt_ids(tokenizer, config.prompt, 1).to(device)
-    batch = prompt_ids(tokenizer, config.prompt, config.batch).to(device)
+    vocab = model.config.vocab_size
+    one = prompt_ids(tokenizer, config.prompt, 1, vocab).to(device)
+    batch = prompt_ids(tokenizer, config.prompt, config.batch, vocab).to(device)
     kw = dict(repeats=config.repeats, warmup=config.warmup)
     reset_peak_memory(device)
     runs: Dict[str, Timing] = {
