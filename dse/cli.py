@@ -106,7 +106,7 @@ def _cmd_plot(args) -> None:
 
     study = _open(args)
     require_completed(study)
-    for path in save_plots(study, args.out):
+    for path in save_plots(study, args.out, x=args.x):
         print(path)
 
 
@@ -186,6 +186,8 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage")
     p.add_argument("--out", metavar="DIR", required=True)
+    p.add_argument("--x", default="params", metavar="OBJECTIVE",
+                   help="also draw the front against this measure: latency (predicted), latency_measured ...")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("export", help="write the rank config of a front trial chosen by rule (JSON)")

@@ -161,6 +161,14 @@ def test_a_study_with_the_latency_objective(tiny_llama_dir, tmp_path):
         if t.user_attrs.get("baseline") is None:  # sampled plans never keep a rank slower than dense
             plan = Plan.from_dict(t.user_attrs["plan"])
             assert all(rank < lt.cost(table[name]).break_even() for name, rank in plan.ranks.items())
+    from dse.core.errors import ResultsError
+    from dse.results.plots import plot_front, save_plots
+
+    ax = plot_front(study, x="latency")
+    assert ax.get_xlabel().startswith("predicted decode latency") and ax.get_ylabel() == "perplexity"
+    assert "front-latency.png" in {p.name for p in save_plots(study, tmp_path / "plots", x="latency")}
+    with pytest.raises(ResultsError, match=r"^x: the study's trials record no latency_ms_per_token"):
+        plot_front(study, x="latency_measured")
 
 
 def test_bad_latency_table_section_names_the_field(tiny_llama_dir, tmp_path, capsys):
