@@ -203,7 +203,8 @@ def rank_grid(full: int) -> List[int]:
 
 @torch.no_grad()
 def _chain_ms(factors: Sequence[Sequence[torch.Tensor]], x: torch.Tensor, repeats: int) -> float:
-    """Median milliseconds of applying one chain of factors to ``x``, cycling through the copies."""
+    """Milliseconds of applying one chain of factors to ``x``, cycling through the copies: the fastest
+    of ``repeats`` passes (load from other processes only ever adds time)."""
     device = x.device
 
     def run():
@@ -213,7 +214,7 @@ def _chain_ms(factors: Sequence[Sequence[torch.Tensor]], x: torch.Tensor, repeat
                 y = F.linear(y, f)
 
     timing = timed(run, device, repeats=repeats, warmup=1)
-    return 1000.0 * timing.median / len(factors)
+    return 1000.0 * timing.low / len(factors)
 
 
 def _copies(shapes: Sequence[Tuple[int, int]], buffer: torch.Tensor) -> List[List[torch.Tensor]]:
@@ -271,15 +272,15 @@ def _fast_step(out_features: int, in_features: int, workload: Workload, buffer: 
 
 
 def _model_ms(model, workload: Workload, vocab: int, repeats: int) -> Dict[str, float]:
-    """End-to-end milliseconds of the model now: one decode step, and one prefill."""
+    """End-to-end milliseconds of the model now (fastest of ``repeats``): one decode step, one prefill."""
     device = model_device(model)
     gen = torch.Generator().manual_seed(0)
     one = torch.randint(0, vocab, (workload.batch, workload.prompt), generator=gen).to(device)
     many = torch.randint(0, vocab, (workload.prefill_batch, workload.prompt), generator=gen).to(device)
     steps = 8
     step = timed(lambda out: decode(model, out, steps), device, repeats=repeats, warmup=1,
-                 setup=lambda: prefill(model, one)).median / steps
-    fill = timed(lambda: prefill(model, many), device, repeats=repeats, warmup=1).median
+                 setup=lambda: prefill(model, one)).low / steps
+    fill = timed(lambda: prefill(model, many), device, repeats=repeats, warmup=1).low
     return {"decode": 1000.0 * step, "prefill": 1000.0 * fill}
 
 
