@@ -10,8 +10,8 @@ hold its projections (see :mod:`dse.model.families`)::
         "attention.out_lin": "o", "ffn.lin1": "up", "ffn.lin2": "down"}))
 """
 
-from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, Layout, Projection, family_of, find_projections,
-                       locate, n_layers, ordered_types, register_family, tensor_types)
+from .families import (CANONICAL_TYPES, FAMILIES, GENERIC, Family, FamilyLayout, Projection, family_of,
+                       find_projections, locate, n_layers, ordered_types, register_family, tensor_types)
 from .load import BUILTIN, DTYPES, auto_class, is_causal_lm, is_masked_lm, load_config, load_model, resolve_device, \
     resolve_dtype
 from .text import TextSource, text_section, token_ids, token_windows
@@ -39,7 +39,7 @@ register_family(Family("bert", {
     help="BERT / RoBERTa encoders (bert.encoder.layer, roberta.encoder.layer or a bare encoder.layer)"))
 register_family(Family(GENERIC, help="every nn.Linear of the layers, typed by its attribute name (only when named)"))
 
-__all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "Layout", "Projection",
+__all__ = ["BUILTIN", "CANONICAL_TYPES", "DTYPES", "FAMILIES", "GENERIC", "Family", "FamilyLayout", "Projection",
            "TextSource", "auto_class", "family_of", "find_projections", "is_causal_lm", "is_masked_lm", "load_config",
            "load_model", "locate", "model_bytes", "n_layers", "ordered_types", "param_count", "register_family",
            "resolve_device", "resolve_dtype", "tensor_types", "text_section", "token_ids", "token_windows"]

@@ -42,7 +42,7 @@ class Family:
 
 
 @dataclass(frozen=True)
-class Layout:
+class FamilyLayout:
     """A family as found on one model: the path of its layer list and the projections present."""
 
     family: str
@@ -100,7 +100,7 @@ def _linears(block: nn.Module) -> Dict[str, str]:
             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
 
 
-def _match(family: Family, lists) -> Optional[Layout]:
+def _match(family: Family, lists) -> Optional[FamilyLayout]:
     """``family`` on the layer list whose first layer holds most of its projections (None: none)."""
     best = None
     for path, layers in lists:
@@ -110,7 +110,7 @@ def _match(family: Family, lists) -> Optional[Layout]:
             present = {rel: t for rel, t in family.projections.items() if _has(layers[0], rel)}
         score = (len(present), len(layers))
         if present and (best is None or score > best[0]):
-            best = (score, Layout(family.name, path, present))
+            best = (score, FamilyLayout(family.name, path, present))
     return best[1] if best else None
 
 
@@ -122,7 +122,7 @@ def _found(lists) -> str:
     return f"found {path} ({len(layers)} x {type(layers[0]).__name__}) holding {names}"
 
 
-def family_of(model: nn.Module, family: Optional[str] = None) -> Layout:
+def family_of(model: nn.Module, family: Optional[str] = None) -> FamilyLayout:
     """The layout of ``model``: the registered family whose projections its layers hold most of,
     or the family named (``family: generic`` decomposes every ``nn.Linear`` in the layers)."""
     lists = _layer_lists(model)
