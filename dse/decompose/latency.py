@@ -96,10 +96,11 @@ class ShapeCost:
     lowrank: Dict[str, List[float]]
     step: int = 1
 
-    def at(self, rank, phase: str = "decode") -> float:
-        """Interpolated milliseconds of the two factors at ``rank`` (non-decreasing in rank)."""
-        times = np.maximum.accumulate(np.asarray(self.lowrank[phase]))
-        return float(np.interp(rank, self.ranks, times))
+    def at(self, rank, phase: str = "decode"):
+        """Interpolated milliseconds of the two factors at ``rank`` (non-decreasing in rank); an
+        array of ranks gives an array."""
+        times = np.interp(rank, self.ranks, np.maximum.accumulate(np.asarray(self.lowrank[phase])))
+        return float(times) if np.ndim(times) == 0 else times
 
     def break_even(self, phase: str = "decode") -> int:
         """The smallest rank at which two factors are measured no faster than the dense matrix

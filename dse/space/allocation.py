@@ -98,7 +98,7 @@ class LatencyCost:
         return max((curve[top] - curve[1]) / (top - 1), 1e-9)
 
     def curve(self, p) -> np.ndarray:
-        return np.array([self.latency.module_ms(p, r) for r in range(p.full_rank + 2)])
+        return self.latency.cost(p).at(np.arange(p.full_rank + 2))
 
     def dense(self, p) -> float:
         return self.latency.module_ms(p, None)
