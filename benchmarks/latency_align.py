@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dse.decompose import LowRankLinear
-from dse.evaluate import sync
+from dse.model.timing import sync
 
 
 def lowrank_stack(rank: int, hidden: int, inner: int, depth: int, device, dtype) -> nn.Sequential:

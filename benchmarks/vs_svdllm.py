@@ -26,26 +26,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, param_count, restore_, uniform_plan
+from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, restore_, uniform_plan
 from dse.evaluate import Evaluator, perplexity
-from dse.model import find_projections, load_model, token_windows
+from dse.model import find_projections, load_model, param_count
 from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
-from dse.study.protocols import P1_EVAL_TOKENS, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
+from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 from dse.study.runner import run_study
 from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 SVDLLM_REFERENCE = {0.1: 84.63, 0.2: 131.83, 0.4: 323.73}  # SVD-LLM's code on SmolLM2, issue 9
-HELD_OUT_PAGES = (6, 12)
-
-
-def held_out_windows(tokenizer, benchmarks_dir) -> torch.Tensor:
-    from dse.model import token_windows
-
-    text = wikitext_pages(benchmarks_dir, HELD_OUT_PAGES).read()
-    return token_windows(tokenizer, text, P1_WINDOW, max_tokens=P1_EVAL_TOKENS)
 
 
 def measured(model, plan: Plan, cache, calibration, windows) -> list:
@@ -71,7 +63,7 @@ def main(argv=None) -> None:
     model, tokenizer = load_model(base_config.model, device=base_config.device, dtype=base_config.dtype)
     table = find_projections(model)
     total = param_count(model)
-    p1, held = p1_windows(tokenizer, args.benchmarks_dir), held_out_windows(tokenizer, args.benchmarks_dir)
+    p1, held = p1_windows(tokenizer, args.benchmarks_dir), p1_windows(tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES)
     base = [perplexity(model, p1), perplexity(model, held)]
     print(f"SmolLM2-135M: {total} parameters, {len(table)} projections; torch threads {torch.get_num_threads()}")
     print(f"base perplexity: P1 {base[0]:.2f}, held-out {base[1]:.2f}\n")

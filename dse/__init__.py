@@ -22,7 +22,7 @@ _LAZY = {
     "SVDConfig": "dse.decompose", "Tucker2Config": "dse.decompose", "ASVDConfig": "dse.decompose",
     "SVDLLMConfig": "dse.decompose", "FactorCache": "dse.decompose", "calibrate": "dse.decompose",
     "CalibrationSpec": "dse.decompose", "Calibration": "dse.decompose", "plan_size": "dse.decompose",
-    "param_count": "dse.decompose", "model_bytes": "dse.decompose",
+    "param_count": "dse.model", "model_bytes": "dse.model",
     "Space": "dse.space", "format_counts": "dse.space", "load_space": "dse.space", "AllocationSpace": "dse.space",
     "Budget": "dse.space", "allocate": "dse.space",
     "EvalConfig": "dse.evaluate", "Evaluator": "dse.evaluate", "PerplexityConfig": "dse.evaluate",

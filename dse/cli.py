@@ -20,6 +20,7 @@ REGISTRIES = {
     "objectives": ("dse.evaluate", "OBJECTIVES"), "task-sources": ("dse.evaluate", "TASK_SOURCES"),
     "samplers": ("dse.study", "SAMPLERS"), "groups": ("dse.space", "GROUPS"), "starts": ("dse.space", "STARTS"),
     "baselines": ("dse.space", "BASELINES"), "probes": ("dse.space", "PROBE_KINDS"),
+    "formats": ("dse.results", "FORMATS"),
 }
 
 
@@ -123,7 +124,7 @@ def _cmd_plot(args) -> None:
 
     study = _open(args)
     require_completed(study)
-    for path in save_plots(study, args.out):
+    for path in save_plots(study, args.out, x=args.x):
         print(path)
 
 
@@ -148,10 +149,34 @@ def _cmd_apply(args) -> None:
     from .results.compressed import apply_config
     from .results.rankconfig import load_config_file
 
-    out = apply_config(load_config_file(args.config), args.out, merge=args.merge, device=args.device,
+    out = apply_config(load_config_file(args.config), args.out, format=args.format, merge=args.merge,
+                       device=args.device,
                        device_map=args.device_map and parse_device_map(args.device_map, "--device-map"),
                        progress=not args.quiet)
-    print(f"dse: wrote {'merged dense' if args.merge else 'low-rank'} model to {out}", file=sys.stderr)
+    print(f"dse: wrote the {'merged' if args.merge else args.format} model to {out}", file=sys.stderr)
+
+
+def _cmd_speed(args) -> None:
+    from .core.io import atomic_write_text
+    from .evaluate.speed import SpeedConfig
+    from .results.speed import format_reports, reports_csv, reports_json, speed_reports
+
+    if args.against not in (None, "dense"):
+        from .core.errors import ConfigError
+
+        raise ConfigError(f"against: only 'dense' is known, got {args.against!r}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = SpeedConfig(prompt=args.prompt, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
+                         warmup=args.warmup)
+    reports = speed_reports(args.target, config, against_dense=args.against == "dense", device=args.device,
+                            dtype=args.dtype)
+    print(format_reports(reports))
+    for path, text in ((args.json, reports_json), (args.csv, reports_csv)):
+        if path:
+            atomic_write_text(path, text(reports))
 
 
 def _cmd_characterize(args) -> None:
@@ -165,7 +190,7 @@ def _cmd_characterize(args) -> None:
         config = load_study_config(args.target)
     else:
         config = model_study(args.target, tasks=args.tasks, limit=args.limit, data_dir=args.data_dir,
-                             method=args.method, device=args.device)
+                             method=args.method, device=args.device, family=args.family)
     frame = run_characterization(config, args.out, rank=args.rank, kinds=args.kinds, ks=args.k,
                                  modules_by_perplexity=args.modules_by_perplexity, progress=not args.quiet)
     print(f"dse: {len(frame)} rows in {Path(args.out) / 'characterization.csv'}, plots beside it", file=sys.stderr)
@@ -182,6 +207,8 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage")
     p.add_argument("--out", metavar="DIR", required=True)
+    p.add_argument("--x", default="params", metavar="OBJECTIVE",
+                   help="also draw the front against this measure: latency (predicted), latency_measured ...")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("export", help="write the rank config of a front trial chosen by rule (JSON)")
@@ -198,8 +225,11 @@ def _add_result_verbs(sub) -> None:
     p = sub.add_parser("apply", help="write the compressed model of a rank config (loads with dse.load_compressed)")
     p.add_argument("config", metavar="CONFIG_JSON")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--format", default="dse", metavar="FORMAT",
+                   help="dse (low-rank, dse.load_compressed), transformers (low-rank, loads with "
+                   "from_pretrained(..., trust_remote_code=True) without dse) or merged (`dse list formats`)")
     p.add_argument("--merge", action="store_true",
-                   help="multiply the factors back: a dense model that transformers loads as is")
+                   help="the same as --format merged")
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", metavar="auto|balanced|sequential",
                    help="spread the model over the GPUs and offload the rest (instead of --device)")
@@ -251,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_status)
     _add_result_verbs(sub)
 
+    p = sub.add_parser("speed", help="decode and prefill speed, time to first token and peak memory of a model, "
+                       "a compressed folder or a rank config")
+    p.add_argument("target", metavar="TARGET", help="a rank config JSON, a `dse apply` folder, or a model")
+    p.add_argument("--against", metavar="dense", help="also measure the dense model and print the ratios")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the target's)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--batch", type=int, default=8, help="the larger decode batch and the prefill batch")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", metavar="FILE", help="write the reports as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write the reports as CSV")
+    p.set_defaults(func=_cmd_speed)
+
     from .space import PROBE_KINDS
 
     kinds = list(PROBE_KINDS)
@@ -267,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="svd", help="with a model name: a method without calibration "
                    "(`dse list methods`)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", help="with a model name: its architecture family (`dse list families`; "
+                   "default: the one its layers show)")
     p.add_argument("--modules-by-perplexity", action="store_true",
                    help="measure single modules on the study's perplexity alone (cheaper, less noisy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -11,35 +11,48 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCHMARKS = SHARED / "benchmarks"
 
-# Tiny configs, one per registered family (and per model_type the llama family covers).
+# Tiny configs, one per registered family and per layout a family covers (several model types of
+# the llama family, a decoder type newer than any list, fused projections, encoders with and
+# without their masked-LM head): (config class, options, model class; None = the causal LM).
 TINY = {
     "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
     "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97)),
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
     "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
-                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=97)),
+                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=97), None),
+    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
+                                             num_attention_heads=4, num_key_value_heads=1, vocab_size=97,
+                                             sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                    None),
+    "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=97, pad_token_id=0, eos_token_id=2), None),
+    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=97), None),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
-                                bos_token_id=0, eos_token_id=0)),
+                                bos_token_id=0, eos_token_id=0), None),
     "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-                              vocab_size=97, word_embed_proj_dim=32, max_position_embeddings=64)),
+                              vocab_size=97, word_embed_proj_dim=32, max_position_embeddings=64), None),
     "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                num_attention_heads=4, vocab_size=97, max_position_embeddings=64)),
+                                num_attention_heads=4, vocab_size=97, max_position_embeddings=64), "BertModel"),
+    "bert_mlm": ("BertConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=97, max_position_embeddings=64),
+                 "BertForMaskedLM"),
 }
 FAMILIES = list(TINY)
 
 
 def make_tiny(model_type: str, seed: int = 0, dtype=torch.float32):
-    """A tiny randomly initialised model of ``model_type`` (causal LM, or BertModel for bert)."""
+    """A tiny randomly initialised model of ``model_type`` (a key of :data:`TINY`)."""
     import transformers
 
-    cls_name, kw = TINY[model_type]
+    cls_name, kw, model_cls = TINY[model_type]
     config = getattr(transformers, cls_name)(**kw)
     torch.manual_seed(seed)
-    if model_type == "bert":
-        model = transformers.BertModel(config)
+    if model_cls is not None:
+        model = getattr(transformers, model_cls)(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval().requires_grad_(False)
@@ -49,6 +62,18 @@ def model_output(model, ids):
     with torch.no_grad():
         out = model(ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network here: make the hub fail at once instead of retrying for a minute."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -133,7 +133,7 @@ def test_space_round_trip_and_plans(table):
 
 @pytest.mark.parametrize("change, message", [
     ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: must be in \(0, 1\)"),
-    ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\} or \{params: F\}"),
+    ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\}, \{params: F\} or \{latency: F\}"),
     ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
     ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
     ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
@@ -226,7 +226,7 @@ def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
     study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
              "calibration": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
                                       "field": "page", "rows": [10, 12]}},
-             "evaluation": {"tasks": [], "latency": True}, "objectives": ["latency", "params"]}
+             "evaluation": {"tasks": [], "latency": True}, "objectives": ["latency_measured", "params"]}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=r"^space\.starts\[1\]: 'sensitivity' measures"):

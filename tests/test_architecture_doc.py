@@ -51,7 +51,7 @@ def test_example_runs(section, clean_registries, tmp_path):
 
         assert derive_metrics({"perplexity": 8.0})["bits_per_token"] == pytest.approx(3.0)
     if section == "A task source":
-        from dse.evaluate.tasks import local_copy
+        from dse.evaluate import local_copy
 
         (tmp_path / "piqa.jsonl").write_text("{}\n")
         assert local_copy("piqa", tmp_path) == ((tmp_path / "piqa.jsonl").resolve(), "validation")

@@ -68,3 +68,18 @@ def test_allocation_on_cuda():
     used = sum(r * (table[n].out_features + table[n].in_features) for n, r in ranks.items()) + \
         sum(p.out_features * p.in_features for n, p in table.items() if n not in ranks)
     assert used <= budget
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latency_table_and_speed_on_cuda(dtype):
+    from dse.decompose import Plan
+    from dse.decompose.latency import Workload, measure_table
+    from dse.evaluate.speed import SpeedConfig, measure_speed
+
+    model = cuda_model(dtype)
+    table = find_projections(model)
+    lt = measure_table(model, table, Workload(prompt=16), repeats=2, cold_bytes=2 ** 24)
+    assert lt.environment["device"] == torch.cuda.get_device_name() and lt.environment["dtype"] == str(dtype)[6:]
+    assert lt.predict(Plan({}), table)["predicted_decode_ms"] > 0
+    report = measure_speed(model, None, SpeedConfig(prompt=16, batch=2, new_tokens=4, repeats=2))
+    assert report.device_peak_bytes > 0 and report.decode_tokens_per_s > 0

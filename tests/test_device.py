@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dse.decompose import FactorCache, LowRankLinear, SVDConfig
-from dse.evaluate import sync
 from dse.model import resolve_device, resolve_dtype
+from dse.model.timing import sync
 
 
 def test_auto_device_follows_cuda_availability(monkeypatch):

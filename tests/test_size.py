@@ -9,8 +9,8 @@ import torch
 from conftest import FAMILIES, make_tiny
 from helpers import calibration_for, random_plan
 
-from dse.decompose import METHODS, Plan, decompose_, model_bytes, param_count, plan_size, restore_
-from dse.model import find_projections
+from dse.decompose import METHODS, Plan, decompose_, plan_size, restore_
+from dse.model import find_projections, model_bytes, param_count
 
 # SmolLM2-135M projection shapes (out, in): hidden 576, 3 kv heads of 64, MLP 1536.
 SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),

@@ -144,4 +144,5 @@ def test_shipped_studies_load(path):
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     config = load_study_config(path)
     assert config.name == path.stem and config.n_trials >= 20
-    assert config.evaluation.tasks or config.evaluation.perplexity is not None
+    evaluation = config.evaluation
+    assert evaluation.tasks or evaluation.perplexity is not None or evaluation.similarity is not None

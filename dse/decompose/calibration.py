@@ -41,8 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, ModelError
-from ..core.validate import boolean, check_keys, integer, mapping
-from ..model import TextSource, find_projections, input_device, token_ids
+from ..core.validate import boolean, integer
+from ..model import TextSource, find_projections, input_device, text_section, token_ids
 from .cache import model_fingerprint
 from .stats import InputStats, StatsStore
 
@@ -68,11 +68,7 @@ class CalibrationSpec:
     @classmethod
     def from_dict(cls, data, base=None) -> "CalibrationSpec":
         """From plain data, e.g. a study's ``calibration:`` block; ``base`` anchors a relative text path."""
-        data = mapping(data, "calibration")
-        check_keys(data, {f.name for f in fields(cls)}, "calibration")
-        if "text" not in data:
-            raise ConfigError("calibration.text: required (a mapping with path or dataset)")
-        return cls(**{**data, "text": TextSource.from_dict(data["text"], "calibration.text", base)})
+        return cls(**text_section(data, "calibration", {f.name for f in fields(cls)}, base))
 
     def to_dict(self) -> dict:
         """The spec as plain data (:meth:`from_dict` reads it back)."""

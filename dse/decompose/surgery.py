@@ -35,16 +35,19 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = None,
-               calibration=None, family: Optional[str] = None, progress: bool = False) -> nn.Module:
+               calibration=None, family: Optional[str] = None, table: Optional[Mapping] = None,
+               progress: bool = False) -> nn.Module:
     """Replace every module named in ``plan`` by its low-rank factorization, in place.
 
     ``cache`` reuses factorizations across calls (a fresh in-memory cache is used if omitted);
-    ``calibration`` (a :class:`dse.decompose.Calibration`) is required by data-aware methods.
+    ``calibration`` (a :class:`dse.decompose.Calibration`) is required by data-aware methods. The
+    projection table is ``table`` if given (a caller that decomposes often computes it once), else
+    that of ``family``, else that of the family found on the model.
     Raises :class:`PlanError` before any change if the plan does not fit the model.
     """
     if is_decomposed(model):
         raise RuntimeError("model is already decomposed: call dse.restore_(model) first")
-    table = find_projections(model, family)
+    table = table if table is not None else find_projections(model, family)
     plan.validate(table)
     config = plan.config
     method = get_method(plan.method)

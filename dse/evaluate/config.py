@@ -1,4 +1,5 @@
-"""What an evaluation measures: :class:`EvalConfig` (tasks, perplexity, latency) and its parts.
+"""What an evaluation measures: :class:`EvalConfig` (tasks, perplexity, latency, encoder measures)
+and its parts.
 
 Built from the ``evaluation:`` section of a study (:meth:`EvalConfig.from_dict`) or in code; every
 bad value is a one-line :class:`~dse.core.errors.ConfigError` naming its ``evaluation.`` field.
@@ -12,7 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..core.errors import ConfigError
 from ..core.validate import boolean, integer, mapping, resolve_path
-from ..model import TextSource
+from ..model import TextSource, text_section
+from .encoder import TextSet
 
 METRICS = ("acc", "acc_norm")
 
@@ -37,11 +39,7 @@ class PerplexityConfig:
 
     @classmethod
     def from_dict(cls, data, base: Optional[Path] = None) -> "PerplexityConfig":
-        where = "evaluation.perplexity"
-        data = mapping(data, where, allowed={f.name for f in fields(cls)})
-        if "text" not in data:
-            raise ConfigError(f"{where}.text: required (a mapping with path or dataset)")
-        return cls(**{**data, "text": TextSource.from_dict(data["text"], f"{where}.text", base)})
+        return cls(**text_section(data, "evaluation.perplexity", {f.name for f in fields(cls)}, base))
 
 
 @dataclass
@@ -51,15 +49,21 @@ class EvalConfig:
     ``tasks``: lm-eval task names, each scored by ``metrics[task]`` (``acc`` or ``acc_norm``;
     default ``acc_norm`` where the task reports it, else ``acc``) on its first ``limit`` rows.
     ``data_dir``: a folder of local copies of the tasks' datasets (see :mod:`dse.evaluate.tasks`);
-    tasks with a copy there read it instead of the hub. ``max_length`` caps the context lm-eval
-    gives the model.
+    tasks with a copy there read it instead of the hub. ``include_path``: a folder of the user's
+    lm-eval task YAMLs, whose tasks ``tasks`` may name. A group or tag in ``tasks``
+    stands for its tasks. ``max_length`` caps the context lm-eval gives the model.
+    ``similarity`` and ``pseudo_perplexity`` (:class:`~dse.evaluate.encoder.TextSet`) are the encoder
+    measures (:mod:`dse.evaluate.encoder`); a study section that names one and no ``tasks`` has none.
     """
 
     tasks: List[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa", "winogrande"])
     limit: Optional[int] = 100
     batch_size: int = 16
     data_dir: Optional[str] = None
+    include_path: Optional[str] = None
     perplexity: Optional[PerplexityConfig] = None
+    similarity: Optional[TextSet] = None
+    pseudo_perplexity: Optional[TextSet] = None
     latency: bool = False
     metrics: Dict[str, str] = field(default_factory=dict)
     max_length: int = 2048
@@ -77,6 +81,14 @@ class EvalConfig:
         integer(self.max_length, "evaluation.max_length", 1)
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"evaluation.data_dir: no such folder {self.data_dir!r}")
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
+            raise ConfigError(f"evaluation.include_path: no such folder {self.include_path!r} (a folder of task YAMLs)")
+        for key in ("similarity", "pseudo_perplexity"):
+            value = getattr(self, key)
+            if isinstance(value, Mapping):
+                setattr(self, key, value := TextSet.from_dict(value, f"evaluation.{key}"))
+            if value is not None and not isinstance(value, TextSet):
+                raise ConfigError(f"evaluation.{key}: expected a mapping with text, got {value!r}")
         if isinstance(self.perplexity, Mapping):
             self.perplexity = PerplexityConfig.from_dict(self.perplexity)
         if self.perplexity is not None and not isinstance(self.perplexity, PerplexityConfig):
@@ -88,22 +100,30 @@ class EvalConfig:
                 raise ConfigError(f"evaluation.metrics.{task}: not one of evaluation.tasks")
             if metric not in METRICS:
                 raise ConfigError(f"evaluation.metrics.{task}: must be one of {', '.join(METRICS)}, got {metric!r}")
-        if not self.tasks and self.perplexity is None and not self.latency:
-            raise ConfigError("evaluation: nothing to measure (no tasks, no perplexity, no latency)")
+        if not (self.tasks or self.perplexity or self.latency or self.similarity or self.pseudo_perplexity):
+            raise ConfigError("evaluation: nothing to measure (no tasks, perplexity, latency, similarity or "
+                              "pseudo_perplexity)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None) -> "EvalConfig":
         """From the ``evaluation:`` section of a study file (unknown keys are errors); ``base``
         anchors relative paths (the study file's folder)."""
         data = mapping(data, "evaluation", allowed={f.name for f in fields(cls)})
-        if data.get("data_dir") is not None:
-            data["data_dir"] = str(resolve_path(base, str(data["data_dir"])))
+        for key in ("data_dir", "include_path"):
+            if data.get(key) is not None:
+                data[key] = str(resolve_path(base, str(data[key])))
         if isinstance(data.get("perplexity"), Mapping):
             data["perplexity"] = PerplexityConfig.from_dict(data["perplexity"], base)
+        for key in ("similarity", "pseudo_perplexity"):
+            if isinstance(data.get(key), Mapping):
+                data[key] = TextSet.from_dict(data[key], f"evaluation.{key}", base)
+        if "tasks" not in data and (data.get("similarity") or data.get("pseudo_perplexity")):
+            data["tasks"] = []  # an encoder evaluation: lm-eval's tasks need a causal LM
         return cls(**data)
 
-    def check_tasks(self) -> None:
-        """Check task names against lm-eval and local copies against ``data_dir`` (a few seconds)."""
+    def check_tasks(self) -> List[str]:
+        """Check task names against lm-eval (groups expanded) and that each task's dataset can be
+        read: its local copy in ``data_dir``, else loaded once now. Returns the tasks."""
         from .tasks import check_tasks
 
-        check_tasks(self.tasks, self.data_dir)
+        return check_tasks(self.tasks, self.data_dir, self.include_path)

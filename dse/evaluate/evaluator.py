@@ -1,4 +1,5 @@
-"""In-process evaluation of an in-memory model: lm-eval tasks, perplexity and decode speed.
+"""In-process evaluation of an in-memory model: lm-eval tasks, perplexity, decode speed, and for
+encoders embedding similarity to the dense model and pseudo-perplexity.
 
 :class:`Evaluator` is built once per study from an :class:`~dse.evaluate.EvalConfig`: it wraps the
 model in lm-eval's ``HFLM`` (never reloading it), loads the tasks' datasets and tokenizes the
@@ -23,8 +24,9 @@ from typing import Callable, Dict, Optional
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError
-from ..model import input_device, token_windows
+from ..model import input_device, is_causal_lm, is_masked_lm, token_windows
 from .config import EvalConfig
+from .encoder import embedding_similarity, pseudo_perplexity, sentence_embeddings
 from .latency import prompt_ids, tokens_per_second
 from .perplexity import perplexity
 from .tasks import load_tasks
@@ -84,20 +86,42 @@ def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
     return lm
 
 
+def _check_model(model, tokenizer, config: EvalConfig) -> None:
+    """One line naming the field when the model cannot give a measure the evaluation asks for."""
+    kind = type(model).__name__
+    if not is_causal_lm(model):
+        for key, on in (("tasks", config.tasks), ("perplexity", config.perplexity), ("latency", config.latency)):
+            if on:
+                raise ConfigError(f"evaluation.{key}: the model is an encoder ({kind}), and lm-eval tasks, "
+                                  "perplexity and latency need a causal LM; measure it with evaluation.similarity "
+                                  "(or evaluation.pseudo_perplexity for a masked-LM checkpoint) and tasks: []")
+    if config.pseudo_perplexity and (not is_masked_lm(model) or tokenizer.mask_token_id is None):
+        raise ConfigError(f"evaluation.pseudo_perplexity: needs a masked-LM checkpoint with a mask token; "
+                          f"the model is {kind}")
+
+
 class Evaluator:
-    """Measures one in-memory model, as it is at each ``run()``, under one ``EvalConfig``."""
+    """Measures one in-memory model, as it is at each ``run()``, under one ``EvalConfig``.
+
+    It is built on the dense model: the reference embeddings of ``similarity`` are taken then.
+    """
 
     def __init__(self, model, tokenizer, config: EvalConfig, *, verbose: bool = False):
         self.model, self.config, self.verbose = model, config, verbose
         self.timings: Dict[str, float] = {}  # seconds per metric of the last run
+        _check_model(model, tokenizer, config)
         with _quiet(verbose):
-            self.tasks = load_tasks(config.tasks, config.data_dir)
+            self.tasks = load_tasks(config.tasks, config.data_dir, config.include_path)
             self.metrics = {name: _chosen_metric(name, list(task.aggregation()), config.metrics.get(name))
                             for name, task in self.tasks.items()}
             self.lm = _lm(model, tokenizer, config, verbose) if self.tasks else None
         ppl = config.perplexity
         self.windows = token_windows(tokenizer, ppl.text.read(), ppl.window, ppl.max_tokens) if ppl else None
         self.prompt = prompt_ids(tokenizer) if config.latency else None
+        self.similarity = config.similarity.batches(tokenizer) if config.similarity else None
+        self.reference = sentence_embeddings(model, self.similarity) if self.similarity else None
+        self.masked = config.pseudo_perplexity.batches(tokenizer) if config.pseudo_perplexity else None
+        self.mask_id = tokenizer.mask_token_id if self.masked else None
 
     def n_docs(self, name: str) -> int:
         """Rows of task ``name`` an evaluation scores: its first ``limit`` (or all)."""
@@ -116,7 +140,8 @@ class Evaluator:
 
     def run(self, progress: bool = True, *, accuracy: Optional[Callable[[str], float]] = None) -> Dict[str, float]:
         """Flat metrics of the model now: ``acc/<task>``, ``accuracy`` (their mean), ``perplexity``,
-        ``latency_tokens_per_s`` (each only if configured) and ``eval_seconds``.
+        ``latency_tokens_per_s``, ``embedding_similarity``, ``pseudo_perplexity`` (each only if
+        configured) and ``eval_seconds``.
 
         ``accuracy(name)`` replaces the scoring of each task (a staged evaluation,
         :func:`dse.evaluate.staged_run`, passes one). ``self.timings`` then holds the seconds each
@@ -129,6 +154,11 @@ class Evaluator:
                                                    self.config.perplexity.batch_size)))
         if self.prompt is not None:
             measures.append(("latency_tokens_per_s", partial(tokens_per_second, self.model, self.prompt)))
+        if self.similarity is not None:
+            measures.append(("embedding_similarity", partial(embedding_similarity, self.model, self.similarity,
+                                                             self.reference)))
+        if self.masked is not None:
+            measures.append(("pseudo_perplexity", partial(pseudo_perplexity, self.model, self.masked, self.mask_id)))
         start = time.perf_counter()
         out: Dict[str, float] = {}
         self.timings = {}

@@ -1,18 +1,16 @@
-"""Decode speed: median tokens/s of greedy generation with the KV cache from a fixed prompt.
+"""Decode speed of a trial: median tokens/s of greedy generation with the KV cache from a fixed prompt.
 
 A run is one prefill of the prompt and ``new_tokens - 1`` single-token decode steps; its speed is
-``new_tokens`` over its wall time. Warm-up runs come first, and on CUDA the device is
-synchronised before the clock starts and before it stops.
+``new_tokens`` over its wall time (:func:`dse.model.timing.timed`: warm-up first, the device
+synchronised around the clock). ``dse speed`` measures more (:mod:`dse.evaluate.speed`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from ..model import input_device
+from ..model.timing import decode, prefill, timed
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
@@ -20,24 +18,14 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "number of books grew from thousands of handwritten copies to millions of printed ones.")
 
 
-def prompt_ids(tokenizer, length: int = 64) -> torch.Tensor:
-    """``(1, length)`` token ids: the start of ``PROMPT`` (repeated if the tokenizer needs more)."""
-    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+def prompt_ids(tokenizer, length: int = 64, batch: int = 1, vocab: int = 0) -> torch.Tensor:
+    """``(batch, length)`` token ids: the start of ``PROMPT`` (repeated if the tokenizer needs more);
+    without a tokenizer, fixed random ids below ``vocab`` (speed does not depend on which)."""
+    if tokenizer is None:
+        return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0)).repeat(batch, 1)
+    ids = token_ids(tokenizer, PROMPT)
     ids = ids.repeat(-(-length // ids.numel()))[:length]
-    return ids.unsqueeze(0)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _generate(model, prompt: torch.Tensor, new_tokens: int) -> None:
-    out = model(prompt, use_cache=True)
-    for _ in range(new_tokens - 1):
-        token = out.logits[:, -1:].argmax(-1)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    return ids.unsqueeze(0).repeat(batch, 1)
 
 
 def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3,
@@ -47,13 +35,6 @@ def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, repeats
         raise ValueError(f"latency: new_tokens and repeats must be >= 1, got {new_tokens}, {repeats}")
     device = input_device(model)
     prompt = prompt.to(device)
-    for _ in range(warmup):
-        _generate(model, prompt, new_tokens)
-    speeds = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        _generate(model, prompt, new_tokens)
-        sync(device)
-        speeds.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(speeds)
+    timing = timed(lambda: decode(model, prefill(model, prompt), new_tokens - 1), device, repeats=repeats,
+                   warmup=warmup)
+    return new_tokens / timing.median

@@ -1,11 +1,16 @@
-"""Architecture adapters: where each family keeps its decomposable projections.
+"""Architecture families, recognised by structure: where a model's layers are and what each
+projection in them is.
 
-A :class:`Family` maps the module path inside a layer to a canonical tensor type (``q k v o gate
-up down``; GPT-2's fused attention input is ``qkv``). Families are units of the :data:`FAMILIES`
-registry (the built-ins register in :mod:`dse.model`). :func:`find_projections` turns a model into
-the ordered table of its decomposable modules, which every other part of ``dse`` uses; a table
-says how many layers the model has (:func:`n_layers`) and which types it holds
-(:func:`tensor_types`, canonical order).
+A :class:`Family` maps the path of a projection inside one layer (``self_attn.q_proj``) to a
+canonical tensor type (``q k v o gate up down``; fused ones are types of their own: ``qkv`` for
+Phi-3's ``qkv_proj`` and GPT-2's ``c_attn``, ``gate_up`` for Phi-3's ``gate_up_proj``). It names no
+model types and no layer path: :func:`family_of` looks at every ``nn.ModuleList`` of the model and
+picks the family and list whose first layer holds the most of a family's projections, so a
+decoder with Llama-style names is the ``llama`` family whatever its ``model_type`` (Llama 2/3,
+Mistral, Qwen 2/3, Gemma 1/2/3, OLMo, Granite ...), and a BERT is found under ``bert.encoder.layer``
+as under a bare ``encoder.layer``. Families are units of :data:`FAMILIES` (the built-ins register
+in :mod:`dse.model`). :func:`find_projections` turns a model into the ordered table of its
+decomposable modules, which every other part of ``dse`` uses.
 """
 
 from __future__ import annotations
@@ -19,41 +24,30 @@ from torch import nn
 from ..core.errors import ModelError
 from ..core.registry import Registry
 
-CANONICAL_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+CANONICAL_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 GENERIC = "generic"
 
 
 @dataclass(frozen=True)
 class Family:
-    """Where the layers and projections of one model family live.
+    """One architecture family: ``projections`` maps a path inside a layer to its tensor type.
 
-    ``layers`` is the dotted path of the ``nn.ModuleList`` of blocks; ``projections`` maps a path
-    relative to one block to its canonical tensor type; ``model_types`` are the transformers
-    ``config.model_type`` values it covers. A family without ``projections`` is found on each
-    model (:meth:`resolve`): every ``nn.Linear`` of the first ``nn.ModuleList``, typed by its
-    attribute name (``generic``).
+    A family without ``projections`` (``generic``) takes every ``nn.Linear`` of the layer list whose
+    first layer holds the most of them, typed by its attribute name; it is used only when named.
     """
 
     name: str
-    model_types: tuple
-    layers: Optional[str] = None
     projections: Optional[Mapping[str, str]] = None
+    help: str = ""
 
-    @property
-    def help(self) -> str:
-        if self.projections is None:
-            return "every nn.Linear of the model's first nn.ModuleList, typed by its attribute name"
-        return f"layers at {self.layers}; model types {', '.join(self.model_types) or 'any'}"
 
-    def resolve(self, model: nn.Module) -> "Family":
-        """This family with its layers and projections as found in ``model``."""
-        if self.projections is not None:
-            return self
-        for path, mod in model.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) and isinstance(mod[0], nn.Module):
-                projections = {n: n.rsplit(".", 1)[-1] for n, m in mod[0].named_modules() if isinstance(m, nn.Linear)}
-                return Family(self.name, self.model_types, path, projections)
-        raise ModelError(f"family {self.name}: the model has no nn.ModuleList of layers")
+@dataclass(frozen=True)
+class FamilyLayout:
+    """A family as found on one model: the path of its layer list and the projections present."""
+
+    family: str
+    layers: str
+    projections: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -85,22 +79,65 @@ def register_family(family: Family) -> Family:
     for t in (family.projections or {}).values():
         if t not in CANONICAL_TYPES:
             raise ValueError(f"family {family.name}: unknown tensor type {t!r} (known: {', '.join(CANONICAL_TYPES)})")
-    return FAMILIES.register(family.name, family)
+    return FAMILIES.register(family.name, family, help=family.help or None)
 
 
-def family_of(model: nn.Module, family: Optional[str] = None) -> Family:
-    """The registered family of ``model`` (by ``config.model_type``), or the one named, resolved on
-    ``model``. ``family="generic"`` is the explicit fallback (see :class:`Family`)."""
+def _layer_lists(model: nn.Module) -> List[Tuple[str, nn.ModuleList]]:
+    return [(path, mod) for path, mod in model.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) and isinstance(mod[0], nn.Module)]
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _linears(block: nn.Module) -> Dict[str, str]:
+    return {n: n.rsplit(".", 1)[-1] for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+def _match(family: Family, lists) -> Optional[FamilyLayout]:
+    """``family`` on the layer list whose first layer holds most of its projections (None: none)."""
+    best = None
+    for path, layers in lists:
+        if family.projections is None:
+            present = _linears(layers[0])
+        else:
+            present = {rel: t for rel, t in family.projections.items() if _has(layers[0], rel)}
+        score = (len(present), len(layers))
+        if present and (best is None or score > best[0]):
+            best = (score, FamilyLayout(family.name, path, present))
+    return best[1] if best else None
+
+
+def _found(lists) -> str:
+    if not lists:
+        return "the model has no nn.ModuleList of layers"
+    path, layers = max(lists, key=lambda item: len(item[1]))
+    names = ", ".join(_linears(layers[0])) or "no linear modules"
+    return f"found {path} ({len(layers)} x {type(layers[0]).__name__}) holding {names}"
+
+
+def family_of(model: nn.Module, family: Optional[str] = None) -> FamilyLayout:
+    """The layout of ``model``: the registered family whose projections its layers hold most of,
+    or the family named (``family: generic`` decomposes every ``nn.Linear`` in the layers)."""
+    lists = _layer_lists(model)
     if family is not None:
-        return FAMILIES.get(family, "family").resolve(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for fam in FAMILIES.values():
-        if model_type in fam.model_types:
-            return fam
-    known = sorted(t for fam in FAMILIES.values() for t in fam.model_types)
-    raise ModelError(
-        f"family: model_type {model_type!r} has no architecture adapter; known: {', '.join(known)} "
-        f"(or pass family='{GENERIC}' to decompose every nn.Linear inside the layers)")
+        layout = _match(FAMILIES.get(family, "family"), lists)
+        if layout is None:
+            raise ModelError(f"family: {family} does not fit this model ({_found(lists)})")
+        return layout
+    layouts = [layout for fam in FAMILIES.values() if fam.projections is not None
+               and (layout := _match(fam, lists)) is not None]
+    if not layouts:
+        known = ", ".join(n for n, fam in FAMILIES.items() if fam.projections is not None)
+        raise ModelError(f"family: no known family ({known}) recognises {type(model).__name__}: {_found(lists)}; "
+                         f"register one, or set family: {GENERIC} to decompose every nn.Linear in the layers")
+    return max(layouts, key=lambda layout: len(layout.projections))  # the first registered among ties
 
 
 def _shape(module: nn.Module) -> Tuple[int, int, bool]:
@@ -116,24 +153,17 @@ def _shape(module: nn.Module) -> Tuple[int, int, bool]:
 
 
 def find_projections(model: nn.Module, family: Optional[str] = None) -> Dict[str, Projection]:
-    """Ordered map from fully qualified module name to :class:`Projection` (layer-major)."""
-    fam = family_of(model, family)
-    try:
-        layers = model.get_submodule(fam.layers)
-    except AttributeError:
-        raise ModelError(f"family {fam.name}: the model has no {fam.layers!r}") from None
+    """Ordered map from fully qualified module name to :class:`Projection` (layer-major), for the
+    family found on ``model`` or the one named (see :func:`family_of`)."""
+    layout = family_of(model, family)
     table: Dict[str, Projection] = {}
-    for i, block in enumerate(layers):
-        for rel, ttype in fam.projections.items():
-            try:
-                mod = block.get_submodule(rel)
-            except AttributeError:
-                continue  # e.g. a family variant without gate_proj
-            out_f, in_f, transposed = _shape(mod)
-            name = f"{fam.layers}.{i}.{rel}"
+    for i, block in enumerate(model.get_submodule(layout.layers)):
+        for rel, ttype in layout.projections.items():
+            if not _has(block, rel):
+                continue  # a layer without this projection (e.g. a cross-attention only in some layers)
+            out_f, in_f, transposed = _shape(block.get_submodule(rel))
+            name = f"{layout.layers}.{i}.{rel}"
             table[name] = Projection(name, i, ttype, out_f, in_f, transposed)
-    if not table:
-        raise ModelError(f"family {fam.name}: no projections found under {fam.layers!r}")
     return table
 
 
@@ -157,7 +187,7 @@ _NUMBERED = re.compile(r"^(?P<prefix>.+)\.(?P<layer>\d+)\.(?P<rel>[^.].*)$")
 
 
 def locate(name: str) -> Tuple[int, str]:
-    """``(layer, tensor type)`` of a module name, by the registered families' layouts.
+    """``(layer, tensor type)`` of a module name, by the registered families' projection paths.
 
     ``model.layers.3.self_attn.q_proj`` -> ``(3, "q")``; a name no family knows falls back to its
     last number and last component (``blocks.2.attn.proj`` -> ``(2, "proj")``).
@@ -166,6 +196,6 @@ def locate(name: str) -> Tuple[int, str]:
     if not m:
         raise ValueError(f"module {name!r}: no layer number in its name")
     for fam in FAMILIES.values():
-        if m["prefix"] == fam.layers and m["rel"] in (fam.projections or {}):
+        if m["rel"] in (fam.projections or {}):
             return int(m["layer"]), fam.projections[m["rel"]]
     return int(m["layer"]), m["rel"].rsplit(".", 1)[-1]

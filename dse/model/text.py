@@ -80,6 +80,15 @@ class TextSource:
             raise ConfigError(f"{self.where}.field: rows have no field {self.field!r}") from None
 
 
+def text_section(data, where: str, allowed, base: Optional[Path] = None) -> dict:
+    """A study section that reads a text (``text:`` plus options) as keyword arguments: its keys
+    checked against ``allowed``, ``text`` required and parsed into a :class:`TextSource`."""
+    data = mapping(data, where, allowed=allowed)
+    if "text" not in data:
+        raise ConfigError(f"{where}.text: required (a mapping with path or dataset)")
+    return {**data, "text": TextSource.from_dict(data["text"], f"{where}.text", base)}
+
+
 def token_ids(tokenizer, text: str) -> torch.Tensor:
     """The text's token ids as one 1-D tensor, without special tokens."""
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]

@@ -27,7 +27,7 @@ def rank_config(study, trial) -> RankConfig:
         {k: v for k, v in attrs.items() if k not in TRIAL_ONLY},
         {"study": study.study_name, "trial": trial.number, "baseline": attrs.get("baseline"),
          "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")},
-        calibration=meta.get("calibration"))
+        calibration=meta.get("calibration"), family=meta.get("family"))
 
 
 def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Optional[float] = None,

@@ -78,6 +78,17 @@ def _on_front(loss: np.ndarray) -> np.ndarray:
     return ~dominated
 
 
+def front_rows(frame: pd.DataFrame, objectives: Sequence[Objective]) -> pd.DataFrame:
+    """The rows of a trials frame that no other row dominates on ``objectives`` (rows lacking a
+    value left out): the front in those measures alone."""
+    columns = ["params_pct" if o.size else o.attribute for o in objectives]
+    rows = frame.dropna(subset=columns)
+    if rows.empty:
+        return rows
+    loss = rows[columns].to_numpy(dtype=float) * np.array([-1.0 if o.maximize else 1.0 for o in objectives])
+    return rows[_on_front(loss)]
+
+
 def front_trials(study) -> list:
     """Feasible complete trials on the Pareto front, in trial order (Optuna's ``best_trials``
     semantics, with feasibility read from the ``constraints`` user attribute)."""

@@ -8,6 +8,7 @@ pyplot, so nothing opens a window or touches global state. :func:`save_plots` wr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import List, Mapping, Optional
 
@@ -16,12 +17,14 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..core.errors import ResultsError
 from ..core.io import atomic_path
 from ..decompose import get_method
 from ..evaluate import OBJECTIVES
 from ..model import locate, ordered_types, tensor_types
 from ..space import curves, heatmap_frame
-from .front import front_trials, hypervolume_history, pareto_front, quality, reference_point, trials_frame
+from .front import (front_rows, front_trials, hypervolume_history, pareto_front, quality, reference_point,
+                    trials_frame)
 
 PARAMS_LABEL = OBJECTIVES.get("params").label
 
@@ -40,34 +43,45 @@ def _millions_axis(ax: Axes, study) -> None:
     top.set_xlabel("parameters (millions)")
 
 
-def plot_front(study, ax: Optional[Axes] = None) -> Axes:
-    """Quality against size for every completed trial, the feasible front, and the baselines."""
+def plot_front(study, ax: Optional[Axes] = None, x: str = "params") -> Axes:
+    """Quality against ``x`` (an objective: ``params`` by default, or ``latency``,
+    ``latency_measured`` ...) for every completed trial, the feasible front, and the baselines.
+
+    Against ``params`` the front is the study's; against another measure it is the front in the two
+    measures drawn."""
     ax = _axes(ax)
-    objective = quality(study)
-    metric = objective.attribute
+    objective, along = quality(study), OBJECTIVES.get(x, "x")
+    metric, column = objective.attribute, "params_pct" if along.size else along.attribute
     df = trials_frame(study)
     done = df[df["state"] == "COMPLETE"]
-    front = pareto_front(study)
+    if column not in done or done[column].isna().all():
+        raise ResultsError(f"x: the study's trials record no {column} (for predicted latency, give the study a "
+                           "latency_table: section; for measured latency, evaluation.latency: true)")
+    front = pareto_front(study) if along.size else front_rows(done[done["feasible"]], [along, objective]) \
+        .sort_values(column)
     feasible, infeasible = done[done["feasible"]], done[~done["feasible"]]
-    ax.scatter(feasible["params_pct"], feasible[metric], s=18, color="0.6", label=f"feasible trial ({len(feasible)})")
+    ax.scatter(feasible[column], feasible[metric], s=18, color="0.6", label=f"feasible trial ({len(feasible)})")
     if len(infeasible):
-        ax.scatter(infeasible["params_pct"], infeasible[metric], s=22, marker="x", color="0.75",
+        ax.scatter(infeasible[column], infeasible[metric], s=22, marker="x", color="0.75",
                    label=f"trial violating the constraints ({len(infeasible)})")
-    ax.step(front["params_pct"], front[metric], where="post", color="C0", alpha=0.5)  # attainment curve
-    ax.plot(front["params_pct"], front[metric], "o", color="C0", ms=7, label=f"Pareto front ({len(front)})")
+    ax.step(front[column], front[metric], where="post", color="C0", alpha=0.5)  # attainment curve
+    ax.plot(front[column], front[metric], "o", color="C0", ms=7, label=f"Pareto front ({len(front)})")
     marks = iter(["s", "D", "^", "v", "P", "X"])
     for _, row in done[done["baseline"].notna() & (done["baseline"] != "dense")].iterrows():
-        ax.plot(row["params_pct"], row[metric], next(marks, "s"), color="C1", ms=8, mec="k",
+        ax.plot(row[column], row[metric], next(marks, "s"), color="C1", ms=8, mec="k",
                 label=f"{row['baseline']} baseline (trial {row['number']})")
     base = study.user_attrs.get("baseline") or {}
-    if metric in base:
-        ax.plot(100.0, base[metric], "*", color="C3", ms=15, mec="k", label="undecomposed model (dense)")
-    ax.set_xlabel(PARAMS_LABEL)
+    dense_x = 100.0 if along.size else base.get(column)
+    if metric in base and dense_x is not None:
+        ax.plot(dense_x, base[metric], "*", color="C3", ms=15, mec="k", label="undecomposed model (dense)")
+    ax.set_xlabel(along.label)
     ax.set_ylabel(objective.label)
-    _millions_axis(ax, study)
+    if along.size:
+        _millions_axis(ax, study)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"{study.study_name}: {metric} vs. size, {len(done)} completed trials")
+    ax.set_title(f"{study.study_name}: {metric} vs. {'size' if along.size else along.name}, "
+                 f"{len(done)} completed trials")
     return ax
 
 
@@ -252,9 +266,12 @@ def save_figure(figure: Figure, stem, *, formats=("png", "svg"), dpi: int = 150)
     return written
 
 
-def save_plots(study, out_dir, *, formats=("png", "svg")) -> List[Path]:
-    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths."""
+def save_plots(study, out_dir, *, formats=("png", "svg"), x: str = "params") -> List[Path]:
+    """Write every plot that applies to the study as ``out_dir/<name>.<format>``; return the paths.
+    ``x``: the measure the front is drawn against (``front.*``; another than params adds ``front-<x>.*``)."""
     plots = {"front": plot_front, "hypervolume": plot_hypervolume, "ranks": plot_module_usage}
+    if x != "params":
+        plots[f"front-{x}"] = partial(plot_front, x=x)
     if any(k.startswith("acc/") for t in front_trials(study) for k in t.user_attrs):
         plots["tasks"] = plot_task_accuracy
     return [path for name, plot in plots.items()

@@ -1,7 +1,7 @@
 """Rank configs: a plan exported as versioned JSON for the model it was found for.
 
-A rank config names the model (id as given to :func:`dse.load_model`, its fingerprint and
-dtype), holds the plan (method, options, module -> rank), the measured sizes and metrics of the
+A rank config names the model (id as given to :func:`dse.load_model`, its fingerprint, dtype
+and architecture family), holds the plan (method, options, module -> rank), the measured sizes and metrics of the
 trial it came from, and that trial's study. :func:`load_config_file` refuses a truncated or
 foreign file with a one-line error naming the field, and :meth:`RankConfig.check` a model other
 than the one the config was found for.
@@ -19,7 +19,7 @@ from ..core.errors import ExportError, PlanError
 from ..core.io import atomic_write_text
 from ..core.validate import read_json
 from ..decompose import Plan, model_fingerprint
-from ..model import find_projections
+from ..model import FAMILIES, find_projections
 
 CONFIG_FORMAT = 1
 
@@ -34,10 +34,13 @@ class RankConfig:
     source: Dict[str, Any] = field(default_factory=dict)  # study, trial number, baseline label, tasks
     dse_version: str = __version__
     calibration: Optional[Dict[str, Any]] = None  # the study's CalibrationSpec as plain data
+    family: Optional[str] = None  # the family the plan's module names come from (None: the one recognised)
 
     def to_dict(self) -> Dict[str, Any]:
-        out = {"format": CONFIG_FORMAT, "dse_version": self.dse_version,
-               "model": {"id": self.model, "fingerprint": self.fingerprint, "dtype": self.dtype},
+        model = {"id": self.model, "fingerprint": self.fingerprint, "dtype": self.dtype}
+        if self.family is not None:
+            model["family"] = self.family
+        out = {"format": CONFIG_FORMAT, "dse_version": self.dse_version, "model": model,
                "plan": self.plan.to_dict(), "metrics": dict(self.metrics), "source": dict(self.source)}
         if self.calibration is not None:
             out["calibration"] = self.calibration
@@ -54,6 +57,9 @@ class RankConfig:
         for key in ("id", "fingerprint", "dtype"):
             if not isinstance(model, dict) or not isinstance(model.get(key), str):
                 raise ExportError(f"{where}.model.{key}: required (a string)")
+        family = model.get("family")
+        if family is not None:
+            FAMILIES.get(family, f"{where}.model.family", ExportError)
         try:
             plan = Plan.from_dict(data.get("plan"))
         except PlanError as e:
@@ -62,7 +68,7 @@ class RankConfig:
         if calibration is not None and not isinstance(calibration, dict):
             raise ExportError(f"{where}.calibration: expected an object (a calibration spec)")
         return cls(model["id"], model["fingerprint"], model["dtype"], plan, dict(data.get("metrics") or {}),
-                   dict(data.get("source") or {}), str(data.get("dse_version", "?")), calibration)
+                   dict(data.get("source") or {}), str(data.get("dse_version", "?")), calibration, family)
 
     def save(self, path) -> Path:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
@@ -70,7 +76,7 @@ class RankConfig:
 
     def check(self, model, where: str = "config") -> None:
         """Refuse ``model`` unless it is the one this config was found for and the plan fits it."""
-        table = find_projections(model)
+        table = find_projections(model, self.family)
         fingerprint = model_fingerprint(model, table)
         if fingerprint != self.fingerprint:
             raise ExportError(f"{where}.model.fingerprint: the config was exported for model {self.model!r} "

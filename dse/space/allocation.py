@@ -1,4 +1,5 @@
-"""Allocation spaces: spend one parameter budget across modules; the search picks *where*.
+"""Allocation spaces: spend one budget (parameters, or predicted latency) across modules; the
+search picks *where*.
 
 A grid space (:mod:`dse.space`) lets the sampler pick ranks freely, so plans land at any size.
 An allocation space fixes the size and searches how to spread it::
@@ -7,13 +8,16 @@ An allocation space fixes the size and searches how to spread it::
     model: smollm2-135m
     layers: all                      # as in a grid space
     types: [q, k, v, o, gate, up, down]
-    budget: {ratio: 0.2}             # or {params: 0.85}
+    budget: {ratio: 0.2}             # or {params: 0.85}, or {latency: 0.8}
     weights: {low: 0.1, high: 10, layer_knots: 4}
     starts: [flat, sensitivity]
 
 **Budget.** ``ratio: R``: the size of SVD-LLM's uniform rule on the selected modules (each loses
 ``R`` of its parameters, rank ``int(m·n·(1−R)/(m+n))``); ``params: F``: the whole model keeps the
 fraction ``F`` of its parameters. Every plan of the space keeps at most that many parameters.
+``latency: F``: the whole model's predicted decode step (the study's latency table,
+:mod:`dse.decompose.latency`) is at most ``F`` of the dense model's; ranks are then paid in
+predicted milliseconds (:class:`LatencyCost`) instead of parameters (:class:`ParamCost`).
 
 **Importance** (:func:`importance`): dropping component ``i`` of a module changes its output by
 ``U_i S_i (Vh_i x)``; weighting each output channel ``o`` by ``g_o``, the mean squared gradient of
@@ -25,8 +29,9 @@ what makes a component that the inputs rarely excite cheap to drop.
 
 **Allocation** (:func:`allocate`, pure): every selected module starts at rank 1; then components
 are added in decreasing order of ``weight · importance_i / (m + n)`` (estimated loss avoided per
-parameter spent) while they fit in the budget. A module whose rank reaches ``m·n / (m + n)`` is
-left dense instead (cheaper, and exact).
+parameter spent; per predicted millisecond under a latency budget) while they fit in the budget.
+A module whose next rank costs as much as the dense matrix (``m·n / (m + n)`` parameters, or its
+measured break-even rank) is left dense instead (cheaper, and exact).
 
 **Parameters.** The sampler sets the weights: one per tensor type (``type.q`` ...) and, with
 ``layer_knots: K >= 2``, a profile over layers (``layer.0`` ... ``layer.K-1`` at evenly spaced
@@ -59,22 +64,77 @@ from .fields import ModelSpace, parse_layers, parse_model, parse_types
 Measure = Callable[[str, Plan], float]  # (probe name, plan) -> loss increase (> 0 is worse)
 
 
+class ParamCost:
+    """What an allocation spends: parameters. Rank ``r`` of an ``m × n`` module costs ``r·(m+n)``."""
+
+    what = "parameters"
+
+    def unit(self, p) -> float:
+        """The cost of one more component, for ranking components."""
+        return p.out_features + p.in_features
+
+    def curve(self, p) -> np.ndarray:
+        """The cost at each rank ``0 .. full + 1``."""
+        return np.arange(p.full_rank + 2, dtype=np.int64) * (p.out_features + p.in_features)
+
+    def dense(self, p) -> int:
+        return p.dense_params
+
+
+class LatencyCost:
+    """What an allocation spends: predicted decode milliseconds (:class:`dse.decompose.latency.LatencyTable`).
+
+    ``table`` is the whole model's projection table; ``total`` its predicted dense decode step."""
+
+    what = "predicted decode ms"
+
+    def __init__(self, latency, table: Mapping):
+        self.latency = latency
+        self.total = latency.predict(Plan({}), table)["predicted_decode_ms"]
+
+    def unit(self, p) -> float:
+        curve = self.curve(p)
+        top = max(2, min(self.latency.cost(p).break_even(), p.full_rank))
+        return max((curve[top] - curve[1]) / (top - 1), 1e-9)
+
+    def curve(self, p) -> np.ndarray:
+        return self.latency.cost(p).at(np.arange(p.full_rank + 2))
+
+    def dense(self, p) -> float:
+        return self.latency.module_ms(p, None)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The size every plan keeps: exactly one of ``ratio`` and ``params`` (see the module doc)."""
+    """What every plan keeps: exactly one of ``ratio``, ``params`` and ``latency`` (see the module doc)."""
 
     ratio: Optional[float] = None
     params: Optional[float] = None
+    latency: Optional[float] = None
 
-    def kept(self, selected: Mapping, model_params: int) -> int:
-        """Parameters the ``selected`` projections may keep in total (weights only)."""
+    def cost(self, latency=None, table: Optional[Mapping] = None):
+        """The cost a plan spends under this budget: :class:`ParamCost`, or :class:`LatencyCost` over
+        ``latency`` (a latency table) for ``table`` (the model's projections)."""
+        if self.latency is None:
+            return ParamCost()
+        if latency is None:
+            raise SpaceError("space.budget.latency: needs the study's latency table (none was given)")
+        return LatencyCost(latency, table)
+
+    def kept(self, selected: Mapping, model_params: int, cost=None):
+        """What the ``selected`` projections may keep in total under ``cost`` (default parameters):
+        weights, or predicted decode milliseconds."""
+        cost = cost or ParamCost()
         if self.ratio is not None:
             return uniform_plan(selected, ratio=self.ratio).params(selected)
-        dense = sum(p.dense_params for p in selected.values())
+        dense = sum(cost.dense(p) for p in selected.values())
+        if self.latency is not None:
+            return self.latency * cost.total - (cost.total - dense)
         return int(self.params * model_params) - (model_params - dense)
 
     def label(self) -> str:
-        return f"ratio {self.ratio:g}" if self.ratio is not None else f"params {self.params:g}"
+        kind = next(k for k in ("ratio", "params", "latency") if getattr(self, k) is not None)
+        return f"{kind} {getattr(self, kind):g}"
 
 
 class AllocationError(SpaceError):
@@ -89,38 +149,43 @@ def importance(form, out_grad: torch.Tensor, xtx: torch.Tensor) -> np.ndarray:
     return (S.pow(2) * (out_grad.to(U)[:, None] * U.pow(2)).sum(0) * excited).cpu().numpy()
 
 
-def allocate(selected: Mapping, importances: Mapping[str, np.ndarray], kept: int,
-             weights: Mapping[str, float]) -> Dict[str, int]:
-    """Ranks of the modules that stay decomposed, keeping at most ``kept`` parameters in total.
+def allocate(selected: Mapping, importances: Mapping[str, np.ndarray], kept, weights: Mapping[str, float],
+             cost=None) -> Dict[str, int]:
+    """Ranks of the modules that stay decomposed, spending at most ``kept`` in total.
 
     ``selected``: projection table entries; ``importances``: each module's per-component
-    :func:`importance` (in component order); ``weights``: each module's multiplier.
+    :func:`importance` (in component order); ``weights``: each module's multiplier; ``cost``: what a
+    rank costs (:class:`ParamCost`, the default, or :class:`LatencyCost`).
     """
+    cost = cost or ParamCost()
     names = list(selected)
-    costs = np.array([selected[n].out_features + selected[n].in_features for n in names], dtype=np.int64)
-    dense = np.array([selected[n].dense_params for n in names], dtype=np.int64)
-    used = int(costs.sum())
+    units = np.array([cost.unit(selected[n]) for n in names])
+    curves = [cost.curve(selected[n]) for n in names]
+    dense = [cost.dense(selected[n]) for n in names]
+    used = sum(curve[1] for curve in curves)
     if used > kept:
-        raise AllocationError(f"space.budget: keeps {kept} parameters, but rank 1 on all {len(names)} selected "
-                              f"modules needs {used}")
+        raise AllocationError(f"space.budget: keeps {kept:.6g} {cost.what}, but rank 1 on all {len(names)} "
+                              f"selected modules needs {used:.6g}")
     score, owner = [], []
     for j, n in enumerate(names):
         gain = np.asarray(importances[n])[1:selected[n].full_rank]
-        score.append(weights[n] * gain / costs[j])
+        score.append(weights[n] * gain / units[j])
         owner.append(np.full(len(gain), j))
     score, owner = np.concatenate(score), np.concatenate(owner)
     rank = np.ones(len(names), dtype=np.int64)
     is_dense = np.zeros(len(names), dtype=bool)
-    cheapest = int(costs.min())
+    cheapest = min(curve[2] - curve[1] for curve in curves)
     for j in owner[np.argsort(-score, kind="stable")]:
         if kept - used < cheapest:
             break
         if is_dense[j]:
             continue
-        step = costs[j] if (rank[j] + 1) * costs[j] < dense[j] else dense[j] - rank[j] * costs[j]
+        curve, r = curves[j], rank[j]
+        grows = curve[r + 1] < dense[j]
+        step = curve[r + 1] - curve[r] if grows else dense[j] - curve[r]
         if used + step <= kept:
-            used += int(step)
-            if (rank[j] + 1) * costs[j] < dense[j]:
+            used += step
+            if grows:
                 rank[j] += 1
             else:
                 is_dense[j] = True
@@ -133,6 +198,7 @@ class AllocationSpace(ModelSpace):
     budget: Budget
     model: Optional[str] = None
     model_config: Optional[Mapping[str, Any]] = None
+    family: Optional[str] = None
     layers: Any = "all"
     types: Optional[Tuple[str, ...]] = None
     low: float = 0.1
@@ -184,8 +250,9 @@ class AllocationSpace(ModelSpace):
         return {n: types[p.type] * profile[p.layer] for n, p in sel.items()}
 
     def plan_from_params(self, params: Mapping[str, float], table: Mapping, method: MethodConfig, *,
-                         importances: Mapping, model_params: int) -> Plan:
-        """The plan of ``params`` (a trial's): :func:`allocate` under the budget."""
+                         importances: Mapping, model_params: int, latency=None) -> Plan:
+        """The plan of ``params`` (a trial's): :func:`allocate` under the budget (a latency budget
+        spends the predicted milliseconds of ``latency``, the study's latency table)."""
         method = as_config(method)
         if get_method(method.name).pair_ranks:
             raise SpaceError(f"space.budget: allocation needs a one-rank method, not {method.name}")
@@ -196,14 +263,16 @@ class AllocationSpace(ModelSpace):
                 raise SpaceError(f"params: {name!r} is missing (space {self.name})")
             return float(params[name])
 
-        ranks = allocate(sel, importances, self.budget.kept(sel, model_params), self._weights(sel, value))
+        cost = self.budget.cost(latency, table)
+        ranks = allocate(sel, importances, self.budget.kept(sel, model_params, cost), self._weights(sel, value), cost)
         return Plan(ranks, method)
 
     def suggest(self, trial, table: Mapping, method: MethodConfig, *, importances: Mapping,
-                model_params: int) -> Plan:
+                model_params: int, latency=None) -> Plan:
         """Sample the weights with ``trial.suggest_float`` (log scale) and allocate."""
         params = {name: trial.suggest_float(name, self.low, self.high, log=True) for name in self.param_names(table)}
-        return self.plan_from_params(params, table, method, importances=importances, model_params=model_params)
+        return self.plan_from_params(params, table, method, importances=importances, model_params=model_params,
+                                     latency=latency)
 
     def param_names(self, table: Mapping) -> Tuple[str, ...]:
         sel = self.selected(table)
@@ -214,12 +283,14 @@ class AllocationSpace(ModelSpace):
     def flat_params(self, table: Mapping) -> Dict[str, float]:
         return dict.fromkeys(self.param_names(table), 1.0)
 
-    def probe_plans(self, table: Mapping, method: MethodConfig, *, model_params: int) -> Dict[str, Plan]:
+    def probe_plans(self, table: Mapping, method: MethodConfig, *, model_params: int,
+                    latency=None) -> Dict[str, Plan]:
         """One plan per parameter: its type (or its knot's band of layers) alone, cut at the budget's
-        average ratio ``1 − kept / dense`` by SVD-LLM's uniform rule."""
+        average ratio ``1 − kept / dense`` (of parameters, or of predicted milliseconds under a
+        latency budget) by SVD-LLM's uniform rule."""
         sel = self.selected(table)
-        dense = sum(p.dense_params for p in sel.values())
-        ratio = 1 - self.budget.kept(sel, model_params) / dense
+        cost = self.budget.cost(latency, table)
+        ratio = 1 - self.budget.kept(sel, model_params, cost) / sum(cost.dense(p) for p in sel.values())
         layers = sorted({p.layer for p in sel.values()})
         at = np.linspace(layers[0], layers[-1], max(self.layer_knots, 2))
         band = {layer: int(np.argmin(np.abs(at - layer))) for layer in layers}
@@ -252,7 +323,7 @@ class AllocationSpace(ModelSpace):
 @dataclass(frozen=True)
 class Start:
     """A starting point enqueued once per study: ``params(space, table, method, model_params,
-    measure)`` gives its weights; ``measures``: it calls ``measure`` (so the study needs a
+    measure, latency)`` gives its weights; ``measures``: it calls ``measure`` (so the study needs a
     perplexity or accuracy objective to measure with)."""
 
     params: Callable[..., Dict[str, float]]
@@ -261,16 +332,16 @@ class Start:
 
 
 def flat_start(space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int,
-               measure: Measure) -> Dict[str, float]:
+               measure: Measure, latency=None) -> Dict[str, float]:
     """Every weight 1: the spectrum and the importance estimate alone decide."""
     return space.flat_params(table)
 
 
 def sensitivity_start(space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int,
-                      measure: Measure) -> Dict[str, float]:
+                      measure: Measure, latency=None) -> Dict[str, float]:
     """Weights from measured sensitivity: each probe of :meth:`AllocationSpace.probe_plans` is
     measured, and its loss per removed parameter sets its weight."""
-    probes = space.probe_plans(table, method, model_params=model_params)
+    probes = space.probe_plans(table, method, model_params=model_params, latency=latency)
     losses = {name: measure(name, plan) for name, plan in probes.items()}
     removed = {name: sum(table[n].dense_params for n in plan.ranks) - plan.params(table) for name, plan in probes.items()}
     return space.sensitivity_params(losses, removed)
@@ -279,14 +350,14 @@ def sensitivity_start(space: AllocationSpace, table: Mapping, method: MethodConf
 STARTS: Registry[Start] = Registry("start")
 
 
-_KEYS = ("name", "description", "model", "model_config", "layers", "types", "budget", "weights", "starts")
+_KEYS = ("name", "description", "model", "model_config", "family", "layers", "types", "budget", "weights", "starts")
 
 
 def _parse(data) -> AllocationSpace:
-    name, description, model, model_config = parse_model(data, _KEYS)
+    fields = parse_model(data, _KEYS)
     budget = data.get("budget")
-    if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in ("ratio", "params"):
-        raise SpaceError(f"space.budget: expected {{ratio: R}} or {{params: F}}, got {budget!r}")
+    if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in ("ratio", "params", "latency"):
+        raise SpaceError(f"space.budget: expected {{ratio: R}}, {{params: F}} or {{latency: F}}, got {budget!r}")
     (key, value), = budget.items()
     budget = Budget(**{key: number(value, f"space.budget.{key}", 0, 1, open_low=True, open_high=True,
                                    error=SpaceError)})
@@ -301,7 +372,6 @@ def _parse(data) -> AllocationSpace:
         raise SpaceError(f"space.starts: expected a list of {', '.join(STARTS)}, got {starts!r}")
     for i, start in enumerate(starts):
         STARTS.get(start, f"space.starts[{i}]", SpaceError)
-    return AllocationSpace(name=name, budget=budget, model=model, model_config=model_config,
-                           layers=parse_layers(data.get("layers", "all")),
+    return AllocationSpace(**fields, budget=budget, layers=parse_layers(data.get("layers", "all")),
                            types=parse_types(data.get("types")), low=low, high=high, layer_knots=knots,
-                           starts=tuple(starts), description=description)
+                           starts=tuple(starts))

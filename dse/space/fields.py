@@ -1,5 +1,5 @@
-"""The fields every space file has: its name, its model (or model config) and its selection of
-layers and tensor types; shared by grid spaces (:mod:`dse.space.grid`) and allocation spaces
+"""The fields every space file has: its name, its model (or model config), optionally its family
+(``family: llama``; default: the one recognised on the model) and its selection of layers and tensor types; shared by grid spaces (:mod:`dse.space.grid`) and allocation spaces
 (:mod:`dse.space.allocation`)."""
 
 from __future__ import annotations
@@ -8,19 +8,20 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..core.errors import SpaceError
 from ..core.validate import check_keys, integer
-from ..model import CANONICAL_TYPES, n_layers, tensor_types
+from ..model import CANONICAL_TYPES, FAMILIES, n_layers, tensor_types
 from ..model.shapes import projection_table
 
 Layers = Union[str, Tuple[int, ...], range]
 
 
 class ModelSpace:
-    """What both kinds of space do with their model fields (``model``, ``model_config``,
+    """What both kinds of space do with their model fields (``model``, ``model_config``, ``family``,
     ``layers``, ``types``): the projection table, and the layers and types selected in it."""
 
     def table(self):
         """The projection table of the space's model, from shapes only (see :mod:`dse.model.shapes`)."""
-        return projection_table(self.model, self.model_config, where="space.model_config", error=SpaceError)
+        return projection_table(self.model, self.model_config, family=self.family, where="space.model_config",
+                                error=SpaceError)
 
     def selected_types(self, table: Mapping) -> Tuple[str, ...]:
         """The space's types present in ``table``, canonical order; a listed type the model lacks
@@ -46,8 +47,9 @@ def selected_layers(layers: Layers, count: int) -> List[int]:
     return list(layers)
 
 
-def parse_model(data, keys) -> Tuple[str, str, Optional[str], Optional[Dict[str, Any]]]:
-    """``(name, description, model, model_config)`` of a space file, after checking its keys."""
+def parse_model(data, keys) -> Dict[str, Any]:
+    """``name``, ``description``, ``model``, ``model_config`` and ``family`` of a space file (the
+    keyword arguments of either kind of space), after checking its keys."""
     if not isinstance(data, Mapping):
         raise SpaceError(f"space: expected a mapping of fields, got {type(data).__name__}")
     check_keys(data, keys, "space", SpaceError)
@@ -65,7 +67,11 @@ def parse_model(data, keys) -> Tuple[str, str, Optional[str], Optional[Dict[str,
     if model_config is not None and not (isinstance(model_config, Mapping)
                                          and isinstance(model_config.get("model_type"), str)):
         raise SpaceError("space.model_config: expected a mapping with a model_type")
-    return name, description, model, dict(model_config) if model_config else None
+    family = data.get("family")
+    if family is not None:
+        FAMILIES.get(family, "space.family", SpaceError)
+    return {"name": name, "description": description, "model": model,
+            "model_config": dict(model_config) if model_config else None, "family": family}
 
 
 def parse_layers(value) -> Layers:

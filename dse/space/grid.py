@@ -6,6 +6,7 @@ A grid space is a YAML file (or a dict) validated into a frozen :class:`Space`::
     description: free text                  # optional
     model: smollm2-135m                     # the model a study loads (dse.model.load_model)
     model_config: {model_type: llama, ...}  # optional: shapes come from this config, offline
+    family: llama                           # optional: the family (dse list families); default: recognised
     layers: all                             # all | [0, 3, 7] | {from: 2, to: 10} (both ends included)
     types: [q, k, v, o, gate, up, down]     # tensor types (dse.model); default: all the model has
     ranks: [0.5, 0.25, 0.1, dense]          # the choices, below
@@ -41,7 +42,9 @@ for modules of every shape; switches are booleans.
 **Rules.** ``skip_first: k`` / ``skip_last: k``: the first / last ``k`` layers of the model stay
 dense. ``max_layers: k``: at most ``k`` layers are decomposed (a layer is decomposed when any of
 its modules is). ``no_adjacent``: no two decomposed layers are neighbours (model indices ``l`` and
-``l + 1``). ``align: a``: ranks resolve to multiples of ``a``. ``max_layers`` and ``no_adjacent``
+``l + 1``). ``align: a``: ranks resolve to multiples of ``a``; ``align: auto``: a study rounds each
+sampled rank down to its shape's measured fast step (:mod:`dse.decompose.latency`) and leaves dense
+any module whose rank is measured no faster than dense (counts are those of ``align: 1``). ``max_layers`` and ``no_adjacent``
 apply to groups module, layer and layer_x_type (module and layer need ``dense`` among the ranks);
 for type and shared they are an error; under layer_x_type they bind the layer switches. Sampling
 respects every rule by construction: layers are visited in order, and a layer right after a
@@ -80,7 +83,12 @@ class Rules:
     skip_last: int = 0
     no_adjacent: bool = False
     max_layers: Optional[int] = None
-    align: int = 1
+    align: Union[int, str] = 1  # or "auto": each shape's measured fast step (a latency table), at run time
+
+    @property
+    def align_step(self) -> int:
+        """The step ranks resolve to in the space itself (``auto`` rounds later, by the latency table)."""
+        return 1 if self.align == "auto" else self.align
 
     def may_decompose(self, decomposed: int, after_decomposed: bool) -> bool:
         """Whether a layer may be decomposed when ``decomposed`` layers already are and the layer
@@ -122,6 +130,7 @@ class Space(ModelSpace):
     ranks: Tuple[Choice, ...]
     model: Optional[str] = None
     model_config: Optional[Mapping[str, Any]] = None
+    family: Optional[str] = None
     layers: Layers = "all"
     types: Optional[Tuple[str, ...]] = None
     group: str = "module"
@@ -139,7 +148,7 @@ class Space(ModelSpace):
     def to_dict(self) -> Dict[str, Any]:
         """The space as plain data; ``Space.from_dict(space.to_dict()) == space``."""
         out = {"name": self.name, "description": self.description, "model": self.model,
-               "model_config": dict(self.model_config) if self.model_config else None,
+               "model_config": dict(self.model_config) if self.model_config else None, "family": self.family,
                "layers": layers_to_data(self.layers), "types": list(self.types) if self.types else None,
                "ranks": list(self.ranks), "group": self.group, "rules": dataclasses.asdict(self.rules)}
         return {k: v for k, v in out.items() if v not in (None, "")}
@@ -173,7 +182,7 @@ class Space(ModelSpace):
         return Layout(tuple(sorted({layer for layer, _ in cells})), types, dict(cells), resolved)
 
     def _resolve(self, name: str, full: int) -> Tuple[Optional[int], ...]:
-        resolved = tuple(resolve_rank(c, full, self.rules.align) for c in self.ranks)
+        resolved = tuple(resolve_rank(c, full, self.rules.align_step) for c in self.ranks)
         seen: Dict[int, int] = {}
         for j, r in enumerate(resolved):
             if r is not None and r in seen:
@@ -269,7 +278,7 @@ def format_counts(space: Space, table: Mapping) -> str:
 
 # --- validation --------------------------------------------------------------------------------
 
-_KEYS = ("name", "description", "model", "model_config", "layers", "types", "ranks", "group", "rules")
+_KEYS = ("name", "description", "model", "model_config", "family", "layers", "types", "ranks", "group", "rules")
 
 
 def _choice(value, where: str) -> Choice:
@@ -291,7 +300,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
     for key in ("skip_first", "skip_last"):
         if key in kw:
             integer(kw[key], f"space.rules.{key}", 0, SpaceError)
-    if "align" in kw:
+    if "align" in kw and kw["align"] != "auto":
         integer(kw["align"], "space.rules.align", 1, SpaceError)
     if kw.get("max_layers") is not None:
         integer(kw["max_layers"], "space.rules.max_layers", 1, SpaceError)
@@ -311,7 +320,7 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
 
 
 def _parse(data) -> Space:
-    name, description, model, model_config = parse_model(data, _KEYS)
+    fields = parse_model(data, _KEYS)
     group = data.get("group", "module")
     unit = GROUPS.get(group, "space.group", SpaceError)
     raw_ranks = data.get("ranks")
@@ -326,6 +335,6 @@ def _parse(data) -> Space:
             raise SpaceError(f"space.ranks[{i}]: group {group} leaves modules dense by its switches; remove 'dense'")
     if labels == [DENSE]:
         raise SpaceError("space.ranks: needs a rank besides 'dense'")
-    return Space(name=name, ranks=ranks, model=model, model_config=model_config,
-                 layers=parse_layers(data.get("layers", "all")), types=parse_types(data.get("types")), group=group,
-                 rules=_rules(data.get("rules") or {}, group, DENSE in labels), description=description)
+    return Space(**fields, ranks=ranks, layers=parse_layers(data.get("layers", "all")),
+                 types=parse_types(data.get("types")), group=group,
+                 rules=_rules(data.get("rules") or {}, group, DENSE in labels))

@@ -60,10 +60,12 @@ def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, pr
 
 
 def model_study(model: str, *, tasks: Sequence[str] = ("piqa", "arc_easy"), limit: int = 100,
-                data_dir: Optional[str] = None, method: str = "svd", device: str = "cpu", dtype: str = "float32"):
-    """A study config to characterize ``model`` alone: its tasks, rank-1 ``method`` and no search."""
+                data_dir: Optional[str] = None, method: str = "svd", device: str = "cpu", dtype: str = "float32",
+                family: Optional[str] = None):
+    """A study config to characterize ``model`` (of ``family``, default: the one recognised) alone:
+    its tasks, rank-1 ``method`` and no search."""
     return study_config_from_dict({
-        "name": "characterize", "model": model, "method": method, "device": device, "dtype": dtype,
+        "name": "characterize", "model": model, "family": family, "method": method, "device": device, "dtype": dtype,
         "space": {"name": "all", "model": model, "ranks": [1], "group": "shared"},
         "evaluation": {"tasks": list(tasks), "limit": limit, "data_dir": data_dir},
         "objectives": ["accuracy", "params"]})

@@ -19,14 +19,16 @@ from typing import Any, List, Mapping, Optional, Tuple
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
 from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, check_memory, make_config
+from ..decompose.latency import TableSpec
 from ..evaluate import OBJECTIVES, EvalConfig
-from ..model import DTYPES, DeviceMap, parse_device_map, parse_max_memory
+from ..model import DTYPES, FAMILIES, DeviceMap, parse_device_map, parse_max_memory
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
 from .samplers import SamplerConfig, parse_sampler
 
-KEYS = ("name", "model", "device", "device_map", "max_memory", "offload_dir", "dtype", "space", "method",
-        "method_options", "calibration", "evaluation", "objectives", "sampler", "seed", "n_trials", "timeout", "storage",
-        "constraints", "baselines", "cache", "cache_dir", "heartbeat_s", "grace_s", "multi_fidelity")
+KEYS = ("name", "model", "family", "device", "device_map", "max_memory", "offload_dir", "dtype", "space", "method",
+        "method_options", "calibration", "evaluation", "objectives", "sampler", "seed", "n_trials", "timeout",
+        "storage", "constraints", "baselines", "cache", "cache_dir", "heartbeat_s", "grace_s", "multi_fidelity",
+        "latency_table")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class StudyConfig:
     space: AnySpace
     evaluation: EvalConfig
     model: str = "smollm2-135m"
+    family: Optional[str] = None  # the architecture family (dse.model.FAMILIES); None: the one recognised
     device: str = "cpu"
     device_map: Optional[DeviceMap] = None  # accelerate's placement over devices, instead of ``device``
     max_memory: Optional[Mapping] = None
@@ -90,6 +93,18 @@ class StudyConfig:
     heartbeat_s: int = 30  # RDB storage: a worker's liveness signal
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
     multi_fidelity: Optional[MultiFidelity] = None
+    latency_table: Optional[TableSpec] = None  # given, or implied by what needs one (see uses_latency)
+
+    @property
+    def optimises_latency(self) -> bool:
+        """A latency objective or a latency budget: sampled plans never keep a rank measured slower than dense."""
+        return "latency" in self.objectives or getattr(getattr(self.space, "budget", None), "latency", None) is not None
+
+    @property
+    def uses_latency(self) -> bool:
+        """Whether trials need a latency table: latency optimised, ``align: auto``, or a table given."""
+        rules = getattr(self.space, "rules", None)
+        return self.optimises_latency or getattr(rules, "align", None) == "auto" or self.latency_table is not None
 
     @property
     def directions(self) -> List[str]:
@@ -123,8 +138,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     return StudyConfig(
         name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", "smollm2-135m"), "model"),
-        device=_device(data.get("device", "cpu")), dtype=_dtype(data.get("dtype", "float32")), method=method,
-        **_placement(data, base),
+        family=_family(data.get("family"), space), device=_device(data.get("device", "cpu")),
+        dtype=_dtype(data.get("dtype", "float32")), method=method, **_placement(data, base),
         calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
         seed=integer(data.get("seed", 0), "seed"), n_trials=integer(data.get("n_trials", 20), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
@@ -133,7 +148,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         **_cache(data, base),
         heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
-        multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives))
+        multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
+        latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base))
 
 
 def _space(data, base: Path) -> AnySpace:
@@ -142,6 +158,16 @@ def _space(data, base: Path) -> AnySpace:
     if isinstance(data, Mapping):
         return space_from_dict(data)
     raise ConfigError("space: expected a path to a space YAML or an inline mapping")
+
+
+def _family(family, space: AnySpace) -> Optional[str]:
+    """The study's ``family``, else its space's; the two must agree when both are set."""
+    if family is None:
+        return space.family
+    FAMILIES.get(string(family, "family"), "family")
+    if space.family is not None and space.family != family:
+        raise ConfigError(f"family: {family!r}, but the space says space.family: {space.family!r}")
+    return family
 
 
 def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Optional[CalibrationSpec]:

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..core.errors import StudyError
 from ..core.validate import finite
-from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, param_count, \
-    plan_size, restore_
+from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, plan_size, restore_
+from ..decompose.latency import LatencyTable, TableSpec, latency_table
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
-from ..model import find_projections, load_model
+from ..model import family_of, find_projections, load_model, param_count
 from ..results.front import TRIAL_ONLY
 from ..space import STARTS, Baseline, importance
 from .config import StudyConfig
@@ -33,18 +33,20 @@ class TrialFailed(RuntimeError):
 
 class Worker:
     def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
-                 calibration=None, progress: bool = True):
+                 calibration=None, table=None, latency: Optional[LatencyTable] = None, progress: bool = True):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.evaluator = evaluator
-        self.table = find_projections(model)
+        self.family = family_of(model, config.family).family
+        self.table = table if table is not None else find_projections(model, self.family)
         self.cache = cache if cache is not None else FactorCache(config.cache_dir, config.cache_memory)
         self.calibration = calibration
         self.progress = progress
         self.baseline: Dict[str, Any] = {}
         self.model_params = param_count(model)
         self._importances: Optional[Dict[str, Any]] = None
+        self._latency = latency
         self._bar = None
 
     @classmethod
@@ -55,17 +57,28 @@ class Worker:
         model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
                                       device_map=config.device_map, max_memory=config.max_memory,
                                       offload_dir=config.offload_dir)
+        table = find_projections(model, config.family)
         cache, calibration = FactorCache(config.cache_dir, config.cache_memory), None
         if config.calibration is not None:
             keeps = cache.memory != "none" or cache.directory is not None
             on_layer = None
             if config.calibration.streamed and config.method.needs_calibration and keeps:
                 def on_layer(names, cal):
-                    factor_forms(model, names, config.method, cache=cache, calibration=cal)
+                    factor_forms(model, names, config.method, cache=cache, calibration=cal, table=table)
             calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    gradients=config.space.needs_importance, on_layer=on_layer, progress=progress)
+                                    gradients=config.space.needs_importance, on_layer=on_layer, progress=progress,
+                                    table=table)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
-        return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, progress=progress)
+        return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, table=table,
+                   progress=progress)
+
+    def latency(self) -> Optional[LatencyTable]:
+        """The study's latency table (measured, or read from the cache, on first use), or None when
+        the study needs none (:attr:`StudyConfig.uses_latency`)."""
+        if self._latency is None and self.config.uses_latency:
+            self._latency = latency_table(self.model, self.table, self.config.latency_table or TableSpec(),
+                                          self.config.cache_dir, progress=self.progress)
+        return self._latency if self.config.uses_latency else None
 
     # --- study-level ----------------------------------------------------------------------------
     def prepare(self, study: optuna.Study, target: Optional[int] = None) -> None:
@@ -77,7 +90,7 @@ class Worker:
                               f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
         if not meta:
             study.set_user_attr("dse", {
-                "version": __version__, "model": self.config.model, "fingerprint": fingerprint,
+                "version": __version__, "model": self.config.model, "family": self.family, "fingerprint": fingerprint,
                 "method": self.config.method.name, "method_options": self.config.method.changed_options(),
                 "objectives": list(self.config.objectives), "dtype": self.config.dtype,
                 "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit,
@@ -103,7 +116,8 @@ class Worker:
         with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
             measure = self._probe_measure(study, bar)
             starts = {name: STARTS.get(name).params(space, self.table, self.config.method,
-                                                    model_params=self.model_params, measure=measure)
+                                                    model_params=self.model_params, measure=measure,
+                                                    latency=self.latency())
                       for name in space.starts}  # all measured before any is enqueued
         for name, params in starts.items():
             study.enqueue_trial(params, user_attrs={"start": name})
@@ -165,9 +179,14 @@ class Worker:
         if spec is not None:
             return Baseline(*spec).plan(self.table, method, model_params=self.model_params)
         if space.needs_importance:
-            return space.suggest(trial, self.table, method, importances=self.importances(),
-                                 model_params=self.model_params)
-        return space.suggest(trial, self.table, method)
+            plan = space.suggest(trial, self.table, method, importances=self.importances(),
+                                 model_params=self.model_params, latency=self.latency())
+        else:
+            plan = space.suggest(trial, self.table, method)
+        align = getattr(getattr(space, "rules", None), "align", None) == "auto"
+        if self.config.optimises_latency or align:  # never a rank measured slower than dense
+            plan = self.latency().faster_plan(plan, self.table, align=align)
+        return plan
 
     def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
         """Decompose with ``plan``, evaluate, restore; return sizes and metrics (with every derived
@@ -176,10 +195,12 @@ class Worker:
         metrics so far."""
         size = plan_size(self.model, plan, self.table)
         out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
+        if self.latency() is not None:
+            out.update(self.latency().predict(plan, self.table))
         t0 = time.perf_counter()
         try:
             if len(plan):
-                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration)
+                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table)
             out["decompose_seconds"] = time.perf_counter() - t0
             if not len(plan) and self.baseline:  # the dense model was measured once already
                 metrics = {k: v for k, v in self.baseline.items() if k not in out}

@@ -1,0 +1,196 @@
+"""Benchmark: is a compressed SmolLM2 actually faster, how good is the latency table, and does a
+latency-aware search beat a parameter budget at equal measured latency? In one run.
+
+1. The machine's memory bandwidth (a large copy) and the latency table (its build time).
+2. Searched ``svdllm`` allocation plans at −10 / −20 / −30 % of the parameters (protocol P1, the
+   study ``studies/smollm2-budget.yaml`` with its budget replaced), the −20 % plan with its ranks
+   aligned to the measured fast steps and one below them, and the best plan of a latency-budget
+   study whose predicted decode step equals the −20 % plan's.
+3. Every plan exported (``dse apply``, low-rank folder), then measured by ``dse speed`` in a fresh
+   process each, in ``--rounds`` interleaved rounds (medians): weight bytes, decode tokens/s at
+   batch 1 and 8, prefill tokens/s, time to first token, peak memory, attained bandwidth; P1 and
+   held-out perplexity; decode speed-up against the weight-bytes ratio (the memory-bound ideal).
+4. Predicted against measured decode latency (in process) for at least 12 plans.
+
+    python benchmarks/speed.py [--device cpu] [--dtype float32] [--trials 24] [--rounds 3] [--out docs/speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dse.decompose import Plan, decompose_, model_fingerprint, plan_size, restore_, uniform_plan
+from dse.decompose.latency import TableSpec
+from dse.evaluate import perplexity
+from dse.evaluate.speed import copy_bandwidth
+from dse.model import input_device
+from dse.model.timing import decode, prefill, timed
+from dse.results.compressed import apply_config
+from dse.results.rankconfig import RankConfig
+from dse.space import Budget, parse_baseline
+from dse.study.config import load_study_config
+from dse.study.protocols import P1_HELD_OUT_PAGES, p1_windows
+from dse.study.runner import run_study
+from dse.study.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+
+
+def measured_step_ms(model, prompt: int = 128, steps: int = 8, repeats: int = 5) -> float:
+    """Milliseconds of one batch-1 decode step of the model as it is (after a ``prompt``-token prefill)."""
+    device = input_device(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    timing = timed(lambda out: decode(model, out, steps), device, repeats=repeats, setup=lambda: prefill(model, ids))
+    return 1000.0 * timing.median / steps
+
+
+def searched(worker, config, name: str, budget: Budget, trials: int, storage: str) -> Plan:
+    """The best plan of an allocation study of ``config``'s space under ``budget``."""
+    space = dataclasses.replace(config.space, budget=budget)
+    study = run_study(dataclasses.replace(config, name=name, space=space, baselines=(), n_trials=trials),
+                      storage=storage, worker=worker, progress=False)
+    return Plan.from_dict(study.best_trial.user_attrs["plan"])
+
+
+def speed_rows(folders: dict, rounds: int, device: str, dtype: str, out: Path) -> pd.DataFrame:
+    """``dse speed`` of every folder in a fresh process, ``rounds`` times interleaved; medians."""
+    runs = {name: [] for name in folders}
+    for r in range(rounds):
+        for name, folder in folders.items():
+            path = out / f"speed-{name}-{r}.json"
+            subprocess.run([sys.executable, "-m", "dse.cli", "speed", str(folder), "--device", device, "--dtype", dtype,
+                            "--json", str(path)], check=True, capture_output=True)
+            runs[name].append(json.loads(path.read_text())[0])
+            path.unlink()
+    rows = []
+    for name, reports in runs.items():
+        row = {"plan": name}
+        for key in ("weight_bytes", "decode_tokens_per_s", "decode_batch_tokens_per_s", "prefill_tokens_per_s",
+                    "ttft_ms", "host_peak_bytes", "attained_bandwidth", "device_peak_bytes"):
+            row[key] = statistics.median(rep[key] for rep in reports)
+        row["threads"], row["device"] = reports[0]["threads"], reports[0]["device"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", default=str(ROOT / "studies" / "smollm2-budget.yaml"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--trials", type=int, default=24, help="trials of each allocation study (starts included)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of dse speed per plan")
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3], help="fractions of parameters removed")
+    ap.add_argument("--benchmarks-dir", default=str(BENCHMARKS))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("speed: --device cuda asked for, but no CUDA device is available here (skipped)")
+    out = Path(args.out)
+    (out / "plans").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dse-speed-"))
+    storage = f"sqlite:///{out / 'studies.db'}"
+
+    config = dataclasses.replace(load_study_config(args.study), device=args.device, dtype=args.dtype,
+                                 latency_table=TableSpec())  # every trial records its predicted latency
+    worker = Worker.from_config(config, progress=False)
+    model, table = worker.model, worker.table
+    bandwidth = copy_bandwidth(input_device(model))
+    lt = worker.latency()
+    print(f"{config.model} on {lt.environment['device']}, {lt.environment['dtype']}, {lt.environment['threads']} "
+          f"threads; copy bandwidth {bandwidth / 1e9:.2f} GB/s; latency table of {len(lt.shapes)} shapes built in "
+          f"{lt.seconds:.1f} s", flush=True)
+
+    # 2. the plans
+    plans = {"dense": Plan({}, config.method)}
+    for target in args.targets:
+        plans[f"params -{target:.0%}"] = searched(worker, config, f"speed-params-{target:g}",
+                                                  Budget(params=round(1 - target, 6)), args.trials, storage)
+    middle = f"params -{args.targets[len(args.targets) // 2]:.0%}"
+    aligned = lt.faster_plan(plans[middle], table, align=True)
+    plans[f"{middle} aligned"] = aligned
+    plans[f"{middle} one off"] = aligned.with_ranks({n: max(1, r - 1) for n, r in aligned.ranks.items()})
+    dense_ms = lt.predict(plans["dense"], table)["predicted_decode_ms"]
+    share = lt.predict(plans[middle], table)["predicted_decode_ms"] / dense_ms
+    plans[f"latency {share:.3f}"] = searched(worker, config, f"speed-latency-{share:.4f}",
+                                             Budget(latency=round(share, 4)), args.trials, storage)
+    for name, plan in plans.items():
+        plan.save(out / "plans" / f"{name.replace(' ', '_').replace('%', '')}.json")
+
+    # 3. quality and speed of every plan
+    windows = {"P1": p1_windows(worker.tokenizer, args.benchmarks_dir),
+               "held-out": p1_windows(worker.tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES)}
+    quality, folders = [], {}
+    fingerprint = model_fingerprint(model, table)
+    for name, plan in plans.items():
+        row = {"plan": name, "params_ratio": plan_size(model, plan, table).params_ratio, "decomposed": len(plan),
+               "predicted_decode_ms": lt.predict(plan, table)["predicted_decode_ms"]}
+        decompose_(model, plan, cache=worker.cache, calibration=worker.calibration, table=table)
+        try:
+            row.update({f"ppl {k}": perplexity(model, w) for k, w in windows.items()})
+        finally:
+            restore_(model)
+        quality.append(row)
+        rank_config = RankConfig(config.model, fingerprint, args.dtype, plan, calibration=config.calibration.to_dict())
+        folders[name] = apply_config(rank_config, work / name.replace(" ", "_").replace("%", ""), model=model,
+                                     tokenizer=worker.tokenizer, cache=worker.cache, calibration=worker.calibration)
+    del worker, model
+    frame = pd.DataFrame(quality).merge(speed_rows(folders, args.rounds, args.device, args.dtype, work), on="plan")
+    dense = frame.iloc[0]
+    frame["bytes ratio"] = dense["weight_bytes"] / frame["weight_bytes"]
+    frame["decode speed-up"] = frame["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    frame["speed-up / bytes ratio"] = frame["decode speed-up"] / frame["bytes ratio"]
+    frame["bandwidth share"] = frame["attained_bandwidth"] / bandwidth
+    frame.to_csv(out / "results.csv", index=False)
+    print(f"\n| plan | params | weight MB | decode tok/s b1 | b8 | prefill tok/s | TTFT ms | peak MB | PPL P1 | "
+          f"held-out | speed-up | bytes ratio | speed-up/bytes | GB/s (share) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for _, r in frame.iterrows():
+        print(f"| {r['plan']} | {r['params_ratio']:.3f} | {r['weight_bytes'] / 1e6:.1f} | {r['decode_tokens_per_s']:.2f} | "
+              f"{r['decode_batch_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['ttft_ms']:.0f} | "
+              f"{r['host_peak_bytes'] / 1e6:.0f} | {r['ppl P1']:.2f} | {r['ppl held-out']:.2f} | "
+              f"{r['decode speed-up']:.3f} | {r['bytes ratio']:.3f} | {r['speed-up / bytes ratio']:.3f} | "
+              f"{r['attained_bandwidth'] / 1e9:.2f} ({r['bandwidth share']:.0%}) |")
+    predicted_vs_measured(args, config, out)
+
+
+def predicted_vs_measured(args, config, out: Path) -> None:
+    """Predicted against measured decode step for the saved plans and more, in one process."""
+    worker = Worker.from_config(config, progress=False)
+    model, table, lt = worker.model, worker.table, worker.latency()
+    plans = {p.stem: Plan.load(p) for p in sorted((out / "plans").glob("*.json"))}
+    for ratio in (0.1, 0.2, 0.3, 0.4, 0.5):
+        plans[f"uniform ratio {ratio:g}"] = uniform_plan(table, ratio=ratio, method=config.method)
+    plans["3 layers at rank 1"] = parse_baseline({"layers": 3, "rank": 1}, "layers").plan(table, config.method)
+    plans["MLPs at rank 64"] = uniform_plan(table, 64, method=config.method, types={"gate", "up", "down"})
+    plans["attention at rank 32"] = uniform_plan(table, 32, method=config.method, types={"q", "k", "v", "o"})
+    rows = []
+    for name, plan in plans.items():
+        decompose_(model, plan, cache=worker.cache, calibration=worker.calibration, table=table)
+        try:
+            measured = measured_step_ms(model)
+        finally:
+            restore_(model)
+        predicted = lt.predict(plan, table)["predicted_decode_ms"]
+        rows.append({"plan": name, "predicted_ms": predicted, "measured_ms": measured,
+                     "error": predicted / measured - 1})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "predicted.csv", index=False)
+    print(f"\npredicted vs measured decode step, {len(frame)} plans: median absolute error "
+          f"{frame['error'].abs().median():.1%} (max {frame['error'].abs().max():.1%})")
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
