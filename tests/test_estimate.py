@@ -59,10 +59,9 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
     """Each figure of the SmolLM2 study, measured: weights and cache bytes from the tensors,
     calibration peaks as the calibration counts them, disk from the files, and a trial as the
     factors it builds plus the process's peak memory while it is evaluated."""
-    from dse.decompose import (CalibrationSpec, FactorCache, LowRankLinear, calibrate, decompose_, factor_forms,
-                               model_bytes, restore_)
+    from dse.decompose import CalibrationSpec, FactorCache, LowRankLinear, calibrate, decompose_, factor_forms, restore_
     from dse.evaluate import Evaluator
-    from dse.model import find_projections
+    from dse.model import find_projections, model_bytes
 
     model, tokenizer = smollm2
     text = {"path": WIKI, "field": "page"}

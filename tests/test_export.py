@@ -230,18 +230,11 @@ def test_smollm2_export_apply_load_compressed(smollm2, tmp_path):
 
 def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
     """An exported svdllm config carries its calibration spec; apply recalibrates from it."""
-    import dataclasses
-
     from conftest import BENCHMARKS
-    from dse.model import find_projections
-    from dse.decompose import model_fingerprint
-    from dse.decompose import CalibrationSpec, calibrate
+    from dse.decompose import CalibrationSpec, calibrate, decompose_, model_fingerprint, restore_, uniform_plan
+    from dse.model import TextSource, find_projections, load_model
     from dse.results.compressed import apply_config, load_compressed
-    from dse.decompose import decompose_, restore_
     from dse.results.export import ExportError, RankConfig
-    from dse.model import load_model
-    from dse.model import TextSource
-    from dse.decompose import uniform_plan
 
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")

@@ -71,6 +71,7 @@ EXPECTED = {
     "llama2-7b-subsets-inner": subsets_counts(32, skip=1),
     "llama2-7b-rank1-pruned": subsets_counts(32, skip=1, max_layers=3, no_adjacent=True),
     "llama2-7b-layer-ranks": [5 ** 32],
+    "llama2-70b-layer-ranks": [5 ** 80],
     "smollm2-subsets": subsets_counts(30),
     "smollm2-rank1-pruned": subsets_counts(30, skip=1, max_layers=3, no_adjacent=True),
     "smollm2-layer-ranks": [5 ** 30],

@@ -23,7 +23,7 @@ import torch
 
 from ..core.errors import ConfigError
 from ..core.validate import integer
-from ..model import TextSource, text_section
+from ..model import TextSource, input_device, text_section
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,12 @@ class TextSet:
                 for i in range(0, len(texts), self.batch_size)]
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def sentence_embeddings(model, batches: List[dict]) -> torch.Tensor:
     """``(n_texts, hidden)`` float64: each text's last hidden states averaged over its tokens."""
     out = []
     for batch in batches:
-        mask = batch["attention_mask"].to(_device(model))
+        mask = batch["attention_mask"].to(input_device(model))
         hidden = model(input_ids=batch["input_ids"].to(mask.device), attention_mask=mask,
                        output_hidden_states=True).hidden_states[-1].double()
         weights = mask.unsqueeze(-1).double()
@@ -82,7 +78,7 @@ def embedding_similarity(model, batches: List[dict], reference: torch.Tensor) ->
 def pseudo_perplexity(model, batches: List[dict], mask_id: int, rows: int = 64) -> float:
     """``exp`` of the mean negative log-likelihood of each non-special token, masked alone, under
     ``model``'s masked-LM head; ``rows`` masked copies are scored per forward pass."""
-    device = _device(model)
+    device = input_device(model)
     total, count = 0.0, 0
     for batch in batches:
         for ids, attention, special in zip(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import input_device
+from ..model import input_device, token_ids
 from ..model.timing import decode, prefill, timed
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

@@ -9,7 +9,6 @@ so running it again resumes where it stopped.
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from typing import Optional
