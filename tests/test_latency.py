@@ -63,10 +63,29 @@ def test_measured_table_has_every_shape_and_sums_to_the_whole_model(tiny, measur
 def test_interpolation_is_monotone_and_break_even_is_where_dense_wins():
     cost = ShapeCost(64, 32, [1, 8, 16, 32], {"decode": 0.15, "prefill": 1.0},
                      {"decode": [0.01, 0.08, 0.07, 0.32], "prefill": [0.1, 0.2, 0.4, 0.8]})
-    assert cost.at(16) == pytest.approx(0.08)  # a noisy dip is flattened (cumulative max)
-    assert cost.at(24) == pytest.approx(0.08 + (0.32 - 0.08) / 2)
-    assert cost.break_even("decode") == 21  # first rank whose interpolated cost reaches 0.15: 0.08 + 5 * 0.015
+    assert cost.at(8) == pytest.approx(0.07)  # lower envelope: the larger rank measured faster
+    assert cost.at(24) == pytest.approx(0.07 + (0.32 - 0.07) / 2)
+    assert cost.break_even("decode") == 22  # first rank whose interpolated cost reaches 0.15: 0.07 + 6 * 0.015625
     assert cost.break_even("prefill") == 33  # faster at every rank
+    spiked = ShapeCost(64, 32, [1, 8, 16, 32], {"decode": 0.15}, {"decode": [0.01, 20.0, 0.07, 0.32]})
+    assert spiked.at(8) == pytest.approx(0.07) and spiked.at(32) == pytest.approx(0.32)  # a load spike is dropped
+    assert [spiked.at(r) for r in range(1, 33)] == sorted(spiked.at(r) for r in range(1, 33))
+
+
+def test_a_table_measured_on_a_busy_machine_is_measured_again_and_not_cached(tiny, tmp_path, monkeypatch):
+    model, table = tiny
+    import dse.decompose.latency as latency
+
+    busy = synthetic(table, rest=-1.0)
+    calls = []
+    monkeypatch.setattr(latency, "measure_table", lambda *a, **k: calls.append(1) or busy)
+    with pytest.warns(UserWarning, match="^latency table: measured 3 times, the projections alone were slower"):
+        assert latency_table(model, table, TableSpec(), tmp_path) is busy
+    assert len(calls) == latency.MEASURE_ATTEMPTS and not list(tmp_path.glob("latency-*.json"))
+    quiet = [busy, synthetic(table)]
+    monkeypatch.setattr(latency, "measure_table", lambda *a, **k: quiet.pop(0))
+    assert latency_table(model, table, TableSpec(), tmp_path).consistent()
+    assert len(list(tmp_path.glob("latency-*.json"))) == 1
 
 
 def test_faster_plan_aligns_and_drops_ranks_slower_than_dense(tiny):

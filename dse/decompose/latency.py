@@ -24,6 +24,7 @@ import hashlib
 import json
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -44,6 +45,7 @@ from .plan import Plan
 TABLE_FORMAT = 1
 PHASES = ("decode", "prefill")
 STEP_CANDIDATES = (64, 32, 16, 8)
+MEASURE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,13 @@ class ShapeCost:
     step: int = 1
 
     def at(self, rank, phase: str = "decode"):
-        """Interpolated milliseconds of the two factors at ``rank`` (non-decreasing in rank); an
-        array of ranks gives an array."""
-        times = np.interp(rank, self.ranks, np.maximum.accumulate(np.asarray(self.lowrank[phase])))
+        """Interpolated milliseconds of the two factors at ``rank``; an array of ranks gives an array.
+
+        The curve is the lower envelope of the measurements, ``min`` over the measured ranks at or
+        above each rank: non-decreasing in rank, and a time inflated by another process's load
+        (noise only ever adds time) is replaced by the faster time of a larger rank."""
+        envelope = np.minimum.accumulate(np.asarray(self.lowrank[phase])[::-1])[::-1]
+        times = np.interp(rank, self.ranks, envelope)
         return float(times) if np.ndim(times) == 0 else times
 
     def break_even(self, phase: str = "decode") -> int:
@@ -120,6 +126,11 @@ class LatencyTable:
     rest: Dict[str, float]           # ms per phase of everything but the projections
     shapes: Dict[str, ShapeCost] = field(default_factory=dict)
     seconds: float = 0.0             # how long measuring took
+
+    def consistent(self) -> bool:
+        """False when the projections alone were measured slower than the whole model (a negative
+        ``rest``): the machine was busy while the table was measured."""
+        return all(ms >= 0 for ms in self.rest.values())
 
     def cost(self, p) -> ShapeCost:
         return self.shapes[_shape_name(p.out_features, p.in_features)]
@@ -307,7 +318,8 @@ def measure_table(model, table: Mapping, workload: Workload = Workload(), *, rep
 def latency_table(model, table: Mapping, spec: TableSpec = TableSpec(), cache_dir=None, *,
                   progress: bool = False) -> LatencyTable:
     """The latency table of ``model`` for ``spec``: the file ``spec.path`` (checked against this run),
-    else a cached one in ``cache_dir`` for this environment, else measured now (and cached)."""
+    else a cached one in ``cache_dir`` for this environment, else measured now and cached once it is
+    :meth:`~LatencyTable.consistent` (up to :data:`MEASURE_ATTEMPTS` measurements)."""
     device = input_device(model)
     env = environment(device, next(model.parameters()).dtype)
     key = shape_key(model, table)
@@ -322,7 +334,12 @@ def latency_table(model, table: Mapping, spec: TableSpec = TableSpec(), cache_di
             return LatencyTable.load(path)
         except ConfigError:  # a torn or foreign file: measure again and overwrite it
             pass
-    lt = measure_table(model, table, spec.workload, progress=progress)
-    if path is not None:
-        lt.save(path)
+    for _ in range(MEASURE_ATTEMPTS):
+        lt = measure_table(model, table, spec.workload, progress=progress)
+        if lt.consistent():
+            if path is not None:
+                lt.save(path)
+            return lt
+    warnings.warn(f"latency table: measured {MEASURE_ATTEMPTS} times, the projections alone were slower than the "
+                  f"whole model each time (rest {lt.rest}): the machine is busy; the table is used but not cached")
     return lt
