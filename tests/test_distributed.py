@@ -81,17 +81,23 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     storage = make_storage(PG_URL)
     study = optuna.load_study(study_name=config.name, storage=storage)
 
-    # kill worker 0 while it runs a trial: wait until some trials finished and one is running
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        if states.count(TrialState.COMPLETE) >= 4 and TrialState.RUNNING in states:
-            break
+    # kill a worker while it runs a trial: wait until some trials finished and one is running, and
+    # kill the worker that runs it (each trial names its worker, host:pid)
+    by_pid = {str(p.pid): p for p in procs}
+    victim, deadline = None, time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING
+                   and t.user_attrs.get("worker", "").rpartition(":")[2] in by_pid]
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= 4 and running:
+            victim = by_pid[running[0].user_attrs["worker"].rpartition(":")[2]]
         time.sleep(0.2)
+    assert victim is not None, "no trial was running after 300 s"
     running_before = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
-    procs[0].send_signal(signal.SIGKILL)
-    wait_all(procs[1:], timeout=600)
-    for p in procs[1:]:
+    victim.send_signal(signal.SIGKILL)
+    others = [p for p in procs if p is not victim]
+    wait_all(others, timeout=600)
+    for p in others:
         assert p.returncode == 0, p.log.read_text()[-2000:]
 
     trials = study.get_trials()

@@ -9,6 +9,8 @@ user attributes; the undecomposed baseline is evaluated once per study and store
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from typing import Any, Dict, List, Optional
 
@@ -250,6 +252,7 @@ class Worker:
         return rule
 
     def objective(self, trial: optuna.Trial) -> List[float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (or died in it)
         plan = self.plan_for(trial)
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("plan_summary", plan.summary())
