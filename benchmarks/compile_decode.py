@@ -10,38 +10,36 @@ median of ``--rounds`` interleaved rounds of ``--repeats`` × 32 steps after a 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from dse.decompose import Plan, decompose_, restore_
 from dse.model import load_model, model_bytes
-from dse.model.timing import decode, prefill
+from dse.model.timing import decode, prefill, timed
 
 PROMPT, STEPS = 128, 32
 
 
+def step_seconds(run, setup, repeats: int, warmup: int) -> float:
+    """Median seconds per decode step of ``run(setup())`` (:func:`dse.model.timing.timed`)."""
+    return timed(run, torch.device("cpu"), repeats=repeats, warmup=warmup, setup=setup).median / STEPS
+
+
 @torch.no_grad()
-def compiled_steps(model, ids, cache, step) -> float:
-    """Seconds per decode step with a static cache and the compiled ``step``."""
+def static_prefill(model, ids, cache) -> torch.Tensor:
+    """Fill the static ``cache`` with ``ids``; the first greedy token."""
     cache.reset()
     out = model(ids, past_key_values=cache, cache_position=torch.arange(PROMPT), use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    return out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def compiled_decode(step, cache, token) -> None:
+    """``STEPS`` greedy steps of the compiled ``step`` over the static ``cache``."""
     for i in range(STEPS):
         out = step(token, past_key_values=cache, cache_position=torch.tensor([PROMPT + i]), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / STEPS
-
-
-def eager_steps(model, ids) -> float:
-    """Seconds per decode step as ``dse speed`` decodes (dynamic cache, eager)."""
-    out = prefill(model, ids)
-    start = time.perf_counter()
-    decode(model, out, STEPS)
-    return (time.perf_counter() - start) / STEPS
 
 
 def main(argv=None) -> None:
@@ -64,16 +62,14 @@ def main(argv=None) -> None:
                 decompose_(model, Plan(plan.ranks, "svd"))
             try:
                 sizes[name] = model_bytes(model)
-                eager_steps(model, ids)
-                times[name]["eager"].append(statistics.median(eager_steps(model, ids) for _ in range(args.repeats)))
+                times[name]["eager"].append(step_seconds(lambda out: decode(model, out, STEPS),
+                                                         lambda: prefill(model, ids), args.repeats, 1))
                 torch._dynamo.reset()
                 cache = StaticCache(config=model.config, max_cache_len=PROMPT + STEPS)
                 step = torch.compile(model.forward, dynamic=False)
-                start = time.perf_counter()
-                compiled_steps(model, ids, cache, step)
-                compile_s[name] = time.perf_counter() - start
-                times[name]["compiled"].append(
-                    statistics.median(compiled_steps(model, ids, cache, step) for _ in range(args.repeats)))
+                run, setup = (lambda token: compiled_decode(step, cache, token)), (lambda: static_prefill(model, ids, cache))
+                compile_s[name] = STEPS * step_seconds(run, setup, 1, 0)  # the first run compiles
+                times[name]["compiled"].append(step_seconds(run, setup, args.repeats, 0))
             finally:
                 if plan is not None:
                     restore_(model)
