@@ -11,10 +11,16 @@ latency-aware search beat a parameter budget at equal measured latency? In one r
    process each, in ``--rounds`` interleaved rounds (medians): weight bytes, decode tokens/s at
    batch 1 and 8, prefill tokens/s, time to first token, peak memory, attained bandwidth; P1 and
    held-out perplexity; decode speed-up against the weight-bytes ratio (the memory-bound ideal).
+   With ``--compile`` each round also runs ``dse speed --compile`` (decode compiled over a static
+   cache) beside the eager one, and the table gains its columns.
 4. Predicted against measured decode latency (in process) for at least 12 plans, each measured in
    ``--rounds`` interleaved rounds and taken at its fastest, the statistic the table keeps.
 
-    python benchmarks/speed.py [--device cpu] [--dtype float32] [--trials 24] [--rounds 3] [--out docs/speed]
+    python benchmarks/speed.py [--device cpu] [--dtype float32] [--trials 24] [--rounds 3] [--compile]
+                               [--reuse-plans] [--out docs/speed]
+
+``--reuse-plans`` measures the plans an earlier run saved in ``OUT/plans`` instead of searching them
+again (the latency table is still measured afresh).
 """
 
 from __future__ import annotations
@@ -66,25 +72,48 @@ def searched(worker, config, name: str, budget: Budget, trials: int, storage: st
     return Plan.from_dict(study.best_trial.user_attrs["plan"])
 
 
-def speed_rows(folders: dict, rounds: int, device: str, dtype: str, out: Path) -> pd.DataFrame:
-    """``dse speed`` of every folder in a fresh process, ``rounds`` times interleaved; medians."""
-    runs = {name: [] for name in folders}
+def searched_plans(args, worker, config, lt, storage: str) -> dict:
+    """Dense, the parameter-budget plans, the middle one aligned and one off, and the latency-budget
+    plan at the middle one's predicted decode step; each saved in ``OUT/plans``."""
+    table, out = worker.table, Path(args.out)
+    plans = {"dense": Plan({}, config.method)}
+    for target in args.targets:
+        plans[f"params -{target:.0%}"] = searched(worker, config, f"speed-params-{target:g}",
+                                                  Budget(params=round(1 - target, 6)), args.trials, storage)
+    middle = f"params -{args.targets[len(args.targets) // 2]:.0%}"
+    aligned = lt.faster_plan(plans[middle], table, align=True)
+    plans[f"{middle} aligned"] = aligned
+    plans[f"{middle} one off"] = aligned.with_ranks({n: max(1, r - 1) for n, r in aligned.ranks.items()})
+    dense_ms = lt.predict(plans["dense"], table)["predicted_decode_ms"]
+    share = lt.predict(plans[middle], table)["predicted_decode_ms"] / dense_ms
+    plans[f"latency {share:.3f}"] = searched(worker, config, f"speed-latency-{share:.4f}",
+                                             Budget(latency=round(share, 4)), args.trials, storage)
+    for name, plan in plans.items():
+        plan.save(out / "plans" / f"{name.replace(' ', '_').replace('%', '')}.json")
+    return plans
+
+
+SPEED_KEYS = ("weight_bytes", "decode_tokens_per_s", "decode_batch_tokens_per_s", "prefill_tokens_per_s", "ttft_ms",
+              "host_peak_bytes", "attained_bandwidth", "device_peak_bytes", "compile_seconds")
+
+
+def speed_rows(folders: dict, rounds: int, device: str, dtype: str, out: Path, modes: dict) -> pd.DataFrame:
+    """``dse speed`` of every folder in a fresh process, in each of ``modes`` (column prefix -> extra
+    arguments), ``rounds`` times interleaved; medians."""
+    runs = {(prefix, name): [] for name in folders for prefix in modes}
     for r in range(rounds):
         for name, folder in folders.items():
-            path = out / f"speed-{name}-{r}.json"
-            subprocess.run([sys.executable, "-m", "dse.cli", "speed", str(folder), "--device", device, "--dtype", dtype,
-                            "--json", str(path)], check=True, capture_output=True)
-            runs[name].append(json.loads(path.read_text())[0])
-            path.unlink()
-    rows = []
-    for name, reports in runs.items():
-        row = {"plan": name}
-        for key in ("weight_bytes", "decode_tokens_per_s", "decode_batch_tokens_per_s", "prefill_tokens_per_s",
-                    "ttft_ms", "host_peak_bytes", "attained_bandwidth", "device_peak_bytes"):
-            row[key] = statistics.median(rep[key] for rep in reports)
-        row["threads"], row["device"] = reports[0]["threads"], reports[0]["device"]
-        rows.append(row)
-    return pd.DataFrame(rows)
+            for prefix, extra in modes.items():
+                path = out / f"speed-{name}-{r}.json"
+                subprocess.run([sys.executable, "-m", "dse.cli", "speed", str(folder), "--device", device,
+                                "--dtype", dtype, *extra, "--json", str(path)], check=True, capture_output=True)
+                runs[prefix, name].append(json.loads(path.read_text())[0])
+                path.unlink()
+    rows = {name: {"plan": name} for name in folders}
+    for (prefix, name), reports in runs.items():
+        rows[name].update({prefix + key: statistics.median(rep[key] for rep in reports) for key in SPEED_KEYS})
+        rows[name]["threads"], rows[name]["device"] = reports[0]["threads"], reports[0]["device"]
+    return pd.DataFrame(list(rows.values()))
 
 
 def main(argv=None) -> None:
@@ -94,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--trials", type=int, default=24, help="trials of each allocation study (starts included)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of dse speed per plan")
+    ap.add_argument("--compile", action="store_true", help="also time decode compiled (dse speed --compile)")
+    ap.add_argument("--reuse-plans", action="store_true", help="measure the plans saved in OUT/plans, not new searches")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.1, 0.2, 0.3], help="fractions of parameters removed")
     ap.add_argument("--benchmarks-dir", default=str(BENCHMARKS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed"))
@@ -117,20 +148,13 @@ def main(argv=None) -> None:
           f"{lt.seconds:.1f} s", flush=True)
 
     # 2. the plans
-    plans = {"dense": Plan({}, config.method)}
-    for target in args.targets:
-        plans[f"params -{target:.0%}"] = searched(worker, config, f"speed-params-{target:g}",
-                                                  Budget(params=round(1 - target, 6)), args.trials, storage)
-    middle = f"params -{args.targets[len(args.targets) // 2]:.0%}"
-    aligned = lt.faster_plan(plans[middle], table, align=True)
-    plans[f"{middle} aligned"] = aligned
-    plans[f"{middle} one off"] = aligned.with_ranks({n: max(1, r - 1) for n, r in aligned.ranks.items()})
-    dense_ms = lt.predict(plans["dense"], table)["predicted_decode_ms"]
-    share = lt.predict(plans[middle], table)["predicted_decode_ms"] / dense_ms
-    plans[f"latency {share:.3f}"] = searched(worker, config, f"speed-latency-{share:.4f}",
-                                             Budget(latency=round(share, 4)), args.trials, storage)
-    for name, plan in plans.items():
-        plan.save(out / "plans" / f"{name.replace(' ', '_').replace('%', '')}.json")
+    if args.reuse_plans:
+        saved = sorted((out / "plans").glob("*.json"), key=lambda p: (p.stem != "dense", p.stem))
+        if not saved or saved[0].stem != "dense":
+            sys.exit(f"speed: --reuse-plans: no saved plans with a dense.json in {out / 'plans'}")
+        plans = {p.stem: Plan.load(p) for p in saved}
+    else:
+        plans = searched_plans(args, worker, config, lt, storage)
 
     # 3. quality and speed of every plan
     windows = {"P1": p1_windows(worker.tokenizer, args.benchmarks_dir),
@@ -150,12 +174,15 @@ def main(argv=None) -> None:
         folders[name] = apply_config(rank_config, work / name.replace(" ", "_").replace("%", ""), model=model,
                                      tokenizer=worker.tokenizer, cache=worker.cache, calibration=worker.calibration)
     del worker, model
-    frame = pd.DataFrame(quality).merge(speed_rows(folders, args.rounds, args.device, args.dtype, work), on="plan")
+    modes = {"": [], **({"compiled ": ["--compile"]} if args.compile else {})}
+    frame = pd.DataFrame(quality).merge(speed_rows(folders, args.rounds, args.device, args.dtype, work, modes),
+                                        on="plan")
     dense = frame.iloc[0]
     frame["bytes ratio"] = dense["weight_bytes"] / frame["weight_bytes"]
-    frame["decode speed-up"] = frame["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
-    frame["speed-up / bytes ratio"] = frame["decode speed-up"] / frame["bytes ratio"]
-    frame["bandwidth share"] = frame["attained_bandwidth"] / bandwidth
+    for prefix in modes:
+        frame[prefix + "decode speed-up"] = frame[prefix + "decode_tokens_per_s"] / dense[prefix + "decode_tokens_per_s"]
+        frame[prefix + "speed-up / bytes ratio"] = frame[prefix + "decode speed-up"] / frame["bytes ratio"]
+        frame[prefix + "bandwidth share"] = frame[prefix + "attained_bandwidth"] / bandwidth
     frame.to_csv(out / "results.csv", index=False)
     print(f"\n| plan | params | weight MB | decode tok/s b1 | b8 | prefill tok/s | TTFT ms | peak MB | PPL P1 | "
           f"held-out | speed-up | bytes ratio | speed-up/bytes | GB/s (share) |")
@@ -166,6 +193,15 @@ def main(argv=None) -> None:
               f"{r['host_peak_bytes'] / 1e6:.0f} | {r['ppl P1']:.2f} | {r['ppl held-out']:.2f} | "
               f"{r['decode speed-up']:.3f} | {r['bytes ratio']:.3f} | {r['speed-up / bytes ratio']:.3f} | "
               f"{r['attained_bandwidth'] / 1e9:.2f} ({r['bandwidth share']:.0%}) |")
+    if args.compile:
+        print("\ndecode compiled over a static cache (dse speed --compile):\n")
+        print("| plan | bytes ratio | decode tok/s b1 | b8 | compile s | speed-up | speed-up/bytes | GB/s (share) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for _, r in frame.iterrows():
+            print(f"| {r['plan']} | {r['bytes ratio']:.3f} | {r['compiled decode_tokens_per_s']:.2f} | "
+                  f"{r['compiled decode_batch_tokens_per_s']:.1f} | {r['compiled compile_seconds']:.0f} | "
+                  f"{r['compiled decode speed-up']:.3f} | {r['compiled speed-up / bytes ratio']:.3f} | "
+                  f"{r['compiled attained_bandwidth'] / 1e9:.2f} ({r['compiled bandwidth share']:.0%}) |")
     predicted_vs_measured(args, config, out)
 
 

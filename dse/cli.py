@@ -170,7 +170,7 @@ def _cmd_speed(args) -> None:
 
         torch.set_num_threads(args.threads)
     config = SpeedConfig(prompt=args.prompt, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
-                         warmup=args.warmup)
+                         warmup=args.warmup, compile=args.compile)
     reports = speed_reports(args.target, config, against_dense=args.against == "dense", device=args.device,
                             dtype=args.dtype)
     print(format_reports(reports))
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="decode over a static KV cache with the step compiled once (torch.compile, gpt-fast's way); "
+                   "prefill and time to first token stay eager")
     p.add_argument("--json", metavar="FILE", help="write the reports as JSON")
     p.add_argument("--csv", metavar="FILE", help="write the reports as CSV")
     p.set_defaults(func=_cmd_speed)

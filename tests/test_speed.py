@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, make_tiny
+from helpers import token_ids
 
 from dse.cli import main
-from dse.decompose import model_fingerprint, plan_size, uniform_plan
+from dse.decompose import LowRankLinear, decompose_, model_fingerprint, plan_size, uniform_plan
 from dse.evaluate.speed import SpeedConfig, copy_bandwidth, measure_speed
 from dse.model import find_projections, load_model, model_bytes
-from dse.model.timing import Timing, timed
+from dse.model.timing import CompiledDecode, Timing, decode, prefill, timed
 from dse.results.compressed import apply_config
 from dse.results.rankconfig import RankConfig
 
@@ -40,6 +42,24 @@ def test_measure_speed_reports_every_figure(tiny_llama_dir):
     assert copy_bandwidth(torch.device("cpu"), megabytes=16, repeats=2) > 1e8  # at least 0.1 GB/s
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("bert")])  # decoders
+def test_compiled_decode_of_a_decomposed_model_follows_the_eager_one(family):
+    """The static cache and compiled step give the eager tokens and logits, every decoder family in
+    one process (past torch's recompile limit of 8 models, which the reset keeps from falling back
+    to eager silently)."""
+    model = make_tiny(family).eval()
+    decompose_(model, uniform_plan(find_projections(model), 4))
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = token_ids(batch=2, length=6)
+    compiled = CompiledDecode(model, max_len=10)
+    for steps in (1, 4, 2):  # the cache starts afresh at each prefill
+        eager, fast = decode(model, prefill(model, ids), steps), compiled.decode(compiled.prefill(ids), steps)
+        torch.testing.assert_close(fast.logits[:, -1], eager.logits[:, -1], rtol=1e-4, atol=1e-5)
+        assert torch.equal(fast.logits[:, -1].argmax(-1), eager.logits[:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="no room"):
+        compiled.prefill(token_ids(batch=2, length=10))
+
+
 @pytest.fixture()
 def tiny_config(tiny_llama_dir, tmp_path):
     model, _ = load_model(str(tiny_llama_dir))
@@ -60,6 +80,14 @@ def test_speed_of_a_config_against_dense(tiny_config, tmp_path, capsys):
     assert rows[0]["weight_bytes"] == plan_size(model, config.plan, table).bytes_after
     assert rows[1]["weight_bytes"] == model_bytes(model)
     assert (tmp_path / "s.csv").read_text().count("\n") == 3
+
+
+def test_compiled_speed_of_a_config(tiny_config, tmp_path, capsys):
+    assert main(["speed", str(tmp_path / "config.json"), "--compile", "--json", str(tmp_path / "c.json"), *QUICK]) == 0
+    assert "decode compiled over a static cache" in capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())[0]
+    assert report["workload_compile"] is True and report["compile_seconds"] > 0
+    assert report["decode_tokens_per_s"] > 0 and report["decode_batch_tokens_per_s"] > 0
 
 
 def test_speed_of_a_compressed_folder_equals_its_config(tiny_config, tmp_path, capsys):

@@ -6,7 +6,10 @@ warm-up and with the device synchronised (:func:`dse.model.timing.timed`):
 - ``prefill``: one forward pass over ``batch`` prompts of ``prompt`` tokens (tokens/s);
 - ``ttft``: time to first token, a batch-1 prefill and the first greedy token (ms);
 - ``decode`` at batch 1 and at ``batch``: ``new_tokens`` single-token steps with the KV cache after a
-  prefill that is not timed (tokens/s, all sequences counted);
+  prefill that is not timed (tokens/s, all sequences counted); eager over a dynamic cache, or with
+  ``compile`` gpt-fast's way (:class:`dse.model.timing.CompiledDecode`: a static cache and the step
+  compiled once per batch size, the compilation outside the clock and reported as
+  ``compile_seconds``; prefill and time to first token stay eager);
 
 and reports the weight bytes, the peak memory of the runs (host resident set; CUDA max allocated on
 a GPU), the device, dtype and CPU threads, and each timing's median and spread over ``repeats``.
@@ -18,31 +21,33 @@ weight bytes × decode steps per second.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
-from ..core.validate import integer
+from ..core.validate import boolean, integer
 from ..model import input_device, model_bytes
-from ..model.timing import (Timing, cpu_name, decode, peak_memory, prefill, reset_peak_memory, threads,
-                            timed)
+from ..model.timing import (CompiledDecode, Timing, cpu_name, decode, peak_memory, prefill, reset_peak_memory,
+                            threads, timed)
 from .latency import prompt_ids
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
     """The workload: ``batch`` prompts of ``prompt`` tokens, ``new_tokens`` decode steps, timed
-    ``repeats`` times after ``warmup`` runs."""
+    ``repeats`` times after ``warmup`` runs; ``compile``: decode compiled over a static cache."""
 
     prompt: int = 128
     batch: int = 8
     new_tokens: int = 32
     repeats: int = 5
     warmup: int = 1
+    compile: bool = False
 
     def __post_init__(self):
         for name, low in (("prompt", 1), ("batch", 1), ("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
             integer(getattr(self, name), f"speed.{name}", low)
+        boolean(self.compile, "speed.compile")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class SpeedReport:
     config: SpeedConfig
     spreads: Dict[str, float] = field(default_factory=dict)
     device_peak_bytes: int = 0
+    compile_seconds: float = 0.0
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -96,11 +102,9 @@ def measure_speed(model, tokenizer, config: SpeedConfig = SpeedConfig(), label: 
     runs: Dict[str, Timing] = {
         "prefill": timed(lambda: prefill(model, batch), device, **kw),
         "ttft": timed(lambda: decode(model, prefill(model, one), 0).logits[:, -1].argmax(-1), device, **kw),
-        "decode": timed(lambda out: decode(model, out, config.new_tokens), device,
-                        setup=lambda: prefill(model, one), **kw),
-        "decode_batch": timed(lambda out: decode(model, out, config.new_tokens), device,
-                              setup=lambda: prefill(model, batch), **kw),
     }
+    runs["decode"], compile_one = _decode_timing(model, one, config)
+    runs["decode_batch"], compile_batch = _decode_timing(model, batch, config)
     memory = peak_memory(device)
     dtype = next(model.parameters()).dtype
     return SpeedReport(
@@ -112,7 +116,21 @@ def measure_speed(model, tokenizer, config: SpeedConfig = SpeedConfig(), label: 
         host_peak_bytes=memory["host_peak_bytes"], device_peak_bytes=memory.get("device_peak_bytes", 0),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         dtype=str(dtype).removeprefix("torch."), threads=threads(), config=config,
-        spreads={name: t.spread for name, t in runs.items()})
+        spreads={name: t.spread for name, t in runs.items()}, compile_seconds=compile_one + compile_batch)
+
+
+def _decode_timing(model, ids: torch.Tensor, config: SpeedConfig) -> Tuple[Timing, float]:
+    """The timing of ``config.new_tokens`` decode steps after a prefill of ``ids`` (not timed), and
+    the seconds of compiling the step (0 eager)."""
+    device, kw = ids.device, dict(repeats=config.repeats, warmup=config.warmup)
+    if not config.compile:
+        return timed(lambda out: decode(model, out, config.new_tokens), device,
+                     setup=lambda: prefill(model, ids), **kw), 0.0
+    compiled = CompiledDecode(model, config.prompt + config.new_tokens)
+    first = timed(lambda out: compiled.decode(out, 1), device, repeats=1, warmup=0,
+                  setup=lambda: compiled.prefill(ids))  # the first step compiles
+    return timed(lambda out: compiled.decode(out, config.new_tokens), device,
+                 setup=lambda: compiled.prefill(ids), **kw), first.median
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:

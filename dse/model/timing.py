@@ -2,7 +2,9 @@
 starts and before it stops, several repeats, the median and the spread; and peak memory.
 
 Shared by per-trial decode timing and ``dse speed`` (:mod:`dse.evaluate`) and by the latency
-tables of :mod:`dse.decompose.latency`.
+tables of :mod:`dse.decompose.latency`. :func:`prefill` and :func:`decode` run the model eager over
+transformers' dynamic KV cache; :class:`CompiledDecode` is gpt-fast's loop: a static cache and the
+single-token step compiled once.
 """
 
 from __future__ import annotations
@@ -66,11 +68,52 @@ def prefill(model, ids: torch.Tensor):
 @torch.no_grad()
 def decode(model, out, steps: int):
     """``steps`` greedy single-token steps from ``out`` (a prefill's or a step's output)."""
-    name = _cache_keyword(model)
+    name = cache_keyword(model)
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
         out = model(token, use_cache=True, **{name: _cache_of(out)})
     return out
+
+
+class CompiledDecode:
+    """Decoding the way gpt-fast does: a static KV cache of ``max_len`` positions, allocated once,
+    and the model's forward compiled for single-token steps (``torch.compile`` with
+    ``dynamic=False``; on CUDA also with CUDA graphs, ``mode="reduce-overhead"``). The first
+    :meth:`decode` compiles (seconds to minutes); :meth:`prefill` runs eager into the cache and
+    starts it afresh. A static cache takes the batch of its first prefill: one object per batch size.
+
+    Making one resets torch's compiler state (``torch._dynamo.reset()``): transformers wraps every
+    model's forward in one shared function, and past its recompile limit (8 models or shapes)
+    torch would silently run it eager; the steps are run so that hitting the limit is an error.
+    """
+
+    def __init__(self, model, max_len: int):
+        from transformers import StaticCache
+
+        torch._dynamo.reset()
+        self.model, self.max_len = model, max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.keyword = cache_keyword(model)
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        self.step = torch.compile(model.forward, dynamic=False, mode=mode)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor):
+        """The eager forward pass over ``ids`` that fills the emptied cache (cf. :func:`prefill`)."""
+        if ids.shape[1] >= self.max_len:
+            raise ValueError(f"compiled decode: a {ids.shape[1]}-token prompt leaves no room in a "
+                             f"{self.max_len}-position cache")
+        self.cache.reset()
+        return self.model(ids, use_cache=True, **{self.keyword: self.cache}, **_last_logits(self.model))
+
+    @torch.no_grad()
+    def decode(self, out, steps: int):
+        """``steps`` greedy steps of the compiled forward from ``out`` (cf. :func:`decode`)."""
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for _ in range(steps):
+                token = out.logits[:, -1:].argmax(-1)
+                out = self.step(token, use_cache=True, **{self.keyword: self.cache})
+        return out
 
 
 def _forward_parameters(model) -> set:
@@ -81,7 +124,7 @@ def _last_logits(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """``cache`` (transformers 5) or ``past_key_values`` (4.x)."""
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 

@@ -32,6 +32,7 @@ ROWS = {
     "host_peak_bytes": ("peak host memory, bytes", "{:,.0f}", False),
     "device_peak_bytes": ("peak device memory, bytes", "{:,.0f}", False),
     "attained_bandwidth": ("decode bandwidth, GB/s", "{:.2f}", True),
+    "compile_seconds": ("decode compilation, s", "{:.1f}", False),
 }
 
 
@@ -92,7 +93,8 @@ def format_reports(reports: List[SpeedReport]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     c = first.config
     lines.append(f"{first.device}, {first.dtype}, {first.threads} threads; median of {c.repeats} runs after "
-                 f"{c.warmup} warm-up; decode {c.new_tokens} steps after a {c.prompt}-token prompt")
+                 f"{c.warmup} warm-up; decode {c.new_tokens} steps after a {c.prompt}-token prompt"
+                 + ("; decode compiled over a static cache" if c.compile else ""))
     return "\n".join(lines)
 
 
