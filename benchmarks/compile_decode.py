@@ -1,8 +1,9 @@
 """Benchmark: does ``torch.compile`` of the decode step bring decomposed models closer to their
 weight-bytes ratio? In one process: the dense model and each plan (its ranks factorized by plain
 ``svd``: speed depends on the shapes, not on the factor values), each timed eager (dynamic cache)
-and compiled (static cache, the decode step compiled once per model, ``dynamic=False``); fastest
-median of ``--rounds`` interleaved rounds of ``--repeats`` × 32 steps after a 128-token prompt.
+and compiled (:class:`dse.model.timing.CompiledDecode`: static cache, the step compiled once per
+model); fastest median of ``--rounds`` interleaved rounds of ``--repeats`` × 32 steps after a
+128-token prompt. ``dse speed --compile`` times the same decode loop in a fresh process.
 
     python benchmarks/compile_decode.py docs/speed/plans/params_-20.json [...] [--rounds 2]
 """
@@ -16,7 +17,7 @@ import torch
 
 from dse.decompose import Plan, decompose_, restore_
 from dse.model import load_model, model_bytes
-from dse.model.timing import decode, prefill, timed
+from dse.model.timing import CompiledDecode, decode, prefill, timed
 
 PROMPT, STEPS = 128, 32
 
@@ -26,25 +27,7 @@ def step_seconds(run, setup, repeats: int, warmup: int) -> float:
     return timed(run, torch.device("cpu"), repeats=repeats, warmup=warmup, setup=setup).median / STEPS
 
 
-@torch.no_grad()
-def static_prefill(model, ids, cache) -> torch.Tensor:
-    """Fill the static ``cache`` with ``ids``; the first greedy token."""
-    cache.reset()
-    out = model(ids, past_key_values=cache, cache_position=torch.arange(PROMPT), use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1:].argmax(-1)
-
-
-@torch.no_grad()
-def compiled_decode(step, cache, token) -> None:
-    """``STEPS`` greedy steps of the compiled ``step`` over the static ``cache``."""
-    for i in range(STEPS):
-        out = step(token, past_key_values=cache, cache_position=torch.tensor([PROMPT + i]), use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-
-
 def main(argv=None) -> None:
-    from transformers import StaticCache
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("plans", nargs="+")
     ap.add_argument("--model", default="smollm2-135m")
@@ -64,10 +47,8 @@ def main(argv=None) -> None:
                 sizes[name] = model_bytes(model)
                 times[name]["eager"].append(step_seconds(lambda out: decode(model, out, STEPS),
                                                          lambda: prefill(model, ids), args.repeats, 1))
-                torch._dynamo.reset()
-                cache = StaticCache(config=model.config, max_cache_len=PROMPT + STEPS)
-                step = torch.compile(model.forward, dynamic=False)
-                run, setup = (lambda token: compiled_decode(step, cache, token)), (lambda: static_prefill(model, ids, cache))
+                compiled = CompiledDecode(model, PROMPT + STEPS)
+                run, setup = (lambda out: compiled.decode(out, STEPS)), (lambda: compiled.prefill(ids))
                 compile_s[name] = STEPS * step_seconds(run, setup, 1, 0)  # the first run compiles
                 times[name]["compiled"].append(step_seconds(run, setup, args.repeats, 0))
             finally:

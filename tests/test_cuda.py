@@ -83,3 +83,19 @@ def test_latency_table_and_speed_on_cuda(dtype):
     assert lt.predict(Plan({}), table)["predicted_decode_ms"] > 0
     report = measure_speed(model, None, SpeedConfig(prompt=16, batch=2, new_tokens=4, repeats=2))
     assert report.device_peak_bytes > 0 and report.decode_tokens_per_s > 0
+
+
+def test_compiled_decode_on_cuda():
+    """CUDA graphs (``mode="reduce-overhead"``) over the static cache give the eager tokens."""
+    from dse.evaluate.speed import SpeedConfig, measure_speed
+    from dse.model.timing import CompiledDecode, decode, prefill
+
+    model = cuda_model(torch.float32)
+    decompose_(model, uniform_plan(find_projections(model), 4))
+    ids = token_ids(batch=2, length=6).cuda()
+    compiled = CompiledDecode(model, max_len=12)
+    for steps in (1, 5):
+        eager, fast = decode(model, prefill(model, ids), steps), compiled.decode(compiled.prefill(ids), steps)
+        torch.testing.assert_close(fast.logits[:, -1], eager.logits[:, -1], rtol=1e-4, atol=1e-4)
+    report = measure_speed(model, None, SpeedConfig(prompt=8, batch=2, new_tokens=3, repeats=2, compile=True))
+    assert report.compile_seconds > 0 and report.decode_tokens_per_s > 0

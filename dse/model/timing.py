@@ -19,6 +19,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .devices import input_device
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -94,7 +96,7 @@ class CompiledDecode:
         self.model, self.max_len = model, max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.keyword = cache_keyword(model)
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        mode = "reduce-overhead" if input_device(model).type == "cuda" else None
         self.step = torch.compile(model.forward, dynamic=False, mode=mode)
 
     @torch.no_grad()
