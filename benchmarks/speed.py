@@ -72,6 +72,11 @@ def searched(worker, config, name: str, budget: Budget, trials: int, storage: st
     return Plan.from_dict(study.best_trial.user_attrs["plan"])
 
 
+def file_stem(name: str) -> str:
+    """A plan's name as a file or folder name (``params -20%`` -> ``params_-20``)."""
+    return name.replace(" ", "_").replace("%", "")
+
+
 def searched_plans(args, worker, config, lt, storage: str) -> dict:
     """Dense, the parameter-budget plans, the middle one aligned and one off, and the latency-budget
     plan at the middle one's predicted decode step; each saved in ``OUT/plans``."""
@@ -89,7 +94,7 @@ def searched_plans(args, worker, config, lt, storage: str) -> dict:
     plans[f"latency {share:.3f}"] = searched(worker, config, f"speed-latency-{share:.4f}",
                                              Budget(latency=round(share, 4)), args.trials, storage)
     for name, plan in plans.items():
-        plan.save(out / "plans" / f"{name.replace(' ', '_').replace('%', '')}.json")
+        plan.save(out / "plans" / f"{file_stem(name)}.json")
     return plans
 
 
@@ -171,7 +176,7 @@ def main(argv=None) -> None:
             restore_(model)
         quality.append(row)
         rank_config = RankConfig(config.model, fingerprint, args.dtype, plan, calibration=config.calibration.to_dict())
-        folders[name] = apply_config(rank_config, work / name.replace(" ", "_").replace("%", ""), model=model,
+        folders[name] = apply_config(rank_config, work / file_stem(name), model=model,
                                      tokenizer=worker.tokenizer, cache=worker.cache, calibration=worker.calibration)
     del worker, model
     modes = {"": [], **({"compiled ": ["--compile"]} if args.compile else {})}

@@ -21,6 +21,7 @@ weight bytes × decode steps per second.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Dict, Tuple
 
 import torch
@@ -123,14 +124,13 @@ def _decode_timing(model, ids: torch.Tensor, config: SpeedConfig) -> Tuple[Timin
     """The timing of ``config.new_tokens`` decode steps after a prefill of ``ids`` (not timed), and
     the seconds of compiling the step (0 eager)."""
     device, kw = ids.device, dict(repeats=config.repeats, warmup=config.warmup)
-    if not config.compile:
-        return timed(lambda out: decode(model, out, config.new_tokens), device,
-                     setup=lambda: prefill(model, ids), **kw), 0.0
-    compiled = CompiledDecode(model, config.prompt + config.new_tokens)
-    first = timed(lambda out: compiled.decode(out, 1), device, repeats=1, warmup=0,
-                  setup=lambda: compiled.prefill(ids))  # the first step compiles
-    return timed(lambda out: compiled.decode(out, config.new_tokens), device,
-                 setup=lambda: compiled.prefill(ids), **kw), first.median
+    fill, steps, compile_seconds = partial(prefill, model), partial(decode, model), 0.0
+    if config.compile:
+        compiled = CompiledDecode(model, config.prompt + config.new_tokens)
+        fill, steps = compiled.prefill, compiled.decode
+        compile_seconds = timed(lambda out: steps(out, 1), device, repeats=1, warmup=0,
+                                setup=lambda: fill(ids)).median  # the first step compiles
+    return timed(lambda out: steps(out, config.new_tokens), device, setup=lambda: fill(ids), **kw), compile_seconds
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:

@@ -70,10 +70,14 @@ def prefill(model, ids: torch.Tensor):
 @torch.no_grad()
 def decode(model, out, steps: int):
     """``steps`` greedy single-token steps from ``out`` (a prefill's or a step's output)."""
-    name = cache_keyword(model)
+    return _greedy_steps(model, cache_keyword(model), out, steps)
+
+
+def _greedy_steps(forward, keyword: str, out, steps: int):
+    """``steps`` calls of ``forward`` on the greedy token of the last output and its cache."""
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        out = model(token, use_cache=True, **{name: _cache_of(out)})
+        out = forward(token, use_cache=True, **{keyword: _cache_of(out)})
     return out
 
 
@@ -112,10 +116,7 @@ class CompiledDecode:
     def decode(self, out, steps: int):
         """``steps`` greedy steps of the compiled forward from ``out`` (cf. :func:`decode`)."""
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            for _ in range(steps):
-                token = out.logits[:, -1:].argmax(-1)
-                out = self.step(token, use_cache=True, **{self.keyword: self.cache})
-        return out
+            return _greedy_steps(self.step, self.keyword, out, steps)
 
 
 def _forward_parameters(model) -> set:
