@@ -67,6 +67,36 @@ def plan_key(trial):
     return tuple(sorted(trial.params.items()))
 
 
+def worker_pid(trial) -> str:
+    return trial.user_attrs.get("worker", "").rpartition(":")[2]  # each trial names its worker, host:pid
+
+
+def kill_mid_trial(study, procs, timeout=300):
+    """SIGKILL a worker while it runs a trial, once some trials have finished. Returns the killed
+    processes, the numbers of the trials the last one left RUNNING, and every trial RUNNING at a kill.
+
+    Trials are short, so a kill can land just after the victim finished its trial: it then held no
+    trial and is simply gone, and the next running worker is killed (leaving at least one)."""
+    by_pid = {str(p.pid): p for p in procs}
+    killed, running_before, deadline = [], set(), time.monotonic() + timeout
+    while time.monotonic() < deadline and len(by_pid) > 1:
+        trials = study.get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING and worker_pid(t) in by_pid]
+        if sum(t.state == TrialState.COMPLETE for t in trials) < 4 or not running:
+            time.sleep(0.2)
+            continue
+        victim = by_pid.pop(worker_pid(running[0]))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+        killed.append(victim)
+        after = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        running_before |= {t.number for t in after}
+        held = {t.number for t in after if worker_pid(t) == str(victim.pid)}
+        if held:
+            return killed, held, running_before
+    raise AssertionError(f"no kill landed during a trial in {timeout} s ({len(killed)} workers killed)")
+
+
 @pytest.mark.slow
 def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     if not PG_URL:
@@ -81,22 +111,14 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     storage = make_storage(PG_URL)
     study = optuna.load_study(study_name=config.name, storage=storage)
 
-    # kill a worker while it runs a trial: wait until some trials finished and one is running, and
-    # kill the worker that runs it (each trial names its worker, host:pid)
-    by_pid = {str(p.pid): p for p in procs}
-    victim, deadline = None, time.monotonic() + 300
-    while victim is None and time.monotonic() < deadline:
-        trials = study.get_trials(deepcopy=False)
-        running = [t for t in trials if t.state == TrialState.RUNNING
-                   and t.user_attrs.get("worker", "").rpartition(":")[2] in by_pid]
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= 4 and running:
-            victim = by_pid[running[0].user_attrs["worker"].rpartition(":")[2]]
-        time.sleep(0.2)
-    assert victim is not None, "no trial was running after 300 s"
-    running_before = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
-    victim.send_signal(signal.SIGKILL)
-    others = [p for p in procs if p is not victim]
-    wait_all(others, timeout=600)
+    try:
+        killed, held, running_before = kill_mid_trial(study, procs)
+        others = [p for p in procs if p not in killed]
+        wait_all(others, timeout=600)
+    finally:  # no worker outlives a failed test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p in others:
         assert p.returncode == 0, p.log.read_text()[-2000:]
 
@@ -109,7 +131,7 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     assert len(complete) + len(failed) == len(trials)
     # the killed worker's trial failed and was retried once, as a new trial with the same choices
     # (the kill may land while the plan is being sampled: the retry completes the choices made)
-    assert failed and {t.number for t in failed} <= running_before
+    assert held <= {t.number for t in failed} <= running_before
     retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in trials
                if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None}
     for f in failed:
