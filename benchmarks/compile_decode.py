@@ -111,11 +111,11 @@ def main(argv=None) -> None:
     table = find_projections(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, PROMPT),
                         generator=torch.Generator().manual_seed(0)).to(device)
+    suffix = f" @{args.align}" if args.align else ""
     plans = {"dense": None, **{Path(p).stem: Plan.load(p) for p in args.plans},
-             **{f"uniform {r:g}" + (f" @{args.align}" if args.align else ""): aligned(uniform_plan(table, ratio=r), args.align)
-                for r in args.uniform}}
+             **{f"uniform {r:g}{suffix}": aligned(uniform_plan(table, ratio=r), args.align) for r in args.uniform}}
     modes = ("eager",) if args.eager_only else ("eager", "compiled")
-    times = {name: {mode: [] for mode in modes} for name in plans}
+    times = {plan_name: {mode: [] for mode in modes} for plan_name in plans}
     sizes, compile_s, products = {}, {}, {}
     for round_ in range(args.rounds):
         for plan_name, plan in plans.items():
