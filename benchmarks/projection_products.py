@@ -115,7 +115,8 @@ def main(argv=None) -> None:
         ratio, speedup = size["dense"] / size[name], best["dense"] / best[name]
         fit = size[name] / 1e6 * ms_per_mb + products[name] * ms_per_product
         print(f"| {name} | {products[name]} | {size[name] / 1e6:.1f} | {1000 * best[name]:.2f} | "
-              f"{size[name] / best[name] / 1e9:.2f} | {speedup:.3f} | {ratio:.3f} | {speedup / ratio:.3f} | {fit:.2f} |")
+              f"{size[name] / best[name] / 1e9:.2f} | {speedup:.3f} | {ratio:.3f} | {speedup / ratio:.3f} | "
+              f"{fit:.2f} |")
     how = "fit over" if len(plain) > 2 else "solved exactly (one plan: add more to fit) from"
     print(f"\n{how} dense and the plans: {1 / ms_per_mb:.1f} GB/s and {1000 * ms_per_product:.1f} µs per product")
 
