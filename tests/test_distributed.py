@@ -1,7 +1,7 @@
 """Several worker processes on one study: PostgreSQL (with a SIGKILLed worker) and a journal file.
 
-The PostgreSQL test needs a server: ``.ci/run`` starts one and sets ``DSE_TEST_POSTGRES_URL``;
-without it the test skips, saying so.
+The PostgreSQL tests need a server: ``.ci/run`` starts one and sets ``DSE_TEST_POSTGRES_URL``;
+without it they skip, saying so.
 """
 
 from __future__ import annotations
@@ -157,3 +157,78 @@ def test_journal_storage_two_workers(tmp_path, tiny_llama_dir):
     assert 6 <= len(complete) <= 7  # the second worker may finish the trial it had started
     evaluated = [plan_key(t) for t in complete if "duplicate_of" not in t.user_attrs]
     assert len(set(evaluated)) == len(evaluated) >= 5
+
+
+OPEN_TOGETHER = """
+import sys
+from dse.study.storage import make_storage
+print("ready", flush=True)
+sys.stdin.readline()
+make_storage(sys.argv[1])
+"""
+
+
+def test_workers_opening_a_new_postgres_database_together():
+    """Six processes open a new PostgreSQL database at the same moment, as cluster workers do on their
+    first start: Optuna's tables are created once, and no worker fails on another's ``CREATE TABLE``."""
+    if not PG_URL:
+        pytest.skip("DSE_TEST_POSTGRES_URL is not set (bash .ci/postgres.sh starts a loopback PostgreSQL)")
+    import sqlalchemy
+
+    name = f"dse_race_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    url = f"{PG_URL.rsplit('/', 1)[0]}/{name}"
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    try:
+        assert all(p.stdout.readline().strip() == "ready" for p in procs)  # every one imported, none opened
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, "\n".join(e[-1500:] for e in errors if e)
+        assert make_storage(url).get_all_studies() == []
+    finally:
+        for p in procs:
+            p.kill()
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_a_lost_schema_race_is_tried_again(monkeypatch):
+    """``make_storage`` opens the storage again when another process created Optuna's tables first,
+    and turns any other database error into one line at once."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    from dse.core.errors import StorageError
+
+    calls = []
+
+    def storage(errors):
+        def make(url, **kw):
+            calls.append(url)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "storage"
+        return make
+
+    race = IntegrityError("CREATE TABLE studies", {}, Exception('duplicate key value violates unique constraint '
+                                                                 '"pg_type_typname_nsp_index"'))
+    exists = ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+    monkeypatch.setattr("dse.study.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage([race, exists]))
+    assert make_storage("postgresql://u@h/db") == "storage" and len(calls) == 3
+    calls.clear()
+    denied = ProgrammingError("CREATE TABLE studies", {}, Exception("permission denied for schema public"))
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage([denied]))
+    with pytest.raises(StorageError, match=r"^storage: cannot open postgresql://u:\*\*\*@h/db: .*permission denied"):
+        make_storage("postgresql://u@h/db")
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage([race] * 10))
+    with pytest.raises(StorageError, match="duplicate key"):
+        make_storage("postgresql://u@h/db")
+    assert len(calls) == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -31,14 +32,34 @@ def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 120):
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with quiet_optuna():
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        return _rdb_storage(url, heartbeat_s, grace_s)
     except Exception as e:  # sqlalchemy: bad URL, missing driver, server unreachable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"storage: cannot open {_redact(url)}: {msg}") from None
+
+
+SCHEMA_ATTEMPTS = 6
+
+
+def _rdb_storage(url: str, heartbeat_s: int, grace_s: int):
+    """Optuna's RDB storage, which creates its tables in a new database. Workers that start together
+    on a new database race to create them, and PostgreSQL fails the losers' ``CREATE TABLE`` (a
+    duplicate key in its catalogue, or the table already there): those try again, finding the
+    tables made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with quiet_optuna():
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except (IntegrityError, ProgrammingError) as e:
+            lost_race = "duplicate key" in str(e) or "already exists" in str(e)
+            if not lost_race or attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * 2 ** attempt)
 
 
 def _redact(url: str) -> str:
