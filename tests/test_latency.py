@@ -4,6 +4,7 @@ steps and plan predictions on hand-made tables; latency budgets and the latency 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -70,6 +71,17 @@ def test_interpolation_is_monotone_and_break_even_is_where_dense_wins():
     spiked = ShapeCost(64, 32, [1, 8, 16, 32], {"decode": 0.15}, {"decode": [0.01, 20.0, 0.07, 0.32]})
     assert spiked.at(8) == pytest.approx(0.07) and spiked.at(32) == pytest.approx(0.32)  # a load spike is dropped
     assert [spiked.at(r) for r in range(1, 33)] == sorted(spiked.at(r) for r in range(1, 33))
+
+
+def test_break_even_is_the_first_rank_no_faster_than_dense_and_is_not_saved():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ranks = rank_grid(96)
+        times = list(np.cumsum(rng.random(len(ranks))))
+        cost = ShapeCost(96, 128, ranks, {"decode": float(rng.uniform(0, times[-1] * 1.2))}, {"decode": times})
+        scan = next((r for r in range(1, 97) if cost.at(r) >= cost.dense["decode"]), 97)
+        assert cost.break_even() == scan and cost.break_even() == scan  # memoised: same answer again
+    assert set(asdict(cost)) == {"out_features", "in_features", "ranks", "dense", "lowrank", "step"}
 
 
 def test_a_table_measured_on_a_busy_machine_is_measured_again_and_not_cached(tiny, tmp_path, monkeypatch):
