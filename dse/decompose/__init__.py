@@ -28,7 +28,7 @@ from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, a
 from .plan import PLAN_FORMAT, Plan, uniform_plan
 from .stats import InputStats, StatsStore
 from .size import SizeReport, plan_size
-from .surgery import decompose_, factor_forms, is_decomposed, restore_, swap_module
+from .surgery import decompose_, decomposed, factor_forms, is_decomposed, restore_, swap_module
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
 
 register_method(SVDConfig, svd_form, truncate_two)
@@ -39,7 +39,7 @@ register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
 __all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "InputStats", "LowRankLinear", "MEMORY", "METHODS",
            "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig",
            "SizeReport", "StatsStore", "Tucker2Config", "as_config", "as_pair", "calibrate", "check_memory",
-           "collect_stats", "decompose_", "factor_forms", "get_method", "is_decomposed", "make_config",
+           "collect_stats", "decompose_", "decomposed", "factor_forms", "get_method", "is_decomposed", "make_config",
            "model_fingerprint",
            "plan_size", "register_method", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
            "uniform_plan"]
