@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 
 from dse.decompose import Plan, uniform_plan
 from dse.model import n_layers as count_layers
+from dse.results import TrialRecord
 from dse.results.front import hypervolume_history
 from dse.space import Budget, PROBE_KINDS, parse_baseline, sensitivity_plan
 from dse.study.characterize import run_characterization
@@ -58,8 +59,8 @@ CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "win
 def searched(study: optuna.Study, max_ratio: float):
     """The most accurate completed trial at or under ``max_ratio`` of the parameters."""
     fits = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs["params_ratio"] <= max_ratio + 1e-12]
-    return max(fits, key=lambda t: t.user_attrs["accuracy"]) if fits else None
+            if TrialRecord.of(t)["params_ratio"] <= max_ratio + 1e-12]
+    return max(fits, key=lambda t: TrialRecord.of(t)["accuracy"]) if fits else None
 
 
 def describe(plan: Plan, table) -> str:
@@ -81,12 +82,13 @@ def describe(plan: Plan, table) -> str:
 
 def time_saved(study: optuna.Study) -> tuple:
     """(share of evaluation time saved, pruned trials, trials) by multi-fidelity in ``study``."""
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get("n_modules")
-            and "duplicate_of" not in t.user_attrs]  # dense and repeated plans were not evaluated
-    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
-    full = statistics.fmean(t.user_attrs["eval_seconds"] for t in done)
-    spent = sum(t.user_attrs["eval_seconds"] for t in done + pruned)
-    saved = sum(max(full - t.user_attrs["eval_seconds"], 0.0) for t in pruned)
+    records = [(t, TrialRecord.of(t)) for t in study.trials]
+    done = [r for t, r in records if t.state == TrialState.COMPLETE and r.get("n_modules")
+            and r.duplicate_of is None]  # dense and repeated plans were not evaluated
+    pruned = [r for t, r in records if t.state == TrialState.PRUNED]
+    full = statistics.fmean(r["eval_seconds"] for r in done)
+    spent = sum(r["eval_seconds"] for r in done + pruned)
+    saved = sum(max(full - r["eval_seconds"], 0.0) for r in pruned)
     return saved / (spent + saved), len(pruned), len(done) + len(pruned)
 
 
@@ -162,10 +164,10 @@ def main(argv=None) -> None:
                  ("fixed-size search", fixed[target].best_trial)]
         for name, best in found:
             if best is not None:
-                a = best.user_attrs
+                a = TrialRecord.of(best)
                 rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
                              "accuracy": a["accuracy"], "perplexity": a["perplexity"], "trial": best.number,
-                             "detail": describe(Plan.from_dict(a["plan"]), table), "ranks": json.dumps(a["plan"])})
+                             "detail": describe(Plan.from_dict(a.plan), table), "ranks": json.dumps(a.plan)})
     dense = Plan({}, config.method)
     rows.insert(0, {"target": 0.0, "plan": "undecomposed", "params_ratio": 1.0, "accuracy": base["accuracy"],
                     "perplexity": base["perplexity"], "trial": None, "detail": "", "ranks": json.dumps(dense.to_dict())})
@@ -265,13 +267,13 @@ def _plot(tpe, rnd, results, base, out: Path) -> None:
     for ax, metric, label in ((axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
                               (axes[1], "perplexity", "WikiText-2 perplexity (log scale)")):
         for study, color, name in ((rnd, "0.6", "free-rank random"), (tpe, "C0", "free-rank TPE")):
-            done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-            ax.plot([100 * t.user_attrs["params_ratio"] for t in done], [t.user_attrs[metric] for t in done], ".",
+            done = [TrialRecord.of(t) for t in study.trials if t.state == TrialState.COMPLETE]
+            ax.plot([100 * r["params_ratio"] for r in done], [r[metric] for r in done], ".",
                     color=color, alpha=0.5, label=f"{name} trials ({len(done)} complete)")
             if metric == "accuracy":
-                front = sorted(front_trials(study), key=lambda t: t.user_attrs["params_ratio"])
-                ax.plot([100 * t.user_attrs["params_ratio"] for t in front],
-                        [t.user_attrs["accuracy"] for t in front], "-", color=color, lw=2, label=f"{name} front")
+                front = sorted((TrialRecord.of(t) for t in front_trials(study)), key=lambda r: r["params_ratio"])
+                ax.plot([100 * r["params_ratio"] for r in front],
+                        [r["accuracy"] for r in front], "-", color=color, lw=2, label=f"{name} front")
         for i, (name, rows) in enumerate(simple.groupby("plan", sort=False)):
             ax.plot(100 * rows["params_ratio"], rows[metric], markers.get(name, "D"), color=f"C{i + 1}",
                     ms=12 if name == "fixed-size search" else 8, label=name)

@@ -43,6 +43,7 @@ from dse.evaluate import perplexity
 from dse.evaluate.speed import copy_bandwidth
 from dse.model import input_device
 from dse.model.timing import decode, prefill, timed
+from dse.results import TrialRecord
 from dse.results.compressed import apply_config
 from dse.results.rankconfig import RankConfig
 from dse.space import Budget, parse_baseline
@@ -69,7 +70,7 @@ def searched(worker, config, name: str, budget: Budget, trials: int, storage: st
     space = dataclasses.replace(config.space, budget=budget)
     study = run_study(dataclasses.replace(config, name=name, space=space, baselines=(), n_trials=trials),
                       storage=storage, worker=worker, progress=False)
-    return Plan.from_dict(study.best_trial.user_attrs["plan"])
+    return Plan.from_dict(TrialRecord.of(study.best_trial).plan)
 
 
 def file_stem(name: str) -> str:

@@ -30,6 +30,7 @@ from dse.decompose import FactorCache, Plan, calibrate, decomposed, factor_forms
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model, param_count
 from dse.space import Budget, parse_baseline
+from dse.results import TrialRecord
 from dse.study.config import load_study_config
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 from dse.study.runner import run_study
@@ -104,11 +105,11 @@ def main(argv=None) -> None:
         study = run_study(config, storage=storage, progress=False, worker=worker)
         minutes = (time.perf_counter() - start) / 60
         best = study.best_trial
-        plan = Plan.from_dict(best.user_attrs["plan"])
+        plan = Plan.from_dict(TrialRecord.of(best).plan)
         plan.save(out / "plans" / f"R{ratio:g}.json")
         best_plans[ratio] = plan
         s_held = measured(model, plan, cache, calibration, [held])[0]
-        flat = next(t.value for t in study.trials if t.user_attrs.get("start") == "flat")
+        flat = next(t.value for t in study.trials if TrialRecord.of(t).start == "flat")
         kept_uniform, kept_searched = uniform.kept_params(table), plan.kept_params(table)
         assert kept_searched <= kept_uniform, (kept_searched, kept_uniform)
         rows.append({"R": ratio, "whole model removed %": 100 * (1 - (total - dense + kept_uniform) / total),

@@ -82,10 +82,11 @@ def _cmd_status(args) -> None:
 def _cmd_estimate(args) -> None:
     from .core.errors import StorageError
     from .study.config import load_study_config
-    from .study.estimate import estimate
+    from .study.estimate import check_inputs, estimate
     from .study.storage import open_study
 
     config = load_study_config(args.study)
+    check_inputs(config)
     try:
         study = open_study(config, args.storage, create=False)
     except StorageError:  # not run yet: no trial to time

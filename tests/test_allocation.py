@@ -17,6 +17,7 @@ from dse.model import find_projections
 from dse.space import AllocationError, AllocationSpace, Budget, SpaceError, allocate, importance, load_space
 from dse.study.config import load_study_config
 from dse.study.runner import run_study
+from dse.results.record import TrialRecord
 
 from conftest import BENCHMARKS, make_tiny
 from helpers import token_ids
@@ -176,10 +177,10 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     result = run_study(allocation_study(tiny_llama_dir, tmp_path), progress=False)
     trials = result.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 5
-    assert [t.user_attrs.get("baseline") or t.user_attrs.get("start") for t in trials[:3]] == \
+    assert [TrialRecord.of(t).baseline or TrialRecord.of(t).start for t in trials[:3]] == \
         ["ratio-0.4", "flat", "sensitivity"]
-    uniform_params = trials[0].user_attrs["params"]
-    assert all(t.user_attrs["params"] <= uniform_params for t in trials)  # every plan within the budget
+    uniform_params = TrialRecord.of(trials[0])["params"]
+    assert all(TrialRecord.of(t)["params"] <= uniform_params for t in trials)  # every plan within the budget
     assert all(math.isfinite(t.value) for t in trials)
     from dse.results.export import select_trial
 
@@ -213,10 +214,10 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
     calls.clear()
     monkeypatch.setattr(Worker, "measure", counting())
     result = run_study(config, progress=False)
-    starts = [t.user_attrs.get("start") for t in result.trials if t.user_attrs.get("start")]
+    starts = [TrialRecord.of(t).start for t in result.trials if TrialRecord.of(t).start]
     assert starts == ["flat", "sensitivity"]
     assert len(result.user_attrs["sensitivity"]) == 9
-    measured = [t for t in result.trials if "duplicate_of" not in t.user_attrs]
+    measured = [t for t in result.trials if TrialRecord.of(t).duplicate_of is None]
     assert all(n > 0 for n in calls[:6]) and len(calls) == 6 + len(measured)  # the 6 missing probes, then trials
 
 

@@ -14,6 +14,7 @@ from dse.space import PROBE_KINDS, curve_layers, parse_baseline, sensitivity_pla
 from dse.study.characterize import characterize
 from dse.study.config import load_study_config
 from dse.study.worker import Worker
+from dse.results.record import TrialRecord
 
 from conftest import BENCHMARKS, make_tiny
 from helpers import write_study
@@ -177,8 +178,8 @@ def test_multi_fidelity_study_records_pruned_trials(tiny_llama_dir, tmp_path):
     assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 6
     for t in study.trials:
         if t.state == optuna.trial.TrialState.PRUNED:
-            assert "below" in t.user_attrs["pruned"] and t.user_attrs["eval_seconds"] > 0
-            assert t.user_attrs["accuracy"] < max(u.user_attrs.get("accuracy", 0) for u in study.trials
+            assert "below" in TrialRecord.of(t).pruned and TrialRecord.of(t)["eval_seconds"] > 0
+            assert TrialRecord.of(t)["accuracy"] < max(TrialRecord.of(u).get("accuracy", 0) for u in study.trials
                                                   if u.state == optuna.trial.TrialState.COMPLETE)
 
 

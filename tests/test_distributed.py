@@ -19,6 +19,7 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from dse.results.record import TrialRecord
 from dse.study.config import load_study_config
 from dse.study.runner import open_study
 from dse.study.storage import make_storage
@@ -68,7 +69,7 @@ def plan_key(trial):
 
 
 def worker_pid(trial) -> str:
-    return trial.user_attrs.get("worker", "").rpartition(":")[2]  # each trial names its worker, host:pid
+    return (TrialRecord.of(trial).worker or "").rpartition(":")[2]  # each trial names its worker, host:pid
 
 
 def kill_mid_trial(study, procs, timeout=300):
@@ -138,7 +139,7 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
         assert f.number in retried and f.params.items() <= retried[f.number].params.items()
     # no plan evaluated twice by accident: the evaluated plans are distinct (a plan proposed again
     # reuses the earlier result and says so), and the workers did not all propose the same plans
-    keys = [plan_key(t) for t in complete if "duplicate_of" not in t.user_attrs]
+    keys = [plan_key(t) for t in complete if TrialRecord.of(t).duplicate_of is None]
     assert len(set(keys)) == len(keys) and len(keys) >= target - 4
 
 
@@ -155,7 +156,7 @@ def test_journal_storage_two_workers(tmp_path, tiny_llama_dir):
     study = open_study(config, url, create=False)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert 6 <= len(complete) <= 7  # the second worker may finish the trial it had started
-    evaluated = [plan_key(t) for t in complete if "duplicate_of" not in t.user_attrs]
+    evaluated = [plan_key(t) for t in complete if TrialRecord.of(t).duplicate_of is None]
     assert len(set(evaluated)) == len(evaluated) >= 5
 
 

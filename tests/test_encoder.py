@@ -15,6 +15,7 @@ from dse import decompose_, find_projections, restore_, uniform_plan
 from dse.cli import main
 from dse.evaluate import EvalConfig, Evaluator, TextSet, pseudo_perplexity, sentence_embeddings
 from dse.model import TextSource, load_model
+from dse.results.record import TrialRecord
 
 PIQA = {"path": str(BENCHMARKS / "piqa/piqa_valid.jsonl"), "field": "goal", "rows": [0, 12], "separator": "\n\n"}
 
@@ -151,7 +152,7 @@ def test_minilm_sentence_embeddings_study(tmp_path):
     config = load_study_config(study)
     worker = Worker(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
     result = run_study(config, worker=worker, progress=False)
-    done = {t.user_attrs.get("baseline"): t.user_attrs for t in result.trials if t.state.name == "COMPLETE"}
+    done = {TrialRecord.of(t).baseline: TrialRecord.of(t).metrics for t in result.trials if t.state.name == "COMPLETE"}
     assert done["dense"]["embedding_similarity"] == pytest.approx(1.0, abs=1e-9)
     assert 0.0 < done["uniform-0.5"]["embedding_similarity"] < 0.999
     print(f"minilm-l6: uniform half rank keeps {done['uniform-0.5']['params_ratio']:.3f} of the parameters, "

@@ -104,3 +104,29 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
         print(f"| {what} | {size(line.host + line.disk)} | {size(value)} |")
         assert value == pytest.approx(line.host + line.disk, rel=0.2), (what, value, line)
     assert torch.equal(streamed.stats_for(next(iter(table))).xtx, at_once.stats_for(next(iter(table))).xtx.float())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"evaluation": {"tasks": ["piqaa"], "data_dir": str(BENCHMARKS)}, "objectives": ["accuracy", "params"]},
+     r"evaluation\.tasks\[0\]: unknown task 'piqaa'"),
+    ({"baselines": [{"layers": [3, 40]}]}, r"baselines\.layers: layer 40 does not exist \(the model has 32\)"),
+    ({"calibration": {"text": {"path": WIKI, "field": "text"}}}, r"calibration\.text\.field: rows have no field 'text'"),
+    ({"evaluation": {"tasks": [], "perplexity": {"text": {"path": "/no/such.txt"}}}},
+     r"evaluation\.perplexity\.text\.path: no such file '/no/such.txt'"),
+])
+def test_estimate_refuses_what_run_refuses(change, message, tmp_path, capsys):
+    """What would stop ``dse run`` once the model is loaded stops ``dse estimate`` too (one line)."""
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    import yaml
+
+    study = yaml.safe_load((ROOT / "studies" / "llama2-7b-cluster.yaml").read_text())
+    study["space"] = str(ROOT / "spaces" / "llama2-7b-layer-ranks.yaml")
+    study["calibration"]["text"]["path"] = study["evaluation"]["perplexity"]["text"]["path"] = WIKI
+    study["calibration"].update(change.get("calibration", {}))
+    study.update({k: v for k, v in change.items() if k != "calibration"})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["estimate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(rf"dse: error: {message}", err), err

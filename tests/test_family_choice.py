@@ -10,6 +10,7 @@ from dse.core.errors import ConfigError, ExportError, SpaceError
 from dse.model import FAMILIES, Family, find_projections, load_model
 from dse.results.rankconfig import RankConfig
 from dse.space import space_from_dict
+from dse.results.record import TrialRecord
 from helpers import registered, write_study
 
 ATTENTION = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o"}
@@ -70,7 +71,7 @@ def test_a_chosen_family_is_honoured_from_calibration_to_reload(tiny_llama_dir, 
         assert set(worker.calibration.stats) | set(worker.calibration.aliases) == set(worker.table)
         study = run_study(config, worker=worker, progress=False)
         assert study.user_attrs["dse"]["family"] == "attention"
-        trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "uniform-2")
+        trial = next(t for t in study.trials if TrialRecord.of(t).baseline == "uniform-2")
         exported = rank_config(study, trial)
         assert exported.family == "attention" and set(exported.plan.ranks) == set(worker.table)
         exported.save(tmp_path / "config.json")

@@ -13,6 +13,7 @@ import yaml
 from conftest import BENCHMARKS
 from dse import decompose_, find_projections, load_compressed, restore_
 from dse.model import family_of, load_model
+from dse.results.record import TrialRecord
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +60,15 @@ def test_gemma3_study_export_apply_reload(gemma3, tmp_path):
     worker = Worker(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
     study = run_study(config, worker=worker, progress=False)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(done) == 3 and all(t.user_attrs["perplexity"] > 1 for t in done)
-    dense = next(t for t in done if t.user_attrs.get("baseline") == "dense").user_attrs["perplexity"]
+    assert len(done) == 3 and all(TrialRecord.of(t)["perplexity"] > 1 for t in done)
+    dense = next(TrialRecord.of(t) for t in done if TrialRecord.of(t).baseline == "dense")["perplexity"]
     # the dense baseline trial is the restored model's own perplexity, measured again here
     assert dense == pytest.approx(Evaluator(model, tokenizer, config.evaluation).run(progress=False)["perplexity"],
                                   rel=1e-6)
     exported = rank_config(study, select_trial(study, max_params=1.0))
     assert exported.family == "llama"
     if not len(exported.plan):  # the front holds only the dense model: export a decomposed trial instead
-        exported = rank_config(study, min(done, key=lambda t: t.user_attrs["params_ratio"]))
+        exported = rank_config(study, min(done, key=lambda t: TrialRecord.of(t)["params_ratio"]))
     out = apply_config(exported, tmp_path / "out", model=model, tokenizer=tokenizer)
     compressed, _ = load_compressed(out)
     ids = tokenizer("The tower is 324 metres tall, about the same height as", return_tensors="pt").input_ids

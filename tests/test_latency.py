@@ -17,6 +17,7 @@ from dse.decompose.latency import (PHASES, LatencyTable, ShapeCost, TableSpec, W
                                    measure_table, rank_grid, shape_key)
 from dse.model import find_projections
 from dse.space import AllocationSpace, Budget, allocate
+from dse.results.record import TrialRecord
 from helpers import write_study
 
 
@@ -198,9 +199,9 @@ def test_a_study_with_the_latency_objective(tiny_llama_dir, tmp_path):
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 4
     for t in done:
-        assert t.values[1] == t.user_attrs["predicted_decode_ms"] > 0 and t.user_attrs["predicted_prefill_ms"] > 0
-        if t.user_attrs.get("baseline") is None:  # sampled plans never keep a rank slower than dense
-            plan = Plan.from_dict(t.user_attrs["plan"])
+        assert t.values[1] == TrialRecord.of(t)["predicted_decode_ms"] > 0 and TrialRecord.of(t)["predicted_prefill_ms"] > 0
+        if TrialRecord.of(t).baseline is None:  # sampled plans never keep a rank slower than dense
+            plan = Plan.from_dict(TrialRecord.of(t).plan)
             assert all(rank < lt.cost(table[name]).break_even() for name, rank in plan.ranks.items())
     from dse.core.errors import ResultsError
     from dse.results.plots import plot_front, save_plots

@@ -14,6 +14,7 @@ from dse.core.errors import ConfigError, DseError
 from dse.core.registry import Registry
 from dse.evaluate import OBJECTIVES, Objective
 from dse.study.samplers import SAMPLERS, parse_sampler
+from dse.results.record import TrialRecord
 
 from conftest import BENCHMARKS
 from helpers import registered, write_study
@@ -69,8 +70,8 @@ def test_a_new_objective_is_one_unit_in_this_file(tiny_llama_dir, tmp_path, caps
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(done) == 3
         for t in done:
-            assert t.values[0] == pytest.approx(math.log2(t.user_attrs["perplexity"]), rel=1e-12)
-            assert t.user_attrs["bits_per_token"] == t.values[0]
+            assert t.values[0] == pytest.approx(math.log2(TrialRecord.of(t)["perplexity"]), rel=1e-12)
+            assert TrialRecord.of(t)["bits_per_token"] == t.values[0]
 
         assert main(["status", str(path)]) == 0
         status = capsys.readouterr().out

@@ -16,6 +16,8 @@ import pytest
 
 from helpers import build_study
 
+from dse.results.record import TrialRecord
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     return build_study(tmp_path_factory.mktemp("study"))
@@ -36,8 +38,8 @@ def test_trials_frame_has_one_row_per_trial(tiny_study):
     assert dense["params_m"] == pytest.approx(base["params"] / 1e6)
     for _, row in df.iterrows():
         t = study.trials[row["number"]]
-        assert row["params_pct"] == pytest.approx(100 * t.user_attrs["params_ratio"])
-        assert row["feasible"] == (t.user_attrs["params_ratio"] <= 0.97)
+        assert row["params_pct"] == pytest.approx(100 * TrialRecord.of(t)["params_ratio"])
+        assert row["feasible"] == (TrialRecord.of(t)["params_ratio"] <= 0.97)
 
 
 def test_front_is_feasible_and_non_dominated(tiny_study):
@@ -147,7 +149,7 @@ def test_module_heatmap_counts_front_configs(tiny_study):
     usage = module_usage(study)
     front = front_trials(study)
     name = "model.layers.1.self_attn.q_proj"
-    expected = sum(name in t.user_attrs["plan"]["ranks"] for t in front) / len(front)
+    expected = sum(name in TrialRecord.of(t).plan["ranks"] for t in front) / len(front)
     assert usage.fraction.loc[1, "q"] == pytest.approx(expected)
     assert list(usage.fraction.columns) == ["q", "k", "v", "o", "gate", "up", "down"]
     assert list(usage.fraction.index) == [0, 1, 2]

@@ -13,6 +13,7 @@ from dse.cli import main
 from dse.study.config import ConfigError, load_study_config
 from dse.study.runner import finished_trials, open_study, run_study
 from dse.study.worker import Worker
+from dse.results.record import TrialRecord
 
 from conftest import BENCHMARKS
 from helpers import write_study
@@ -30,21 +31,46 @@ def fresh_config(tmp_path, tiny_llama_dir, **overrides):
     return load_study_config(write_study(tmp_path, tiny_llama_dir, **overrides))
 
 
+def test_a_trial_writes_its_record_in_one_storage_call(worker, tmp_path, tiny_llama_dir, monkeypatch):
+    """Each trial writes two user attributes (who runs it, then its record): two round trips on a
+    shared database, not one per metric."""
+    writes = []
+    real = optuna.storages.RDBStorage.set_trial_user_attr
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_user_attr",
+                        lambda self, trial_id, key, value: writes.append((trial_id, key)) or real(self, trial_id, key,
+                                                                                                  value))
+    study = run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=4), worker=worker, progress=False)
+    per_trial = {t._trial_id: [k for i, k in writes if i == t._trial_id] for t in study.trials}
+    assert len(per_trial) == 4 and all(keys == ["worker", TrialRecord.ATTRIBUTE] for keys in per_trial.values())
+    record = TrialRecord.of(study.trials[0])
+    assert record.baseline == "dense" and record.worker and record["params_ratio"] == 1.0  # early and late entries
+
+
+def test_a_study_leaves_optunas_log_level_as_it_was(worker, tmp_path, tiny_llama_dir):
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    try:
+        run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=1), worker=worker, progress=False)
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
     config = fresh_config(tmp_path, tiny_llama_dir)
     study = run_study(config, worker=worker, progress=False)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 3
-    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["dense", "uniform-0.5"]
+    assert [TrialRecord.of(t).baseline for t in trials[:2]] == ["dense", "uniform-0.5"]
     base = study.user_attrs["baseline"]
     assert base["params_ratio"] == 1.0 and 0.0 <= base["accuracy"] <= 1.0 and base["perplexity"] > 1
-    dense, uniform = trials[0].user_attrs, trials[1].user_attrs
+    dense, uniform = TrialRecord.of(trials[0]), TrialRecord.of(trials[1])
     assert dense["accuracy"] == base["accuracy"] and dense["n_modules"] == 0
     assert uniform["n_modules"] == len(worker.table) and uniform["params_ratio"] < 1.0
     for t in trials:
-        a = t.user_attrs
-        assert {"plan", "params", "bytes", "compression", "flops_per_token", "acc/piqa", "perplexity",
-                "eval_seconds"} <= set(a)
+        a = TrialRecord.of(t)
+        assert a.plan is not None and {"params", "bytes", "compression", "flops_per_token", "acc/piqa", "perplexity",
+                                       "eval_seconds"} <= set(a.metrics)
         assert t.values == [a["accuracy"], a["params_ratio"]]
         assert math.isclose(a["compression"], 1 - a["params_ratio"])
     # the model is dense again after the study, bit for bit
@@ -66,7 +92,7 @@ def test_failed_trial_does_not_stop_study(worker, tmp_path, tiny_llama_dir, monk
     worker.baseline = {}
     study = run_study(config, worker=worker, progress=False)
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 1 and "not finite" in failed[0].user_attrs["error"]
+    assert len(failed) == 1 and "not finite" in TrialRecord.of(failed[0]).error
     assert finished_trials(study) == 3
 
 
@@ -133,7 +159,7 @@ def test_a_repeated_plan_is_not_evaluated_again(worker, tmp_path, tiny_llama_dir
     study = run_study(config, worker=worker, progress=False)
     first, *rest = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(calls) == 2  # the dense baseline and the one plan the space holds
-    assert [t.user_attrs["duplicate_of"] for t in rest] == [first.number, first.number]
+    assert [TrialRecord.of(t).duplicate_of for t in rest] == [first.number, first.number]
     assert all(t.values == first.values for t in rest)
 
 

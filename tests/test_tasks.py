@@ -13,6 +13,7 @@ import yaml
 from dse.cli import main
 from dse.core.errors import TaskNotFoundError
 from dse.evaluate import EvalConfig, Evaluator, check_tasks, load_tasks, local_copy
+from dse.results.record import TrialRecord
 from helpers import write_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,4 +100,5 @@ def test_custom_task_yaml_runs_in_a_study(tiny_llama_dir, tmp_path, benchmarks_d
     trials = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(trials) == 2
     for t in trials:
-        assert t.user_attrs["accuracy"] == pytest.approx((t.user_attrs["acc/piqa_qa"] + t.user_attrs["acc/piqa"]) / 2)
+        record = TrialRecord.of(t)
+        assert record["accuracy"] == pytest.approx((record["acc/piqa_qa"] + record["acc/piqa"]) / 2)

@@ -10,8 +10,9 @@ from typing import List, Optional
 from ..core.errors import ExportError, ResultsError
 from ..core.io import atomic_dir
 from ..decompose import Plan
-from .front import TRIAL_ONLY, front_trials, quality, require_completed
+from .front import front_trials, quality, require_completed
 from .rankconfig import RankConfig
+from .record import TrialRecord
 
 def rank_config(study, trial) -> RankConfig:
     """The rank config of ``trial`` (a FrozenTrial of ``study``)."""
@@ -19,13 +20,13 @@ def rank_config(study, trial) -> RankConfig:
     missing = [k for k in ("model", "fingerprint") if k not in meta]
     if missing:
         raise ResultsError(f"study {study.study_name!r}: metadata lacks {missing[0]!r} (was it run by `dse run`?)")
-    attrs = trial.user_attrs
-    if "plan" not in attrs:
+    record = TrialRecord.of(trial)
+    if record.plan is None:
         raise ResultsError(f"trial {trial.number}: no plan recorded")
     return RankConfig(
-        meta["model"], meta["fingerprint"], meta.get("dtype", "float32"), Plan.from_dict(attrs["plan"]),
-        {k: v for k, v in attrs.items() if k not in TRIAL_ONLY},
-        {"study": study.study_name, "trial": trial.number, "baseline": attrs.get("baseline"),
+        meta["model"], meta["fingerprint"], meta.get("dtype", "float32"), Plan.from_dict(record.plan),
+        dict(record.metrics),
+        {"study": study.study_name, "trial": trial.number, "baseline": record.baseline,
          "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")},
         calibration=meta.get("calibration"), family=meta.get("family"))
 
@@ -58,23 +59,24 @@ def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Opt
         if base is None:
             raise ExportError("max_drop: the study has no baseline accuracy")
         floor = max(floor if floor is not None else -1.0, base - max_drop)
-    if floor is not None and any("accuracy" not in t.user_attrs for t in front):
+    records = {t.number: TrialRecord.of(t) for t in front}
+    if floor is not None and any("accuracy" not in records[t.number] for t in front):
         raise ExportError("min_accuracy: the study does not measure accuracy (no evaluation tasks)")
-    chosen = [t for t in front if (max_params is None or t.user_attrs["params_ratio"] <= max_params)
-              and (floor is None or t.user_attrs["accuracy"] >= floor)]
+    chosen = [t for t in front if (max_params is None or records[t.number]["params_ratio"] <= max_params)
+              and (floor is None or records[t.number]["accuracy"] >= floor)]
     if not chosen:
-        ratios = [t.user_attrs["params_ratio"] for t in front]
-        acc = [t.user_attrs.get("accuracy", float("nan")) for t in front]
+        ratios = [r["params_ratio"] for r in records.values()]
+        acc = [r.get("accuracy", float("nan")) for r in records.values()]
         rule = " and ".join(([f"params_ratio <= {max_params:g}"] if max_params is not None else [])
                             + ([f"accuracy >= {floor:.4g}"] if floor is not None else []))
         raise ExportError(f"export: no front config has {rule}; the front spans params_ratio "
                           f"{min(ratios):.3f}..{max(ratios):.3f}, accuracy {min(acc):.3f}..{max(acc):.3f}")
     if floor is not None:
-        return min(chosen, key=lambda t: (t.user_attrs["params_ratio"], -t.user_attrs["accuracy"]))
+        return min(chosen, key=lambda t: (records[t.number]["params_ratio"], -records[t.number]["accuracy"]))
     objective = quality(study)
     key = objective.attribute
-    return min(chosen, key=lambda t: (-t.user_attrs[key] if objective.maximize else t.user_attrs[key],
-                                      t.user_attrs["params_ratio"]))
+    return min(chosen, key=lambda t: (-records[t.number][key] if objective.maximize else records[t.number][key],
+                                      records[t.number]["params_ratio"]))
 
 
 def export_front(study, out_dir) -> List[Path]:

@@ -2,10 +2,10 @@
 
 Everything here reads a finished (or running) study through the part of Optuna's public API that
 describes it (``study_name``, ``directions``, ``user_attrs``, ``get_trials()``, and each trial's
-``number``, ``state``, ``values``, ``user_attrs``), without importing Optuna. Its trials follow the
-worker's schema (sizes and metrics in ``trial.user_attrs``; ``values`` in the order of the
+``number``, ``state``, ``values``, ``user_attrs``), without importing Optuna. Each trial is read
+as its :class:`~dse.results.record.TrialRecord` (sizes and metrics; ``values`` in the order of the
 study's ``objectives``). A trial is *feasible* when it completed and every entry of its
-``constraints`` attribute is ``<= 0`` (Optuna's convention); the *front* is the set of feasible
+record's ``constraints`` is ``<= 0`` (Optuna's convention); the *front* is the set of feasible
 complete trials that no other feasible complete trial dominates.
 
 The hypervolume reference point is each objective's own (:class:`dse.evaluate.Objective`):
@@ -23,11 +23,9 @@ import pandas as pd
 
 from ..core.errors import ResultsError
 from ..evaluate import OBJECTIVES, Objective
+from .record import TrialRecord
 
 COMPLETE = "COMPLETE"
-# trial attributes that describe the trial itself, not the plan's measurements
-TRIAL_ONLY = {"plan", "plan_summary", "baseline", "baseline_spec", "start", "constraints", "error", "pruned",
-              "duplicate_of"}
 
 
 def objectives(study) -> List[str]:
@@ -53,7 +51,7 @@ def completed(study) -> list:
 
 
 def is_feasible(trial) -> bool:
-    return trial.state.name == COMPLETE and all(c <= 0 for c in trial.user_attrs.get("constraints", []))
+    return trial.state.name == COMPLETE and TrialRecord.of(trial).satisfied
 
 
 def feasible_trials(study) -> list:
@@ -108,10 +106,11 @@ def metric_columns() -> List[str]:
 
 
 def _row(trial, task_names: Sequence[str], metrics: Sequence[str]) -> dict:
-    a = trial.user_attrs
+    record = TrialRecord.of(trial)
+    a = record.metrics
     row = {
-        "number": trial.number, "state": trial.state.name, "baseline": a.get("baseline"),
-        "plan": a.get("plan_summary"), "n_modules": a.get("n_modules"),
+        "number": trial.number, "state": trial.state.name, "baseline": record.baseline,
+        "plan": record.plan_summary, "n_modules": a.get("n_modules"),
         "params_pct": 100.0 * a["params_ratio"] if "params_ratio" in a else np.nan,
         "params_m": a["params"] / 1e6 if "params" in a else np.nan,
         "bytes": a.get("bytes"),
@@ -120,7 +119,7 @@ def _row(trial, task_names: Sequence[str], metrics: Sequence[str]) -> dict:
     for key in (*metrics, "eval_seconds"):
         row[key] = a.get(key, np.nan)
     row["feasible"] = is_feasible(trial)
-    row["error"] = a.get("error")
+    row["error"] = record.error
     return row
 
 
@@ -129,7 +128,8 @@ def tasks(study) -> List[str]:
     meta = study.user_attrs.get("dse") or {}
     if meta.get("tasks"):
         return list(meta["tasks"])
-    seen = dict.fromkeys(k[4:] for t in study.get_trials(deepcopy=False) for k in t.user_attrs if k.startswith("acc/"))
+    seen = dict.fromkeys(k[4:] for t in study.get_trials(deepcopy=False) for k in TrialRecord.of(t).metrics
+                         if k.startswith("acc/"))
     return list(seen)
 
 

@@ -25,6 +25,7 @@ from ..model import locate, ordered_types, tensor_types
 from ..space import curves, heatmap_frame
 from .front import (front_rows, front_trials, hypervolume_history, pareto_front, quality, reference_point,
                     trials_frame)
+from .record import TrialRecord
 
 PARAMS_LABEL = OBJECTIVES.get("params").label
 
@@ -115,7 +116,7 @@ def module_usage(study) -> ModuleUsage:
 
     The grid spans every module named in any trial's plan (the uniform baselines name them all).
     """
-    names = {n for t in study.get_trials(deepcopy=False) for n in t.user_attrs.get("plan", {}).get("ranks", {})}
+    names = {n for t in study.get_trials(deepcopy=False) for n in (TrialRecord.of(t).plan or {}).get("ranks", {})}
     cells = {n: locate(n) for n in names}
     layers = sorted({layer for layer, _ in cells.values()})
     types = ordered_types(t for _, t in cells.values())
@@ -123,7 +124,7 @@ def module_usage(study) -> ModuleUsage:
     rank_sum = count.copy()
     front = front_trials(study)
     for trial in front:
-        for name, rank in trial.user_attrs["plan"]["ranks"].items():
+        for name, rank in TrialRecord.of(trial).plan["ranks"].items():
             layer, ttype = cells[name]
             count.loc[layer, ttype] += 1
             rank_sum.loc[layer, ttype] += rank[0] if isinstance(rank, list) else rank
@@ -272,7 +273,7 @@ def save_plots(study, out_dir, *, formats=("png", "svg"), x: str = "params") -> 
     plots = {"front": plot_front, "hypervolume": plot_hypervolume, "ranks": plot_module_usage}
     if x != "params":
         plots[f"front-{x}"] = partial(plot_front, x=x)
-    if any(k.startswith("acc/") for t in front_trials(study) for k in t.user_attrs):
+    if any(k.startswith("acc/") for t in front_trials(study) for k in TrialRecord.of(t).metrics):
         plots["tasks"] = plot_task_accuracy
     return [path for name, plot in plots.items()
             for path in save_figure(plot(study).figure, Path(out_dir) / name, formats=formats)]

@@ -362,12 +362,14 @@ def _parse(data) -> AllocationSpace:
     budget = Budget(**{key: number(value, f"space.budget.{key}", 0, 1, open_low=True, open_high=True,
                                    error=SpaceError)})
     weights = mapping(data.get("weights") or {}, "space.weights", SpaceError, ("low", "high", "layer_knots"))
-    low = number(weights.get("low", 0.1), "space.weights.low", 0, math.inf, open_low=True, error=SpaceError)
-    high = number(weights.get("high", 10.0), "space.weights.high", low, math.inf, open_low=True, error=SpaceError)
-    knots = integer(weights.get("layer_knots", 4), "space.weights.layer_knots", 0, SpaceError)
+    low = number(weights.get("low", AllocationSpace.low), "space.weights.low", 0, math.inf, open_low=True,
+                 error=SpaceError)
+    high = number(weights.get("high", AllocationSpace.high), "space.weights.high", low, math.inf, open_low=True,
+                  error=SpaceError)
+    knots = integer(weights.get("layer_knots", AllocationSpace.layer_knots), "space.weights.layer_knots", 0, SpaceError)
     if knots == 1:
         raise SpaceError("space.weights.layer_knots: expected 0 (no layer profile) or an integer >= 2, got 1")
-    starts = data.get("starts", list(STARTS))
+    starts = data.get("starts", list(AllocationSpace.starts))  # the built-in starts, not whatever is registered
     if not isinstance(starts, list):
         raise SpaceError(f"space.starts: expected a list of {', '.join(STARTS)}, got {starts!r}")
     for i, start in enumerate(starts):

@@ -130,24 +130,25 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     check_keys(data, KEYS, "")
     name = string(data.get("name", path.stem if path else None), "name")
     space = _space(data.get("space"), base)
-    method = make_config(string(data.get("method", "svd"), "method"), mapping(data.get("method_options") or {},
+    method = make_config(string(data.get("method", StudyConfig.method.name), "method"), mapping(data.get("method_options") or {},
                                                                               "method_options"))
     calibration = _calibration(data.get("calibration"), base, method, space)
     evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
-    objectives = _objectives(data.get("objectives", ["accuracy", "params"]), evaluation, space)
+    objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     return StudyConfig(
-        name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", "smollm2-135m"), "model"),
-        family=_family(data.get("family"), space), device=_device(data.get("device", "cpu")),
-        dtype=_dtype(data.get("dtype", "float32")), method=method, **_placement(data, base),
+        name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", StudyConfig.model), "model"),
+        family=_family(data.get("family"), space), device=_device(data.get("device", StudyConfig.device)),
+        dtype=_dtype(data.get("dtype", StudyConfig.dtype)), method=method, **_placement(data, base),
         calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
-        seed=integer(data.get("seed", 0), "seed"), n_trials=integer(data.get("n_trials", 20), "n_trials", 1),
+        seed=integer(data.get("seed", StudyConfig.seed), "seed"),
+        n_trials=integer(data.get("n_trials", StudyConfig.n_trials), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
         storage=_storage(data.get("storage"), base), constraints=constraints,
         baselines=_baselines(data.get("baselines") or [], base),
         **_cache(data, base),
-        heartbeat_s=integer(data.get("heartbeat_s", 30), "heartbeat_s", 1),
-        grace_s=integer(data.get("grace_s", 120), "grace_s", 1),
+        heartbeat_s=integer(data.get("heartbeat_s", StudyConfig.heartbeat_s), "heartbeat_s", 1),
+        grace_s=integer(data.get("grace_s", StudyConfig.grace_s), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
         latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base))
 
@@ -254,7 +255,7 @@ def _cache(data: Mapping[str, Any], base: Path) -> dict:
         return {"cache_dir": str(resolve_path(base, string(data["cache_dir"], "cache_dir")))}
     cache = mapping(data.get("cache") or {}, "cache", allowed=("dir", "memory"))
     folder = None if cache.get("dir") is None else str(resolve_path(base, string(cache["dir"], "cache.dir")))
-    return {"cache_dir": folder, "cache_memory": check_memory(cache.get("memory", "device"))}
+    return {"cache_dir": folder, "cache_memory": check_memory(cache.get("memory", StudyConfig.cache_memory))}
 
 
 def _dtype(dtype) -> str:
@@ -267,8 +268,8 @@ def _multi_fidelity(data, evaluation: EvalConfig, objectives) -> Optional[MultiF
     if data is None:
         return None
     data = mapping(data, "multi_fidelity", allowed=[f.name for f in dataclasses.fields(MultiFidelity)])
-    first = number(data.get("first", 0.25), "multi_fidelity.first", 0, 1, open_low=True, open_high=True)
-    margin = number(data.get("margin", 0.05), "multi_fidelity.margin", 0, 1)
+    first = number(data.get("first", MultiFidelity.first), "multi_fidelity.first", 0, 1, open_low=True, open_high=True)
+    margin = number(data.get("margin", MultiFidelity.margin), "multi_fidelity.margin", 0, 1)
     if "accuracy" not in objectives or not evaluation.tasks:
         raise ConfigError("multi_fidelity: needs the accuracy objective and evaluation.tasks")
     return MultiFidelity(first, margin)

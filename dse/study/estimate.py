@@ -89,6 +89,21 @@ def input_owners(table: Mapping) -> Dict[int, List[int]]:
     return out
 
 
+def check_inputs(config: StudyConfig) -> None:
+    """Refuse, as ``dse run`` does, what would fail once a model is loaded: task names and their
+    data, the text sources' files and fields, and baseline plans against the model's shapes."""
+    config.evaluation.check_tasks()
+    perplexity = config.evaluation.perplexity
+    for text in (perplexity.text if perplexity else None, config.calibration.text if config.calibration else None):
+        if text is not None:
+            text.read()
+    meta = meta_model(config.model, getattr(config.space, "model_config", None))
+    table = find_projections(meta, config.family)
+    params = sum(p.numel() for p in meta.parameters())
+    for baseline in config.baselines:
+        baseline.plan(table, config.method, model_params=params).validate(table)
+
+
 def estimate(config: StudyConfig, study=None) -> Estimate:
     """The :class:`Estimate` of ``config``; ``study`` (an Optuna study that ran before) times trials."""
     meta = meta_model(config.model, getattr(config.space, "model_config", None))
@@ -184,8 +199,10 @@ def _trial_bytes(config: StudyConfig, table: Mapping, hf_config, b: int, params:
 def _seconds(study) -> tuple:
     from optuna.trial import TrialState
 
-    done = [t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "duplicate_of" not in t.user_attrs and t.user_attrs.get("n_modules")]
+    from ..results.record import TrialRecord
+
+    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    done = [r.metrics for r in records if r.duplicate_of is None and r.get("n_modules")]
     times = [a["decompose_seconds"] + a["eval_seconds"] for a in done if "eval_seconds" in a]
     if times:
         return statistics.median(times), f"median of {len(times)} completed trials"

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ..core.errors import ConfigError, StorageError, StudyError
 from .config import StudyConfig
 from .pinning import available_cores, parse_devices, start_pinned, visible_gpus, worker_slots
-from .samplers import quiet_optuna
+from .samplers import optuna_log_level, quiet_optuna
 from .storage import open_study
 from .worker import Worker
 
@@ -48,6 +48,7 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+@optuna_log_level()
 def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
               progress: bool = True, worker=None, join: bool = False, wait: float = 0.0) -> optuna.Study:
     """Create or resume the study and run trials until ``n_trials`` have finished in total.
@@ -58,7 +59,6 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
     :class:`dse.study.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
     the running trial failed and propagates; running again resumes.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     _warn_unsteered(config)
     if worker is None:
         config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made

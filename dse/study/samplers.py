@@ -39,6 +39,18 @@ def quiet_optuna():
         yield
 
 
+@contextmanager
+def optuna_log_level(level: int = optuna.logging.WARNING):
+    """Optuna's log level for the block, put back after (as a decorator: for the call): its line
+    per finished trial is the progress bar's job."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """An Optuna sampler class with ``dse``'s defaults; ``shared`` options apply when several

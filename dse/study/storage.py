@@ -10,6 +10,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ..core.errors import ConfigError, StorageError
+from ..results.record import TrialRecord
 from .config import StudyConfig
 from .samplers import quiet_optuna
 
@@ -72,7 +73,7 @@ def _redact(url: str) -> str:
 
 
 def _constraints(trial):
-    return trial.user_attrs.get("constraints", [])
+    return TrialRecord.of(trial).constraints or []
 
 
 def make_sampler(config: StudyConfig, shared: bool = False):

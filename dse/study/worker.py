@@ -8,6 +8,7 @@ user attributes; the undecomposed baseline is evaluated once per study and store
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -24,7 +25,7 @@ from ..decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, 
 from ..decompose.latency import LatencyTable, TableSpec, latency_table
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
 from ..model import family_of, find_projections, load_model, param_count
-from ..results.front import TRIAL_ONLY
+from ..results.record import TrialRecord
 from ..space import STARTS, Baseline, importance
 from .config import StudyConfig
 
@@ -158,7 +159,7 @@ class Worker:
         if self._bar is None:
             return
         self._bar.update(1)
-        attrs = trial.user_attrs
+        attrs = TrialRecord.of(trial)
         post = {"state": trial.state.name.lower()}
         if "params_ratio" in attrs:
             post["params"] = f"{attrs['params_ratio']:.1%}"
@@ -176,7 +177,7 @@ class Worker:
     # --- trial-level ----------------------------------------------------------------------------
     def plan_for(self, trial: optuna.Trial) -> Plan:
         """The enqueued baseline plan of ``trial``, or the space's suggestion."""
-        spec = trial.user_attrs.get("baseline_spec")
+        spec = TrialRecord.of(trial).baseline_spec
         method, space = self.config.method, self.config.space
         if spec is not None:
             return Baseline(*spec).plan(self.table, method, model_params=self.model_params)
@@ -216,14 +217,14 @@ class Worker:
         return derive_metrics(out)
 
     @staticmethod
-    def earlier_result(study: optuna.Study, plan: Plan) -> Optional[Dict[str, Any]]:
-        """The metrics of a completed trial with the same plan (samplers repeat themselves in small
+    def earlier_result(study: optuna.Study, plan: Plan) -> Optional[TrialRecord]:
+        """The record of a completed trial with the same plan (samplers repeat themselves in small
         spaces): the plan is not evaluated twice, and the trial records ``duplicate_of``."""
         wanted = plan.to_dict()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("plan") == wanted:
-                kept = {k: v for k, v in t.user_attrs.items() if k not in TRIAL_ONLY}
-                return {**kept, "duplicate_of": t.number}
+            record = TrialRecord.of(t)
+            if record.plan == wanted:
+                return dataclasses.replace(record, duplicate_of=t.number)
         return None
 
     def early_stop_rule(self, study: optuna.Study, plan: Plan):
@@ -233,44 +234,45 @@ class Worker:
         if mf is None or not len(plan):
             return None
         params = plan_size(self.model, plan, self.table).params_after
-        rivals = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                  if finite(t.user_attrs.get("accuracy")) and t.user_attrs.get("params", math.inf) <= params]
+        records = {t.number: TrialRecord.of(t)
+                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        rivals = {n: r for n, r in records.items() if finite(r.get("accuracy")) and r.get("params", math.inf) <= params}
         if not rivals:
             return None
-        best = max(rivals, key=lambda t: t.user_attrs["accuracy"])
-        bar = best.user_attrs["accuracy"] - mf.margin
+        number, best = max(rivals.items(), key=lambda item: item[1]["accuracy"])
+        bar = best["accuracy"] - mf.margin
 
         def rule(first_stage: Dict[str, float]) -> Optional[str]:
             if first_stage["accuracy"] < bar:
                 return (f"accuracy {first_stage['accuracy']:.3f} on the first {mf.first:.0%} of each task is more "
-                        f"than {mf.margin:g} below {best.user_attrs['accuracy']:.3f} (trial {best.number}, "
-                        f"{best.user_attrs['params']} parameters <= {params})")
+                        f"than {mf.margin:g} below {best['accuracy']:.3f} (trial {number}, "
+                        f"{best['params']} parameters <= {params})")
             return None
         return rule
 
     def objective(self, trial: optuna.Trial) -> List[float]:
+        """Plan, measure (or reuse a repeated plan's measurement), write the trial's record once."""
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (or died in it)
         plan = self.plan_for(trial)
-        trial.set_user_attr("plan", plan.to_dict())
-        trial.set_user_attr("plan_summary", plan.summary())
+        record = TrialRecord(plan=plan.to_dict(), plan_summary=plan.summary())
         try:
-            metrics = self.earlier_result(trial.study, plan)
-            if metrics is None:
-                metrics = self.measure(plan, self.early_stop_rule(trial.study, plan))
-            values = [metrics.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
+            earlier = self.earlier_result(trial.study, plan)
+            if earlier is not None:
+                record = dataclasses.replace(record, metrics=earlier.metrics, duplicate_of=earlier.duplicate_of)
+            else:
+                record = dataclasses.replace(record, metrics=self.measure(plan, self.early_stop_rule(trial.study, plan)))
+            values = [record.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
             bad = [(o, v) for o, v in zip(self.config.objectives, values) if not finite(v)]
             if bad:
                 raise TrialFailed(f"objective {bad[0][0]} is {bad[0][1]!r} (not finite)")
         except EarlyStop as stop:
-            for key, value in stop.metrics.items():
-                trial.set_user_attr(key, value)
-            trial.set_user_attr("pruned", stop.reason)
+            dataclasses.replace(record, metrics=stop.metrics, pruned=stop.reason).write(trial)
             raise optuna.TrialPruned(stop.reason) from None
         except Exception as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            dataclasses.replace(record, error=f"{type(e).__name__}: {e}".splitlines()[0][:500]).write(trial)
             raise
-        for key, value in metrics.items():
-            trial.set_user_attr(key, value)
         if self.config.constraints:
-            trial.set_user_attr("constraints", self.config.constraints.violations(metrics, self.baseline))
+            record = dataclasses.replace(record, constraints=self.config.constraints.violations(record.metrics,
+                                                                                                   self.baseline))
+        record.write(trial)
         return values
