@@ -10,7 +10,7 @@ from helpers import assert_unchanged, snapshot
 
 from dse.core.errors import PlanError
 from dse.decompose import METHODS, PLAN_FORMAT, Plan, decompose_, uniform_plan
-from dse.decompose.methods import as_pair
+from dse.decompose.methods import as_pair, get_method
 from dse.model import find_projections
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: q 32×32, k 16×32 (2 kv heads of 8)
@@ -118,11 +118,23 @@ def test_uniform_plan_by_rank_filters_and_clamps(llama):
 
 def test_uniform_plan_by_ratio_uses_the_svdllm_rule(llama):
     table = find_projections(llama)
-    plan = uniform_plan(table, ratio=0.5, method="tucker2")
-    assert len(plan) == len(table) and plan.method == "tucker2"
+    plan = uniform_plan(table, ratio=0.5, method="svd")
+    assert len(plan) == len(table) and plan.method == "svd"
     for name, p in table.items():  # r = int(m·n·(1 − R)/(m + n)), at least 1
         assert plan.ranks[name] == max(1, int(p.out_features * p.in_features * 0.5 / (p.out_features + p.in_features)))
     assert uniform_plan(table, ratio=0.999).ranks[Q] == 1
+
+
+def test_uniform_plan_by_ratio_counts_the_tucker2_core(llama):
+    table = find_projections(llama)
+    plan = uniform_plan(table, ratio=0.5, method="tucker2")
+    tucker2 = get_method("tucker2")
+    for name, p in table.items():  # the largest (r, r) whose factors and r x r core fit the budget
+        m, n = p.out_features, p.in_features
+        r = plan.ranks[name]
+        assert r[0] == r[1] and tucker2.params(r, m, n) <= 0.5 * m * n
+        if r[0] < min(m, n):
+            assert tucker2.params((r[0] + 1, r[0] + 1), m, n) > 0.5 * m * n
 
 
 @pytest.mark.parametrize("kw", [{}, {"rank": 2, "ratio": 0.5}])
