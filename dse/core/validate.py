@@ -103,6 +103,8 @@ def boolean(value, where: str, error: type = ConfigError) -> bool:
 def string(value, where: str, error: type = ConfigError) -> str:
     if not isinstance(value, str) or not value:
         raise error(f"{where}: expected a non-empty string, got {_shown(value)}")
+    if "\x00" in value:
+        raise error(f"{where}: a NUL character is not allowed in {_shown(value)}")
     return value
 
 
@@ -111,9 +113,10 @@ def finite(x) -> bool:
     return is_number(x) and math.isfinite(x)
 
 
-def resolve_path(base: Optional[Path], path) -> Path:
-    """``path`` (``~`` expanded) made absolute against ``base`` (or the working directory)."""
-    p = Path(path).expanduser()
+def resolve_path(base: Optional[Path], path, where: str, error: type = ConfigError) -> Path:
+    """``path`` (``~`` expanded) made absolute against ``base`` (or the working directory), checked
+    to be a non-empty string (``where`` names the field)."""
+    p = Path(string(path, where, error)).expanduser()
     return p if p.is_absolute() else ((Path(base) if base else Path.cwd()) / p).resolve()
 
 

@@ -111,7 +111,7 @@ class EvalConfig:
         data = mapping(data, "evaluation", allowed={f.name for f in fields(cls)})
         for key in ("data_dir", "include_path"):
             if data.get(key) is not None:
-                data[key] = str(resolve_path(base, str(data[key])))
+                data[key] = str(resolve_path(base, data[key], f"evaluation.{key}"))
         if isinstance(data.get("perplexity"), Mapping):
             data["perplexity"] = PerplexityConfig.from_dict(data["perplexity"], base)
         for key in ("similarity", "pseudo_perplexity"):

@@ -15,20 +15,30 @@ from typing import Any, Dict, Mapping, Optional
 from ..core.errors import ConfigError
 from .families import Projection, find_projections
 
+# Layer counts past this never finish building on the meta device (a typo, not a model).
+LIMITS = {key: 4096 for key in ("num_hidden_layers", "num_layers", "n_layer", "n_layers")}
+
 
 def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error: type = ConfigError):
     """A transformers config from a plain dict that names its ``model_type``."""
+    from huggingface_hub import errors as hub_errors
     from transformers import AutoConfig
 
+    wrong_type = (TypeError, getattr(hub_errors, "StrictDataclassError", TypeError))  # strict config fields
     kw = dict(data)
     model_type = kw.pop("model_type", None)
     if not isinstance(model_type, str):
         raise error(f"{where}.model_type: expected a transformers model type, got {model_type!r}")
+    for key, value in kw.items():  # a shape torch cannot index, or layers that never finish building
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= LIMITS.get(key, 2**31 - 1):
+            raise error(f"{where}.{key}: {value} is out of range (0..{LIMITS.get(key, 2**31 - 1)})")
     try:
         return AutoConfig.for_model(model_type, **kw)
     except ValueError as e:
         reason = str(e).splitlines()[0].split(". Should contain one of")[0]
         raise error(f"{where}.model_type: {reason}") from None
+    except wrong_type as e:
+        raise error(f"{where}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
 
 
 def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
@@ -46,7 +56,10 @@ def meta_model(model: Optional[str] = None, model_config: Optional[Mapping[str, 
     (:func:`dse.model.auto_class`), so module names match the loaded model's."""
     if model_config is None and model is None:
         raise error(f"{where}: give a model name or a model_config")
-    key = None if model_config is None else json.dumps(model_config, sort_keys=True)
+    try:
+        key = None if model_config is None else json.dumps(model_config, sort_keys=True)
+    except TypeError as e:
+        raise error(f"{where}: expected numbers, strings and lists with string keys ({e})") from None
     return _cached_meta(None if key else model, key, where, error)
 
 

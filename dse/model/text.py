@@ -45,7 +45,7 @@ class TextSource:
         if (data.get("path") is None) == (data.get("dataset") is None):
             raise ConfigError(f"{where}: give exactly one of path and dataset")
         if data.get("path") is not None:
-            data["path"] = str(resolve_path(base, data["path"]))
+            data["path"] = str(resolve_path(base, data["path"], f"{where}.path"))
             if not Path(data["path"]).is_file():
                 raise ConfigError(f"{where}.path: no such file {data['path']!r}")
         rows = data.get("rows")

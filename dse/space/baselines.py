@@ -142,7 +142,7 @@ def parse_sensitivity(spec, where, base):
     path = spec.get("characterization")
     if not isinstance(path, str):
         raise ConfigError(f"{where}.characterization: expected the path of a `dse characterize` CSV")
-    path = resolve_path(base, path)
+    path = resolve_path(base, path, f"{where}.characterization")
     if not path.is_file():
         raise ConfigError(f"{where}.characterization: no such file {str(path)!r}")
     rank = spec.get("rank")

@@ -155,7 +155,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
 
 def _space(data, base: Path) -> AnySpace:
     if isinstance(data, str):
-        return load_space(resolve_path(base, data))
+        return load_space(resolve_path(base, data, "space"))
     if isinstance(data, Mapping):
         return space_from_dict(data)
     raise ConfigError("space: expected a path to a space YAML or an inline mapping")
@@ -218,7 +218,7 @@ def _storage(url, base: Path) -> Optional[str]:
         return None
     url = string(url, "storage")
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{resolve_path(base, url[len('sqlite:///'):])}"
+        url = f"sqlite:///{resolve_path(base, url[len('sqlite:///'):], 'storage')}"
     return url
 
 
@@ -242,7 +242,7 @@ def _placement(data: Mapping[str, Any], base: Path) -> dict:
     if data.get("max_memory") is not None:
         out["max_memory"] = parse_max_memory(data["max_memory"])
     if data.get("offload_dir") is not None:
-        out["offload_dir"] = str(resolve_path(base, string(data["offload_dir"], "offload_dir")))
+        out["offload_dir"] = str(resolve_path(base, data["offload_dir"], "offload_dir"))
     return out
 
 
@@ -252,14 +252,14 @@ def _cache(data: Mapping[str, Any], base: Path) -> dict:
     if data.get("cache_dir") is not None and data.get("cache") is not None:
         raise ConfigError("cache_dir: the study also has a cache: block; write cache: {dir: ...} alone")
     if data.get("cache_dir") is not None:
-        return {"cache_dir": str(resolve_path(base, string(data["cache_dir"], "cache_dir")))}
+        return {"cache_dir": str(resolve_path(base, data["cache_dir"], "cache_dir"))}
     cache = mapping(data.get("cache") or {}, "cache", allowed=("dir", "memory"))
-    folder = None if cache.get("dir") is None else str(resolve_path(base, string(cache["dir"], "cache.dir")))
+    folder = None if cache.get("dir") is None else str(resolve_path(base, cache["dir"], "cache.dir"))
     return {"cache_dir": folder, "cache_memory": check_memory(cache.get("memory", StudyConfig.cache_memory))}
 
 
 def _dtype(dtype) -> str:
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ConfigError(f"dtype: unknown {dtype!r}; choose one of {', '.join(DTYPES)}")
     return dtype
 
