@@ -7,6 +7,7 @@ modules are kept (not copied) on the model, so ``restore_`` is bit-exact.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 from torch import nn
@@ -80,6 +81,19 @@ def iter_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
 def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, **kw) -> Dict[str, SVDForm]:
     """The SVD form of each named projection (see :func:`iter_forms`, which takes the same arguments)."""
     return dict(iter_forms(model, names, config, **kw))
+
+
+@contextmanager
+def dense_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The decomposed modules' dense originals in their places for the block (the dense model,
+    bit-exact), whatever sits there now; afterwards what was there is put back."""
+    originals = getattr(model, _ORIGINALS, None) or {}
+    now = {name: swap_module(model, name, old) for name, old in originals.items()}
+    try:
+        yield model
+    finally:
+        for name, module in now.items():
+            swap_module(model, name, module)
 
 
 def restore_(model: nn.Module) -> nn.Module:
