@@ -7,8 +7,9 @@ hub dataset.
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Tuple
@@ -59,6 +60,16 @@ class TextSource:
         """The source as plain data (:meth:`from_dict` reads it back)."""
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self) if f.name != "where"}
+
+    def overlaps(self, other: "TextSource") -> bool:
+        """Whether both read one local file and share text: rows that meet in a JSONL file (no
+        ``rows``: all of them), or the same plain text file. Hub datasets are not compared."""
+        if self.path is None or other.path is None or Path(self.path).resolve() != Path(other.path).resolve():
+            return False
+        if Path(self.path).suffix != ".jsonl":
+            return True
+        (a0, a1), (b0, b1) = self.rows or (0, math.inf), other.rows or (0, math.inf)
+        return max(a0, b0) < min(a1, b1)
 
     def read(self) -> str:
         """The text: the file, or the joined field of the selected rows."""
