@@ -186,6 +186,7 @@ def _cmd_heal(args) -> None:
     from .evaluate import PerplexityConfig
     from .model import TextSource
     from .results.heal import heal_compressed
+    from transformers.utils import logging
 
     recipe = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
     config = HealConfig.from_dict({**recipe, **({"norms": True} if args.norms else {})})
@@ -198,9 +199,16 @@ def _cmd_heal(args) -> None:
                                        **({"rows": _rows(rows, "--eval-rows")} if rows else {})}, "evaluation.text")
         window = {k: v for k, v in (("window", args.eval_window), ("max_tokens", args.eval_tokens)) if v is not None}
         measures[f"rows {rows}" if rows else "eval"] = PerplexityConfig(source, **window)
-    out = heal_compressed(args.source, args.out, config, text, measures=measures, format=args.format,
-                          device=args.device, checkpoint_dir=args.checkpoint_dir,
-                          checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    bars = logging.is_progress_bar_enabled()
+    if args.quiet:  # transformers' bars too (loading weights), for this command
+        logging.disable_progress_bar()
+    try:
+        out = heal_compressed(args.source, args.out, config, text, measures=measures, format=args.format,
+                              device=args.device, checkpoint_dir=args.checkpoint_dir,
+                              checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     print(f"dse: wrote the healed {args.format} model to {out}", file=sys.stderr)
 
 

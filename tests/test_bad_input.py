@@ -154,3 +154,47 @@ def test_bad_space_file(tmp_path, capsys):
     path = tmp_path / "space.yaml"
     path.write_text("name: s\nmodel: smollm2-135m\nranks: [1, 2\n")
     assert run_cli(["space", str(path)], capsys, tmp_path).startswith("space: YAML syntax error at line")
+
+
+# dse heal: (name, options after the source and --out, expected start of the message)
+HEAL_CASES = [
+    ("lr", ["--lr", "0"], "heal.lr: must be in (0, 1]"),
+    ("train", ["--train", "lorra"], "heal.train: expected one of factors, lora, got 'lorra'"),
+    ("loss", ["--loss", "kl"], "heal.loss: expected one of lm, distill"),
+    ("freeze", ["--freeze", "alternate"], "heal.freeze: expected one of none, sequential"),
+    ("switch-every", ["--freeze", "sequential", "--switch-every", "0"], "heal.switch_every: expected an integer >= 1"),
+    ("steps-and-tokens", ["--steps", "5", "--tokens", "1000"], "heal.tokens: give steps or tokens, not both"),
+    ("batch", ["--batch", "0"], "heal.batch: expected an integer >= 1"),
+    ("format", ["--format", "merged"], "format: a heal writes a low-rank format (dse, transformers), not merged"),
+    ("rows", ["--rows", "3"], "--rows: expected FIRST:END row numbers, got '3'"),
+    ("overlap", ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"], "heal.text: "),
+    ("text-missing", ["--text", "/nonexistent.jsonl"], "heal.text.path: no such file"),
+    ("text-short", ["--field", "page", "--rows", "0:1", "--seq-len", "4096"], "heal.seq_len: the text has"),
+    ("text-one-batch", ["--field", "page", "--rows", "0:1", "--seq-len", "1024", "--batch", "64"],
+     "heal.batch: the text gives"),
+]
+
+
+@pytest.fixture(scope="module")
+def heal_config(tmp_path_factory):
+    """A rank config of a saved tiny Llama (word-level tokenizer)."""
+    from helpers import save_tiny_llama
+    from dse.decompose import model_fingerprint, uniform_plan
+    from dse.model import find_projections, load_model
+    from dse.results.rankconfig import RankConfig
+
+    root = tmp_path_factory.mktemp("heal-bad")
+    folder = save_tiny_llama(root / "tiny-llama")
+    model, _ = load_model(str(folder))
+    table = find_projections(model)
+    return RankConfig(str(folder), model_fingerprint(model, table), "float32", uniform_plan(table, 3)).save(root / "c.json")
+
+
+@pytest.mark.parametrize("name, options, expected", HEAL_CASES, ids=[c[0] for c in HEAL_CASES])
+def test_bad_heal(tmp_path, capsys, heal_config, name, options, expected):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    argv = ["heal", str(heal_config), "--out", str(tmp_path / "out"), "--quiet", "--text", WIKI, *options]
+    message = run_cli(argv, capsys, tmp_path)
+    assert message.startswith(expected), message
+    assert not (tmp_path / "out").exists()

@@ -185,7 +185,9 @@ def _trainable(model: nn.Module, modules: Dict[str, LowRankLinear], config: Heal
     lora = None
     try:
         if config.train == "lora":
-            lora = add_lora(model, modules, config.lora_rank, config.lora_alpha)
+            with torch.random.fork_rng(devices=[]):  # the adapters' initialisation follows the recipe's seed
+                torch.manual_seed(config.seed)
+                lora = add_lora(model, modules, config.lora_rank, config.lora_alpha)
             for name, m in modules.items():
                 for i in range(len(m.factors)):
                     layer = model.get_submodule(f"{name}.{i}")

@@ -1,0 +1,257 @@
+"""Healing (``dse.decompose.heal_``, ``dse heal``) on tiny models: the loss falls, ``factors`` keeps
+every size, ``lora`` merges to exactly the model its adapters describe, sequential freezing leaves
+the frozen factors bit-identical, a resumed heal ends where an uninterrupted one does, a failure
+leaves the model as it was, and the healed ``transformers`` export loads without dse."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from dse.cli import main
+from dse.core.errors import ConfigError, HealError
+from dse.decompose import (HealConfig, LowRankLinear, decompose_, heal_, is_decomposed, low_rank_modules, model_fingerprint,
+                           uniform_plan)
+from dse.model import find_projections, load_model, model_bytes, param_count
+from dse.results.compressed import FORMATS, WEIGHTS_FILE, load_compressed, read_meta
+from dse.results.rankconfig import RankConfig
+from helpers import save_tiny_llama
+from test_transformers_export import LOAD_WITHOUT_DSE
+
+SEQ = 16
+SLOT = re.compile(r"_proj\.(?:factors\.)?(\d)(?:\.|$)")  # the factor index of a trained tensor's name
+
+
+def decomposed(method: str = "svd", seed: int = 0):
+    model = make_tiny("llama", seed=seed)
+    decompose_(model, uniform_plan(find_projections(model), 3, method=method))
+    return model
+
+
+def windows(n: int = 16, seed: int = 0) -> torch.Tensor:
+    """Counting sequences (``s, s+1, ...`` mod 97) from random starts: a text a model can learn."""
+    starts = torch.randint(0, 97, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts + torch.arange(SEQ)) % 97
+
+
+def recipe(**kw) -> HealConfig:
+    return HealConfig(**{"steps": 12, "seq_len": SEQ, "batch": 4, "lr": 1e-2, **kw})
+
+
+def state(model) -> dict:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def saved_size(model, config, folder) -> int:
+    """Bytes of the weights file ``dse apply`` would write for ``model``."""
+    folder.mkdir()
+    FORMATS["dse"].write(model, config, folder)
+    return (folder / WEIGHTS_FILE).stat().st_size
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("train, loss, freeze", [("factors", "lm", "none"), ("lora", "lm", "none"),
+                                                 ("factors", "distill", "sequential"), ("lora", "distill", "none")])
+def test_a_heal_lowers_the_training_loss(train, loss, freeze):
+    model = decomposed()
+    modules = low_rank_modules(model)
+    report = heal_(model, windows(), recipe(steps=24, train=train, loss=loss, freeze=freeze, switch_every=4),
+                   progress=False)
+    first, last = report.losses[0], sum(report.losses[-4:]) / 4
+    assert last < 0.99 * first, report.losses
+    assert report.steps == 24 and report.tokens == 24 * 4 * SEQ and report.tokens_per_s > 0
+    # the same modules, frozen again, in eval mode, the dense originals still kept
+    assert low_rank_modules(model) == modules and is_decomposed(model) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+def test_factors_keep_every_size(method, tmp_path):
+    model = decomposed(method)
+    table = find_projections(model)
+    config = RankConfig("tiny", "x", "float32", uniform_plan(table, 3, method=method))
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    sizes = param_count(model), model_bytes(model)
+    before, saved = state(model), saved_size(model, config, tmp_path / "before")
+    heal_(model, windows(), recipe(freeze="sequential", switch_every=2), progress=False)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert (param_count(model), model_bytes(model)) == sizes
+    assert saved_size(model, config, tmp_path / "after") == saved
+    after = state(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".factors." in n for n in changed)  # only factors train (no norms asked)
+
+
+def test_lora_merges_to_the_model_its_adapters_describe():
+    model = decomposed()
+    modules = low_rank_modules(model)
+    ids = windows(2, seed=5)
+    start = logits(model, ids)
+    seen = {}
+
+    def on_step(step, loss):  # the adapter model as it stands after the last step
+        if step == 7:
+            model.eval()
+            seen["logits"] = logits(model, ids)
+            seen["adapters"] = sum("lora_" in n for n, _ in model.named_parameters())
+            model.train()
+
+    heal_(model, windows(), recipe(steps=8, train="lora", lora_rank=2), on_step=on_step, progress=False)
+    merged = logits(model, ids)
+    assert seen["adapters"] > 0 and not any("lora_" in n for n, _ in model.named_parameters())
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+    assert (merged - start).abs().max() > 1e-3  # the adapters did something
+    torch.testing.assert_close(merged, seen["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_sequential_freezing_leaves_the_frozen_factors_bit_identical(train):
+    model = decomposed()
+    k, trained = 3, []
+    snaps = []
+
+    def on_step(step, loss):
+        snaps.append({n: p.detach().clone() for n, p in model.named_parameters()
+                      if SLOT.search(n) and ("lora_" in n or train == "factors")})
+
+    config = recipe(steps=4 * k, train=train, freeze="sequential", switch_every=k, weight_decay=0.1)
+    heal_(model, windows(), config, on_step=on_step, progress=False)
+    for step in range(1, len(snaps)):
+        phase = (step // k) % 2
+        for n, value in snaps[step].items():
+            same = torch.equal(value, snaps[step - 1][n])
+            slot = int(SLOT.search(n).group(1))
+            if slot != phase:
+                assert same, (step, n)  # frozen this phase: untouched by decay or momentum
+            else:
+                trained.append(not same)
+    assert trained and all(trained)
+
+
+@pytest.mark.parametrize("train, freeze", [("factors", "none"), ("lora", "sequential")])
+def test_resume_after_a_kill_gives_the_same_weights(train, freeze, tmp_path):
+    config = recipe(steps=10, train=train, freeze=freeze, switch_every=2, schedule="cosine", warmup=2,
+                    weight_decay=0.01)
+    whole = decomposed()
+    heal_(whole, windows(), config, progress=False)
+
+    model = decomposed()
+    start = state(model)
+
+    def kill(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal_(model, windows(), config, checkpoint_dir=tmp_path, checkpoint_every=3, on_step=kill, progress=False)
+    assert all(torch.equal(start[n], t) for n, t in state(model).items())  # the interrupted model is as it was
+    report = heal_(model, windows(), config, checkpoint_dir=tmp_path, checkpoint_every=3, progress=False)
+    assert report.resumed_from == 6 and report.steps == 10 and len(report.losses) == 10
+    final, expected = state(model), state(whole)
+    for n in expected:
+        torch.testing.assert_close(final[n], expected[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
+    heal_(decomposed(), windows(), recipe(steps=3), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"^checkpoint_dir: .* another recipe"):
+        heal_(decomposed(), windows(), recipe(steps=3, lr=1e-3), checkpoint_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_a_nan_loss_stops_in_one_line_and_leaves_the_model_as_it_was(train):
+    model = decomposed()
+    start, modules = state(model), low_rank_modules(model)
+
+    def teacher(ids):
+        return torch.full((*ids.shape, 97), float("nan"))
+
+    with pytest.raises(HealError, match=r"^heal: the loss became nan at step 0; the model is left as it was") as e:
+        heal_(model, windows(), recipe(train=train, loss="distill", norms=True), teacher=teacher, progress=False)
+    assert "\n" not in str(e.value)
+    assert state(model).keys() == start.keys() and all(torch.equal(start[n], t) for n, t in state(model).items())
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+
+
+def test_a_text_shorter_than_one_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"^heal\.batch: the text gives 3 windows of 16 tokens, fewer than one batch of 4$"):
+        heal_(decomposed(), windows(3), recipe(), progress=False)
+
+
+def test_the_default_teacher_is_the_dense_model_exactly():
+    """With the norms training, step 1's loss is the KL from the dense model (a separate copy) to
+    the model as step 0 left it: the teacher swaps in the dense modules and the starting norms."""
+    model, dense = decomposed(), make_tiny("llama")
+    ids = windows(4)  # one batch: every step sees these windows (in some order; the mean does not care)
+    seen = {}
+
+    def on_step(step, loss):
+        if step == 0:
+            student, target = logits(model, ids), logits(dense, ids)
+            seen["kl"] = torch.nn.functional.kl_div(student.log_softmax(-1).flatten(0, 1),
+                                                    target.log_softmax(-1).flatten(0, 1),
+                                                    log_target=True, reduction="batchmean").item()
+
+    report = heal_(model, ids, recipe(steps=2, loss="distill", norms=True), on_step=on_step, progress=False)
+    assert report.losses[1] == pytest.approx(seen["kl"], rel=1e-4)
+    norms = [n for n, _ in model.named_parameters() if "norm" in n]
+    assert norms and any(not torch.equal(model.get_parameter(n), dense.get_parameter(n)) for n in norms)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """A saved tiny Llama (word-level tokenizer), its rank config and two word texts."""
+    root = tmp_path_factory.mktemp("heal")
+    folder = save_tiny_llama(root / "tiny-llama")
+    model, _ = load_model(str(folder))
+    table = find_projections(model)
+    RankConfig(str(folder), model_fingerprint(model, table), "float32", uniform_plan(table, 3)).save(root / "c.json")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("heal.txt", 800), ("eval.txt", 300)):
+        (root / name).write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (n,), generator=g)))
+    return root
+
+
+def test_healed_transformers_export_loads_without_dse(tiny_source, tmp_path):
+    out = tmp_path / "healed"
+    code = main(["heal", str(tiny_source / "c.json"), "--out", str(out), "--format", "transformers", "--quiet",
+                 "--text", str(tiny_source / "heal.txt"), "--eval-text", str(tiny_source / "eval.txt"),
+                 "--eval-window", "32", "--steps", "6", "--seq-len", "32", "--batch", "2", "--lr", "1e-2",
+                 "--checkpoint-every", "2"])
+    assert code == 0
+    assert not (tmp_path / "healed.checkpoint").exists()
+    heal = read_meta(out)["heal"]
+    assert len(heal) == 1 and heal[0]["recipe"]["steps"] == 6 and len(heal[0]["report"]["losses"]) == 6
+    measured = heal[0]["perplexity"]["eval"]
+    assert measured["before"] > 0 and measured["after"] > 0 and measured["before"] != measured["after"]
+
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSE, str(out), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert not result["dse_loaded"]
+    reference, _ = load_compressed(out)
+    torch.testing.assert_close(result["logits"], logits(reference, ids), rtol=0, atol=1e-5)
+
+    # healed again, from the folder: the recipe history grows, the sizes stay
+    again = tmp_path / "again"
+    assert main(["heal", str(out), "--out", str(again), "--quiet", "--text", str(tiny_source / "heal.txt"),
+                 "--steps", "2", "--seq-len", "32", "--batch", "2", "--train", "lora", "--loss", "distill"]) == 0
+    assert len(read_meta(again)["heal"]) == 2
+    assert (again / WEIGHTS_FILE).stat().st_size == (out / WEIGHTS_FILE).stat().st_size
+    model, _ = load_compressed(again)
+    assert all(isinstance(m, LowRankLinear) for m in low_rank_modules(model).values())
