@@ -88,6 +88,14 @@ STUDY_CASES = [
      "evaluation.perplexity.text.path: no such file"),
     ("ppl-window", study_with(evaluation__perplexity={"text": {"path": WIKI, "field": "page"}, "window": 1}), [],
      "evaluation.perplexity.window"),
+    ("heal-no-text", study_with(heal={"steps": 3}), [], "heal.text: required"),
+    ("heal-key", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "stpes": 3}), [],
+     "heal.stpes: unknown key"),
+    ("heal-lr", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "lr": 0}), [],
+     "heal.lr: must be in (0, 1]"),
+    ("heal-overlap", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [0, 12]}},
+                                evaluation__perplexity={"text": {"path": WIKI, "field": "page", "rows": [0, 6]}}), [],
+     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.perplexity.text (rows 0:6)"),
     ("space-missing-file", study_with(space="nowhere.yaml"), [], "space: file not found"),
     ("space-rank-zero", study_with(space__ranks=[0, "dense"]), [], "space.ranks[0]"),
     ("space-rank-word", study_with(space__ranks=["full"]), [], "space.ranks[0]"),
@@ -167,7 +175,8 @@ HEAL_CASES = [
     ("batch", ["--batch", "0"], "heal.batch: expected an integer >= 1"),
     ("format", ["--format", "merged"], "format: a heal writes a low-rank format (dse, transformers), not merged"),
     ("rows", ["--rows", "3"], "--rows: expected FIRST:END row numbers, got '3'"),
-    ("overlap", ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"], "heal.text: "),
+    ("overlap", ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"],
+     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.text (rows 6:12)"),
     ("text-missing", ["--text", "/nonexistent.jsonl"], "heal.text.path: no such file"),
     ("text-short", ["--field", "page", "--rows", "0:1", "--seq-len", "4096"], "heal.seq_len: the text has"),
     ("text-one-batch", ["--field", "page", "--rows", "0:1", "--seq-len", "1024", "--batch", "64"],
@@ -178,17 +187,9 @@ HEAL_CASES = [
 @pytest.fixture(scope="module")
 def heal_config(tmp_path_factory):
     """A rank config of a saved tiny Llama (word-level tokenizer)."""
-    from helpers import save_tiny_llama
-    from dse.decompose import model_fingerprint, uniform_plan
-    from dse.model import find_projections, load_model
-    from dse.results.rankconfig import RankConfig
+    from helpers import save_tiny_rank_config
 
-    root = tmp_path_factory.mktemp("heal-bad")
-    folder = save_tiny_llama(root / "tiny-llama")
-    model, _ = load_model(str(folder))
-    table = find_projections(model)
-    return RankConfig(str(folder), model_fingerprint(model, table), "float32", uniform_plan(table, 3)).save(root / "c.json")
-
+    return save_tiny_rank_config(tmp_path_factory.mktemp("heal-bad"))
 
 @pytest.mark.parametrize("name, options, expected", HEAL_CASES, ids=[c[0] for c in HEAL_CASES])
 def test_bad_heal(tmp_path, capsys, heal_config, name, options, expected):

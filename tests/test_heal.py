@@ -5,10 +5,8 @@ leaves the model as it was, and the healed ``transformers`` export loads without
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +14,13 @@ import torch
 from conftest import make_tiny
 from dse.cli import main
 from dse.core.errors import ConfigError, HealError
-from dse.decompose import (HealConfig, LowRankLinear, decompose_, heal_, is_decomposed, low_rank_modules, model_fingerprint,
-                           uniform_plan)
-from dse.model import find_projections, load_model, model_bytes, param_count
+from dse.decompose import (HealConfig, LowRankLinear, add_lora, decompose_, heal_, heal_memory, is_decomposed,
+                           low_rank_modules, uniform_plan)
+from dse.model import find_projections, model_bytes, param_count
 from dse.results.compressed import FORMATS, WEIGHTS_FILE, load_compressed, read_meta
 from dse.results.rankconfig import RankConfig
-from helpers import save_tiny_llama
-from test_transformers_export import LOAD_WITHOUT_DSE
+from helpers import save_tiny_rank_config
+from test_transformers_export import load_without_dse
 
 SEQ = 16
 SLOT = re.compile(r"_proj\.(?:factors\.)?(\d)(?:\.|$)")  # the factor index of a trained tensor's name
@@ -184,7 +182,8 @@ def test_a_nan_loss_stops_in_one_line_and_leaves_the_model_as_it_was(train):
 
 
 def test_a_text_shorter_than_one_batch_is_refused():
-    with pytest.raises(ConfigError, match=r"^heal\.batch: the text gives 3 windows of 16 tokens, fewer than one batch of 4$"):
+    message = r"^heal\.batch: the text gives 3 windows of 16 tokens, fewer than one batch of 4$"
+    with pytest.raises(ConfigError, match=message):
         heal_(decomposed(), windows(3), recipe(), progress=False)
 
 
@@ -208,16 +207,31 @@ def test_the_default_teacher_is_the_dense_model_exactly():
     assert norms and any(not torch.equal(model.get_parameter(n), dense.get_parameter(n)) for n in norms)
 
 
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_heal_memory_counts_what_trains(method, train):
+    """The estimate's trained part is four copies of exactly the tensors a heal trains."""
+    model = make_tiny("llama")
+    table = find_projections(model)
+    plan = uniform_plan(table, 3, method=method)
+    config = recipe(train=train, lora_rank=4, norms=True)
+    estimate = heal_memory(model, table, plan, config, 4)
+    decompose_(model, plan)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    if train == "lora":
+        add_lora(model, low_rank_modules(model), 4, 8)
+    trained = sum(p.numel() for n, p in model.named_parameters() if ("lora_" in n if train == "lora" else ".factors." in n))
+    assert estimate["trained"] == 4 * 4 * (trained + norms)
+    assert estimate["activations"] > 0 and estimate["logits"] == 4 * SEQ * 97 * (4 + 12)
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
     """A saved tiny Llama (word-level tokenizer), its rank config and two word texts."""
     root = tmp_path_factory.mktemp("heal")
-    folder = save_tiny_llama(root / "tiny-llama")
-    model, _ = load_model(str(folder))
-    table = find_projections(model)
-    RankConfig(str(folder), model_fingerprint(model, table), "float32", uniform_plan(table, 3)).save(root / "c.json")
+    save_tiny_rank_config(root)
     g = torch.Generator().manual_seed(0)
     for name, n in (("heal.txt", 800), ("eval.txt", 300)):
         (root / name).write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (n,), generator=g)))
@@ -238,12 +252,8 @@ def test_healed_transformers_export_loads_without_dse(tiny_source, tmp_path):
     assert measured["before"] > 0 and measured["after"] > 0 and measured["before"] != measured["after"]
 
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSE, str(out), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
-    assert not result["dse_loaded"]
+    result = load_without_dse(out, ids, tmp_path)
+    assert not result["dse_loaded"] and result["class"].startswith("DseLowRank")
     reference, _ = load_compressed(out)
     torch.testing.assert_close(result["logits"], logits(reference, ids), rtol=0, atol=1e-5)
 
@@ -255,3 +265,18 @@ def test_healed_transformers_export_loads_without_dse(tiny_source, tmp_path):
     assert (again / WEIGHTS_FILE).stat().st_size == (out / WEIGHTS_FILE).stat().st_size
     model, _ = load_compressed(again)
     assert all(isinstance(m, LowRankLinear) for m in low_rank_modules(model).values())
+
+
+def test_estimate_sizes_the_study_heal_per_train_choice(benchmarks_dir):
+    import yaml
+
+    from dse.study.config import study_config_from_dict
+    from dse.study.estimate import estimate
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "smollm2-quick.yaml"
+    data = yaml.safe_load(path.read_text())
+    text = {"path": str(benchmarks_dir / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page", "rows": [12, 40]}
+    config = study_config_from_dict({**data, "heal": {"text": text, "batch": 2, "lora_rank": 4}}, path)
+    assert config.heal.recipe.batch == 2 and config.heal.text.rows == (12, 40)
+    lines = {line.what: line.host for line in estimate(config).lines}
+    assert 0 < lines["heal, train lora (2 x 256 tokens)"] < lines["heal, train factors (2 x 256 tokens)"]

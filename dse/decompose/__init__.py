@@ -22,7 +22,7 @@ The built-in methods register here. A method is one unit, a config class and its
 from .cache import MEMORY, FactorCache, check_memory, model_fingerprint
 from .calibration import Calibration, CalibrationSpec, calibrate, collect_stats
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
-from .heal import HealConfig, HealReport, add_lora, heal_, low_rank_modules, remove_lora
+from .heal import HealConfig, HealReport, add_lora, heal_, heal_memory, low_rank_modules, remove_lora
 from .lowrank import LowRankLinear
 from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, as_pair, get_method, make_config,
                       register_method)
@@ -41,6 +41,6 @@ __all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "HealC
            "LowRankLinear", "MEMORY", "METHODS", "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig",
            "SVDForm", "SVDLLMConfig", "SizeReport", "StatsStore", "Tucker2Config", "add_lora", "as_config", "as_pair",
            "calibrate", "check_memory", "collect_stats", "decompose_", "dense_modules", "factor_forms", "get_method",
-           "heal_", "is_decomposed", "low_rank_modules", "make_config", "model_fingerprint", "plan_size",
+           "heal_", "heal_memory", "is_decomposed", "low_rank_modules", "make_config", "model_fingerprint", "plan_size",
            "register_method", "remove_lora", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
            "uniform_plan"]

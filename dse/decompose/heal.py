@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from ..core.io import atomic_path
 from ..core.validate import boolean, check_keys, integer, mapping, number
 from ..model import input_device
 from .lowrank import LowRankLinear
+from .methods import as_pair, get_method
+from .plan import Plan
 from .surgery import dense_modules, is_decomposed, swap_module
 
 CHOICES = {"schedule": ("constant", "cosine"), "train": ("factors", "lora"), "loss": ("lm", "distill"),
@@ -130,6 +132,36 @@ class HealReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig, b: int) -> Dict[str, int]:
+    """Rough bytes a heal of ``plan`` needs beyond the decomposed model's weights, by part
+    (``model`` may be a meta model; ``b`` bytes per element):
+
+    * ``trained``: each trained tensor's gradient and AdamW's two moments, plus the copy that
+      restores a failed heal (``factors``: the factors) or the adapters themselves (``lora``:
+      ``lora_rank`` times the in and out sizes of every factor); norms if trained;
+    * ``activations``: what the backward pass keeps, after Korthikanti et al. (arXiv 2205.05198):
+      ``s·h·34 + 5·a·s²`` bytes per layer and window at 2 bytes an element, scaled to ``b``;
+    * ``logits``: the logits, their float32 log-softmax and gradient (``distill``: the teacher's too).
+    """
+    method = get_method(plan.method)
+    hf = model.config
+    norms = sum(p.numel() for m in model.modules() if "norm" in type(m).__name__.lower()
+                for p in m.parameters(recurse=False)) if config.norms else 0
+    if config.train == "factors":
+        trained = 4 * (sum(method.params(r, table[n].out_features, table[n].in_features)
+                           for n, r in plan.ranks.items()) + norms)
+    else:
+        inner = {n: sum(as_pair(r)) if method.pair_ranks else r for n, r in plan.ranks.items()}
+        adapters = sum(config.lora_rank * (table[n].in_features + table[n].out_features + 2 * inner[n])
+                       for n in plan.ranks)
+        trained = 4 * (adapters + norms)
+    s, h, heads = config.seq_len, hf.hidden_size, hf.num_attention_heads
+    activations = config.batch * hf.num_hidden_layers * (34 * s * h + 5 * heads * s * s) * b // 2
+    per_logit = b + 12 + (b + 4 if config.loss == "distill" else 0)
+    return {"trained": trained * b, "activations": activations,
+            "logits": config.batch * s * hf.vocab_size * per_logit}
 
 
 def low_rank_modules(model: nn.Module) -> Dict[str, LowRankLinear]:
@@ -285,7 +317,8 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
     if not modules:
         raise ModelError("model: has no low-rank modules to heal (decompose it first)")
     if windows.dim() != 2 or windows.shape[1] != config.seq_len:
-        raise ConfigError(f"heal.seq_len: expected windows of {config.seq_len} tokens, got shape {tuple(windows.shape)}")
+        raise ConfigError(f"heal.seq_len: expected windows of {config.seq_len} tokens, "
+                          f"got shape {tuple(windows.shape)}")
     if len(windows) < config.batch:
         raise ConfigError(f"heal.batch: the text gives {len(windows)} windows of {config.seq_len} tokens, "
                           f"fewer than one batch of {config.batch}")

@@ -7,9 +7,9 @@ writes it with the recipe, the heal's report and the measures in ``dse_compresse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
-from ..core.errors import ConfigError, ExportError
+from ..core.errors import ExportError
 from ..core.io import atomic_dir
 from ..decompose import HealConfig, heal_
 from ..decompose.heal import CHECKPOINT_FILE
@@ -35,10 +35,8 @@ def heal_compressed(source, out_dir, config: HealConfig, text: TextSource, *,
     if not writer.low_rank:
         raise ExportError(f"format: a heal writes a low-rank format "
                           f"({', '.join(FORMATS.where(lambda f: f.low_rank))}), not {format}")
-    for label, measure in measures.items():
-        if text.overlaps(measure.text):
-            raise ConfigError(f"heal.text: {text.path} rows {_rows(text)} overlap the evaluation text {label!r} "
-                              f"(rows {_rows(measure.text)}); heal on other text")
+    for measure in measures.values():
+        text.check_disjoint(measure.text)
     source, out_dir = Path(source), Path(out_dir)
     meta = read_meta(source) if source.is_dir() else {}
     rank_config = RankConfig.from_dict(meta.get("rank_config"), "rank_config") if meta else load_config_file(source)
@@ -77,6 +75,3 @@ def _load(source: Path, rank_config: RankConfig, config: HealConfig, device: str
     rank_config.check(dense, "rank_config")
     return model, tokenizer, lambda ids: dense(ids, use_cache=False).logits
 
-
-def _rows(text: TextSource) -> str:
-    return "all" if text.rows is None else f"{text.rows[0]}:{text.rows[1]}"
