@@ -142,7 +142,8 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
       restores a failed heal (``factors``: the factors) or the adapters themselves (``lora``:
       ``lora_rank`` times the in and out sizes of every factor); norms if trained;
     * ``activations``: what the backward pass keeps, after Korthikanti et al. (arXiv 2205.05198):
-      ``s·h·34 + 5·a·s²`` bytes per layer and window at 2 bytes an element, scaled to ``b``;
+      ``s·h·34`` bytes per layer and window at 2 bytes an element, scaled to ``b``, plus
+      ``5·a·s²`` for the attention scores where attention is ``eager`` (SDPA keeps none);
     * ``logits``: the logits, their float32 log-softmax and gradient (``distill``: the teacher's too).
     """
     method = get_method(plan.method)
@@ -158,7 +159,8 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
                        for n in plan.ranks)
         trained = 4 * (adapters + norms)
     s, h, heads = config.seq_len, hf.hidden_size, hf.num_attention_heads
-    activations = config.batch * hf.num_hidden_layers * (34 * s * h + 5 * heads * s * s) * b // 2
+    scores = 5 * heads * s * s if getattr(hf, "_attn_implementation", "eager") == "eager" else 0
+    activations = config.batch * hf.num_hidden_layers * (34 * s * h + scores) * b // 2
     per_logit = b + 12 + (b + 4 if config.loss == "distill" else 0)
     return {"trained": trained * b, "activations": activations,
             "logits": config.batch * s * hf.vocab_size * per_logit}
