@@ -160,10 +160,11 @@ def test_resume_after_a_kill_gives_the_same_weights(train, freeze, tmp_path):
         torch.testing.assert_close(final[n], expected[n], rtol=0, atol=1e-6, msg=n)
 
 
-def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_recipe_or_text(tmp_path):
     heal_(decomposed(), windows(), recipe(steps=3), checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ConfigError, match=r"^checkpoint_dir: .* another recipe"):
-        heal_(decomposed(), windows(), recipe(steps=3, lr=1e-3), checkpoint_dir=tmp_path, progress=False)
+    for text, config in ((windows(), recipe(steps=3, lr=1e-3)), (windows(seed=1), recipe(steps=3))):
+        with pytest.raises(ConfigError, match=r"^checkpoint_dir: .* another recipe, text or model"):
+            heal_(decomposed(), text, config, checkpoint_dir=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("train", ["factors", "lora"])

@@ -11,6 +11,7 @@ leaves the model as it was.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from contextlib import contextmanager
@@ -327,9 +328,11 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
     if config.loss == "distill" and teacher is None and not is_decomposed(model):
         raise ConfigError("heal.loss: distill needs the dense model's logits: decompose the model with "
                           "dse.decompose_ (its originals are the teacher) or pass teacher=")
+    integer(checkpoint_every, "checkpoint_every", minimum=1)
     total, device = config.total_steps, input_device(model)
     slots = max(len(m.factors) for m in modules.values())
     path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    run = {"config": config.to_dict(), "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _trainable(model, modules, config) as (params, param_slots, saved):
@@ -339,7 +342,7 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step))
         report = HealReport(0, 0, 0.0)
         if path is not None and path.is_file():
-            report = _resume(path, config, params, optimizer, scheduler)
+            report = _resume(path, run, params, optimizer, scheduler)
         bar = tqdm(total=total, initial=report.steps, desc="heal", disable=not progress, leave=False)
         for step in range(report.steps, total):
             start = time.perf_counter()
@@ -369,14 +372,14 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
             if on_step is not None:
                 on_step(step, report.losses[-1])
             if path is not None and (report.steps % checkpoint_every == 0 or report.steps == total):
-                _save(path, config, params, optimizer, scheduler, report)
+                _save(path, run, params, optimizer, scheduler, report)
         bar.close()
     report.peak_memory, report.peak_memory_of = _peak_memory(device)
     return report
 
 
-def _save(path: Path, config: HealConfig, params, optimizer, scheduler, report: HealReport) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+def _save(path: Path, run: dict, params, optimizer, scheduler, report: HealReport) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "run": run,
              "params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
              "report": {k: v for k, v in asdict(report).items() if k not in ("peak_memory", "peak_memory_of")}}
@@ -384,12 +387,12 @@ def _save(path: Path, config: HealConfig, params, optimizer, scheduler, report: 
         torch.save(state, tmp)
 
 
-def _resume(path: Path, config: HealConfig, params, optimizer, scheduler) -> HealReport:
+def _resume(path: Path, run: dict, params, optimizer, scheduler) -> HealReport:
     """Load the checkpoint at ``path`` into the trained tensors and the optimizer; its report."""
     state = torch.load(path, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != config.to_dict() \
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("run") != run \
             or set(state.get("params", {})) != set(params):
-        raise ConfigError(f"checkpoint_dir: {path} holds a heal of another recipe or model; remove it or "
+        raise ConfigError(f"checkpoint_dir: {path} holds a heal of another recipe, text or model; remove it or "
                           "choose another folder")
     with torch.no_grad():
         for n, value in state["params"].items():

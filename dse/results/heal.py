@@ -44,7 +44,7 @@ def heal_compressed(source, out_dir, config: HealConfig, text: TextSource, *,
     with atomic_dir(out_dir) as tmp:
         model, tokenizer, teacher = _load(source, rank_config, config, device, progress)
         windows = token_windows(tokenizer, text.read(), config.seq_len, where="heal.seq_len")
-        measured = {label: token_windows(tokenizer, m.text.read(), m.window, m.max_tokens, f"{label}.window")
+        measured = {label: token_windows(tokenizer, m.text.read(), m.window, m.max_tokens, m.text.where)
                     for label, m in measures.items()}
         before = {label: perplexity(model, w, measures[label].batch_size) for label, w in measured.items()}
         report = heal_(model, windows, config, teacher=teacher, checkpoint_dir=checkpoint_dir,
