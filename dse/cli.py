@@ -3,7 +3,8 @@
 Errors the user can fix (a :class:`~dse.core.errors.DseError`: bad YAML, unknown field,
 unreachable storage, bad plan ...) are printed as one line ``dse: error: ...`` with exit status 2;
 any other exception is a bug and keeps its traceback (exit status 1). Ctrl-C exits with 130 after
-the running trial is marked failed (it is retried when the same command runs again).
+the running trial is marked failed (it is retried when the same command runs again); an
+interrupted ``dse heal`` resumes from its last checkpoint when run again.
 """
 
 from __future__ import annotations
@@ -314,11 +315,12 @@ def _add_heal(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_heal)
+    p.set_defaults(func=_cmd_heal, interrupted="the heal's last checkpoint is kept")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dse", description=__doc__.splitlines()[0])
+    parser.set_defaults(interrupted="the running trial is marked failed")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="the registered plug-ins of each kind (methods, families, objectives ...)")
@@ -411,8 +413,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("\ndse: interrupted; the running trial is marked failed. Run the same command to resume.",
-              file=sys.stderr)
+        print(f"\ndse: interrupted; {args.interrupted}. Run the same command to resume.", file=sys.stderr)
         return 130
     except DseError as e:
         print(f"dse: error: {e}", file=sys.stderr)

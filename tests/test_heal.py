@@ -221,7 +221,8 @@ def test_heal_memory_counts_what_trains(method, train):
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     if train == "lora":
         add_lora(model, low_rank_modules(model), 4, 8)
-    trained = sum(p.numel() for n, p in model.named_parameters() if ("lora_" in n if train == "lora" else ".factors." in n))
+    marker = "lora_" if train == "lora" else ".factors."
+    trained = sum(p.numel() for n, p in model.named_parameters() if marker in n)
     assert estimate["trained"] == 4 * 4 * (trained + norms)
     assert estimate["activations"] > 0 and estimate["logits"] == 4 * SEQ * 97 * (4 + 12)
 
@@ -281,3 +282,35 @@ def test_estimate_sizes_the_study_heal_per_train_choice(benchmarks_dir):
     assert config.heal.recipe.batch == 2 and config.heal.text.rows == (12, 40)
     lines = {line.what: line.host for line in estimate(config).lines}
     assert 0 < lines["heal, train lora (2 x 256 tokens)"] < lines["heal, train factors (2 x 256 tokens)"]
+
+
+def test_a_killed_dse_heal_resumes_to_the_same_model(tiny_source, tmp_path):
+    """``kill -9`` (of a separate process) after a checkpoint, then the same command: the model an
+    uninterrupted ``dse heal`` writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def command(out):
+        return ["heal", str(tiny_source / "c.json"), "--out", str(out), "--quiet",
+                "--text", str(tiny_source / "heal.txt"), "--steps", "40", "--seq-len", "32", "--batch", "2",
+                "--lr", "1e-2", "--schedule", "cosine", "--checkpoint-every", "2"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *command(tmp_path / "killed")], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed.checkpoint" / "heal.pt"
+    while not checkpoint.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=600) == -signal.SIGKILL and checkpoint.exists() and not (tmp_path / "killed").exists()
+    assert main(command(tmp_path / "killed")) == 0 and main(command(tmp_path / "whole")) == 0
+    report = read_meta(tmp_path / "killed")["heal"][0]["report"]
+    assert report["resumed_from"] >= 2 and report["steps"] == 40 and not checkpoint.exists()
+    whole, _ = load_compressed(tmp_path / "whole")
+    resumed, _ = load_compressed(tmp_path / "killed")
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)

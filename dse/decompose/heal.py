@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError, HealError, ModelError
 from ..core.io import atomic_path
 from ..core.validate import boolean, check_keys, integer, mapping, number
-from ..model import input_device
+from ..model import input_device, is_causal_lm
 from .lowrank import LowRankLinear
 from .methods import as_pair, get_method
 from .plan import Plan
@@ -316,6 +316,9 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
     ``checkpoint_every`` steps (atomically) and a heal found there resumes. ``on_step(step, loss)``
     is called after each step. Any exception leaves the model as it was.
     """
+    if not is_causal_lm(model):
+        raise ModelError(f"model: healing trains next-token prediction; {type(model).__name__} is not a causal "
+                         "language model")
     modules = low_rank_modules(model)
     if not modules:
         raise ModelError("model: has no low-rank modules to heal (decompose it first)")
