@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +149,7 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
     """
     method = get_method(plan.method)
     hf = model.config
-    norms = sum(p.numel() for m in model.modules() if "norm" in type(m).__name__.lower()
-                for p in m.parameters(recurse=False)) if config.norms else 0
+    norms = sum(p.numel() for _, p in _norms(model)) if config.norms else 0
     if config.train == "factors":
         trained = 4 * (sum(method.params(r, table[n].out_features, table[n].in_features)
                            for n, r in plan.ranks.items()) + norms)
@@ -165,6 +164,14 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
     per_logit = b + 12 + (b + 4 if config.loss == "distill" else 0)
     return {"trained": trained * b, "activations": activations,
             "logits": config.batch * s * hf.vocab_size * per_logit}
+
+
+def _norms(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every norm (a module whose class name says norm)."""
+    for name, m in model.named_modules():
+        if "norm" in type(m).__name__.lower():
+            for pname, p in m.named_parameters(recurse=False):
+                yield f"{name}.{pname}", p
 
 
 def low_rank_modules(model: nn.Module) -> Dict[str, LowRankLinear]:
@@ -201,7 +208,10 @@ def add_lora(model: nn.Module, modules: Dict[str, LowRankLinear], rank: int, alp
 def remove_lora(model: nn.Module, lora, modules: Dict[str, LowRankLinear], merge: bool) -> None:
     """Merge the adapters into the factors they adapt (or drop them) and put every
     ``LowRankLinear`` back in its place."""
-    lora.merge_and_unload() if merge else lora.unload()
+    if merge:
+        lora.merge_and_unload()
+    else:
+        lora.unload()
     for name, module in modules.items():
         swap_module(model, name, module)
 
@@ -234,10 +244,8 @@ def _trainable(model: nn.Module, modules: Dict[str, LowRankLinear], config: Heal
                 for i, factor in enumerate(m.factors):
                     params[f"{name}.factors.{i}"], slots[f"{name}.factors.{i}"] = factor, i
         if config.norms:
-            for name, m in model.named_modules():
-                if "norm" in type(m).__name__.lower():
-                    for pname, p in m.named_parameters(recurse=False):
-                        params[f"{name}.{pname}"], slots[f"{name}.{pname}"] = p, None
+            for name, p in _norms(model):
+                params[name], slots[name] = p, None
         saved = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
         model.requires_grad_(False)
         for p in params.values():
@@ -269,7 +277,7 @@ def _dense_teacher(model: nn.Module, params: Dict[str, nn.Parameter], saved: Dic
                 params[n].data = value
             with dense_modules(model):
                 model.eval()
-                return model(ids).logits
+                return model(ids, use_cache=False).logits
         finally:
             for n, value in current.items():
                 params[n].data = value
