@@ -190,7 +190,8 @@ def _cmd_heal(args) -> None:
     from transformers.utils import logging
 
     recipe = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
-    config = HealConfig.from_dict({**recipe, **({"norms": True} if args.norms else {})})
+    flags = {name: True for name in ("norms", "recompute") if getattr(args, name)}
+    config = HealConfig.from_dict({**recipe, **flags})
     text = TextSource.from_dict({"path": args.text, "field": args.field,
                                  **({"rows": _rows(args.rows, "--rows")} if args.rows else {})}, "heal.text")
     eval_path = args.eval_text or (args.text if args.eval_rows else None)
@@ -311,6 +312,8 @@ def _add_heal(sub) -> None:
     for name, (kind, help) in RECIPE.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help)
     p.add_argument("--norms", action="store_true", help="also train every norm")
+    p.add_argument("--recompute", action="store_true",
+                   help="keep only each layer's input for the backward pass (activation checkpointing)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where the heal checkpoints (default: OUT.checkpoint)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
     p.add_argument("--device", default="cpu")

@@ -227,6 +227,27 @@ def test_heal_memory_counts_what_trains(method, train):
     assert estimate["activations"] > 0 and estimate["logits"] == 4 * SEQ * 97 * (4 + 12)
 
 
+def checkpointing(model) -> bool:
+    """Whether transformers' activation checkpointing is on in any layer."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("train", ["factors", "lora"])
+def test_recompute_trains_the_same_weights_with_less_kept(train):
+    plain, recomputed, seen = decomposed(), decomposed(), []
+    heal_(plain, windows(), recipe(steps=3, train=train), progress=False)
+    heal_(recomputed, windows(), recipe(steps=3, train=train, recompute=True),
+          on_step=lambda step, loss: seen.append(checkpointing(recomputed)), progress=False)
+    assert seen == [True] * 3 and not checkpointing(recomputed)  # on for the heal only
+    for name, tensor in state(plain).items():
+        torch.testing.assert_close(state(recomputed)[name], tensor, rtol=0, atol=1e-6, msg=name)
+    model = make_tiny("llama")
+    table = find_projections(model)
+    kept = [heal_memory(model, table, uniform_plan(table, 3), recipe(recompute=r), 4)["activations"]
+            for r in (False, True)]
+    assert kept[1] < kept[0]
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

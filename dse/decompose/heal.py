@@ -47,7 +47,9 @@ class HealConfig:
 
     ``warmup`` steps ramp the learning rate linearly; ``grad_clip`` 0 clips nothing;
     ``switch_every`` is the phase length of ``freeze: sequential``; ``lora_rank`` and
-    ``lora_alpha`` are the adapters' of ``train: lora``; ``norms`` also trains every norm.
+    ``lora_alpha`` are the adapters' of ``train: lora``; ``norms`` also trains every norm;
+    ``recompute`` keeps only each layer's input for the backward pass and recomputes the rest
+    (transformers' activation checkpointing: less memory, a second forward pass).
     """
 
     steps: Optional[int] = None
@@ -61,6 +63,7 @@ class HealConfig:
     grad_clip: float = 1.0
     train: str = "factors"
     norms: bool = False
+    recompute: bool = False
     loss: str = "lm"
     freeze: str = "none"
     switch_every: int = 10
@@ -83,6 +86,7 @@ class HealConfig:
         number(self.grad_clip, "heal.grad_clip", 0)
         number(self.lora_alpha, "heal.lora_alpha", 0, open_low=True)
         boolean(self.norms, "heal.norms")
+        boolean(self.recompute, "heal.recompute")
         for name, known in CHOICES.items():
             if getattr(self, name) not in known:
                 raise ConfigError(f"heal.{name}: expected one of {', '.join(known)}, got {getattr(self, name)!r}")
@@ -144,7 +148,8 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
       ``lora_rank`` times the in and out sizes of every factor); norms if trained;
     * ``activations``: what the backward pass keeps, after Korthikanti et al. (arXiv 2205.05198):
       ``s·h·34`` bytes per layer and window at 2 bytes an element, scaled to ``b``, plus
-      ``5·a·s²`` for the attention scores where attention is ``eager`` (SDPA keeps none);
+      ``5·a·s²`` for the attention scores where attention is ``eager`` (SDPA keeps none); with
+      ``recompute``, each layer's input and one layer's activations;
     * ``logits``: the logits, their float32 log-softmax and gradient (``distill``: the teacher's too).
     """
     method = get_method(plan.method)
@@ -160,7 +165,9 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
         trained = 4 * (adapters + norms)
     s, h, heads = config.seq_len, hf.hidden_size, hf.num_attention_heads
     scores = 5 * heads * s * s if getattr(hf, "_attn_implementation", "eager") == "eager" else 0
-    activations = config.batch * hf.num_hidden_layers * (34 * s * h + scores) * b // 2
+    layer = config.batch * (34 * s * h + scores) * b // 2
+    layers = hf.num_hidden_layers
+    activations = layers * config.batch * s * h * b + layer if config.recompute else layers * layer
     per_logit = b + 12 + (b + 4 if config.loss == "distill" else 0)
     return {"trained": trained * b, "activations": activations,
             "logits": config.batch * s * hf.vocab_size * per_logit}
@@ -251,6 +258,8 @@ def _trainable(model: nn.Module, modules: Dict[str, LowRankLinear], config: Heal
         for p in params.values():
             p.requires_grad_(True)
         model.train()
+        if config.recompute:
+            _recompute(model, True)
         yield params, slots, saved
         if lora is not None:
             remove_lora(model, lora, modules, merge=True)
@@ -262,9 +271,21 @@ def _trainable(model: nn.Module, modules: Dict[str, LowRankLinear], config: Heal
             remove_lora(model, lora, modules, merge=False)
         raise
     finally:
+        if config.recompute:
+            _recompute(model, False)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, False))
         model.train(mode)
+
+
+def _recompute(model: nn.Module, on: bool) -> None:
+    """transformers' activation checkpointing on or off (non-reentrant: the frozen embeddings need
+    no gradient); ``activation_*`` since transformers 5, ``gradient_*`` before."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
 
 
 def _dense_teacher(model: nn.Module, params: Dict[str, nn.Parameter], saved: Dict[str, torch.Tensor]) -> Callable:
@@ -327,6 +348,8 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
     if not is_causal_lm(model):
         raise ModelError(f"model: healing trains next-token prediction; {type(model).__name__} is not a causal "
                          "language model")
+    if config.recompute and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"heal.recompute: {type(model).__name__} does not support activation checkpointing")
     modules = low_rank_modules(model)
     if not modules:
         raise ModelError("model: has no low-rank modules to heal (decompose it first)")
