@@ -58,6 +58,18 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def test_the_recipe_counts_steps_and_schedules_the_rate():
+    assert HealConfig().total_steps == 100
+    by_tokens = HealConfig(tokens=1000, seq_len=16, batch=4)
+    assert by_tokens.total_steps == 16 and HealConfig.from_dict(by_tokens.to_dict()) == by_tokens  # 1000 / 64, up
+    cosine = HealConfig(steps=10, warmup=2, schedule="cosine")
+    assert [cosine.lr_factor(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0] and 0 < cosine.lr_factor(9) < 0.05
+    assert HealConfig(steps=10, warmup=2).lr_factor(9) == 1.0
+    sequential = HealConfig(freeze="sequential", switch_every=3)
+    assert [sequential.phase(s, 2) for s in range(7)] == [0, 0, 0, 1, 1, 1, 0]
+    assert HealConfig().phase(5, 2) is None
+
+
 @pytest.mark.parametrize("train, loss, freeze", [("factors", "lm", "none"), ("lora", "lm", "none"),
                                                  ("factors", "distill", "sequential"), ("lora", "distill", "none")])
 def test_a_heal_lowers_the_training_loss(train, loss, freeze):
