@@ -39,7 +39,7 @@ class Draw:
 def measure(memory: str, device: str, folder: str, trials: int) -> dict:
     import torch
 
-    from dse.decompose import FactorCache, SVDConfig, decompose_, factor_forms, restore_
+    from dse.decompose import FactorCache, SVDConfig, decomposed, factor_forms
     from dse.evaluate import perplexity
     from dse.model import find_projections, load_model
     from dse.space import load_space
@@ -58,10 +58,9 @@ def measure(memory: str, device: str, folder: str, trials: int) -> dict:
         held = torch.cuda.memory_allocated() if cuda else vm("VmRSS")
         torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()
         start = time.perf_counter()
-        decompose_(model, plan, cache=cache)
-        seconds = time.perf_counter() - start
-        perplexity(model, windows)
-        restore_(model)
+        with decomposed(model, plan, cache=cache):
+            seconds = time.perf_counter() - start
+            perplexity(model, windows)
         rows.append({"held": held, "peak": torch.cuda.max_memory_allocated() if cuda else vm("VmHWM"),
                      "decompose_s": seconds})
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]} | {"cache": cache.nbytes()}

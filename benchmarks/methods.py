@@ -12,34 +12,17 @@ cost of the first ``decompose_`` of each method (later ratios only truncate cach
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from dse.decompose import FactorCache, Plan, calibrate, decompose_, get_method, restore_, uniform_plan
+from dse.decompose import FactorCache, calibrate, decomposed, get_method, uniform_plan
 from dse.evaluate import perplexity
 from dse.model import find_projections, load_model
 from dse.study.protocols import p1_calibration, p1_windows
 
 BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
-
-
-def tucker2_rank(m: int, n: int, ratio: float) -> int:
-    """The largest ``r`` with ``m·r + r² + r·n <= m·n·(1 − ratio)`` (at least 1)."""
-    budget = m * n * (1 - ratio)
-    r = int((-(m + n) + math.sqrt((m + n) ** 2 + 4 * budget)) / 2)
-    while m * r + r * r + r * n > budget:  # guard the float rounding of the root
-        r -= 1
-    return max(1, r)
-
-
-def ratio_plan(table, ratio: float, method: str) -> Plan:
-    if get_method(method).pair_ranks:
-        ranks = {name: tucker2_rank(p.out_features, p.in_features, ratio) for name, p in table.items()}
-        return Plan({name: (r, r) for name, r in ranks.items()}, method)
-    return uniform_plan(table, ratio=ratio, method=method)
 
 
 def main(argv=None) -> None:
@@ -72,13 +55,12 @@ def main(argv=None) -> None:
     for method in args.methods:
         cache, ppls, kept, factor_s = FactorCache(), [], [], None
         for ratio in args.ratios:
-            plan = ratio_plan(table, ratio, method)
+            plan = uniform_plan(table, ratio=ratio, method=method)
             start = time.perf_counter()
-            decompose_(model, plan, cache=cache, calibration=calibration)
-            factor_s = factor_s if factor_s is not None else time.perf_counter() - start
-            kept.append(plan.params(table) / dense)
-            ppls.append(perplexity(model, windows))
-            restore_(model)
+            with decomposed(model, plan, cache=cache, calibration=calibration):
+                factor_s = factor_s if factor_s is not None else time.perf_counter() - start
+                kept.append(plan.params(table) / dense)
+                ppls.append(perplexity(model, windows))
         print(f"| {method} | {' | '.join(f'{p:.4g}' for p in ppls)} | {'/'.join(f'{k:.3f}' for k in kept)}"
               f" | {factor_s:.1f} |", flush=True)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.decompose import Plan, decompose_, model_fingerprint, plan_size, restore_, uniform_plan
+from dse.decompose import Plan, decomposed, model_fingerprint, plan_size, uniform_plan
 from dse.decompose.latency import TableSpec, Workload, measure_table
 from dse.evaluate import perplexity
 from dse.evaluate.speed import copy_bandwidth
@@ -169,11 +169,8 @@ def main(argv=None) -> None:
     for name, plan in plans.items():
         row = {"plan": name, "params_ratio": plan_size(model, plan, table).params_ratio, "decomposed": len(plan),
                "predicted_decode_ms": lt.predict(plan, table)["predicted_decode_ms"]}
-        decompose_(model, plan, cache=worker.cache, calibration=worker.calibration, table=table)
-        try:
+        with decomposed(model, plan, cache=worker.cache, calibration=worker.calibration, table=table):
             row.update({f"ppl {k}": perplexity(model, w) for k, w in windows.items()})
-        finally:
-            restore_(model)
         quality.append(row)
         rank_config = RankConfig(config.model, fingerprint, args.dtype, plan, calibration=config.calibration.to_dict())
         folders[name] = apply_config(rank_config, work / file_stem(name), model=model,
@@ -223,11 +220,8 @@ def predicted_vs_measured(args, config, out: Path) -> None:
     measured = {name: [] for name in plans}
     for _ in range(args.rounds):
         for name, plan in plans.items():
-            decompose_(model, plan, cache=worker.cache, calibration=worker.calibration, table=table)
-            try:
+            with decomposed(model, plan, cache=worker.cache, calibration=worker.calibration, table=table):
                 measured[name].append(measured_step_ms(model))
-            finally:
-                restore_(model)
     rows = []
     for name, plan in plans.items():
         predicted = lt.predict(plan, table)["predicted_decode_ms"]

@@ -82,7 +82,7 @@ def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
 
     import torch
 
-    from dse.decompose import FactorCache, decompose_, restore_, uniform_plan
+    from dse.decompose import FactorCache, decomposed, uniform_plan
     from dse.evaluate import perplexity
     from dse.study.protocols import p1_windows
 
@@ -107,11 +107,9 @@ def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
     def p1(forms_cache, cal):
         values = []
         for ratio in ratios:
-            decompose_(model, uniform_plan(table, ratio=ratio, method=method), cache=forms_cache, calibration=cal)
-            try:
+            with decomposed(model, uniform_plan(table, ratio=ratio, method=method), cache=forms_cache,
+                            calibration=cal):
                 values.append(perplexity(model, windows))
-            finally:
-                restore_(model)
         return values
     out["p1"] = p1(cache, calibration)
     if spec.streamed:  # factors computed again from the float32 statistics on disk

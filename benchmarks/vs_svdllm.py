@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dse.decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, restore_, uniform_plan
+from dse.decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, uniform_plan
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model, param_count
 from dse.space import Budget, parse_baseline
@@ -41,11 +41,8 @@ SVDLLM_REFERENCE = {0.1: 84.63, 0.2: 131.83, 0.4: 323.73}  # SVD-LLM's code on S
 
 
 def measured(model, plan: Plan, cache, calibration, windows) -> list:
-    decompose_(model, plan, cache=cache, calibration=calibration)
-    try:
+    with decomposed(model, plan, cache=cache, calibration=calibration):
         return [perplexity(model, w) for w in windows]
-    finally:
-        restore_(model)
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,7 @@ _LAZY = {
     "find_projections": "dse.model", "register_family": "dse.model", "Family": "dse.model", "FAMILIES": "dse.model",
     "load_model": "dse.model", "load_config": "dse.model", "projection_table": "dse.model.shapes",
     "TextSource": "dse.model",
-    "decompose_": "dse.decompose", "restore_": "dse.decompose", "is_decomposed": "dse.decompose",
+    "decompose_": "dse.decompose", "decomposed": "dse.decompose", "restore_": "dse.decompose", "is_decomposed": "dse.decompose",
     "Plan": "dse.decompose", "uniform_plan": "dse.decompose", "LowRankLinear": "dse.decompose",
     "METHODS": "dse.decompose", "register_method": "dse.decompose", "MethodConfig": "dse.decompose",
     "SVDConfig": "dse.decompose", "Tucker2Config": "dse.decompose", "ASVDConfig": "dse.decompose",

@@ -16,7 +16,7 @@ from conftest import FAMILIES, make_tiny, model_output
 from helpers import assert_unchanged, calibration_for, full_rank_plan, random_plan, rel_err, snapshot, token_ids
 
 from dse.core.errors import PlanError
-from dse.decompose import FactorCache, LowRankLinear, METHODS, Plan, decompose_, is_decomposed, restore_
+from dse.decompose import FactorCache, LowRankLinear, METHODS, Plan, decompose_, decomposed, is_decomposed, restore_
 from dse.model import find_projections
 
 FULL_RANK_RTOL = 1e-4
@@ -121,6 +121,23 @@ def test_restore_of_a_dense_model_is_a_no_op():
     snap = snapshot(model)
     restore_(model)
     assert_unchanged(model, snap)
+
+
+def test_decomposed_restores_after_the_block_and_after_an_error():
+    model = make_tiny("llama")
+    snap = snapshot(model)
+    plan = random_plan(find_projections(model), "svd", random.Random(0))
+    with decomposed(model, plan) as same:
+        assert same is model and is_decomposed(model)
+        assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in plan.ranks)
+    assert not is_decomposed(model)
+    assert_unchanged(model, snap)
+    with pytest.raises(ZeroDivisionError):
+        with decomposed(model, plan):
+            1 / 0
+    assert_unchanged(model, snap)
+    with decomposed(model, Plan({})):  # the dense model: nothing swapped, nothing to restore
+        assert not is_decomposed(model)
 
 
 @pytest.mark.parametrize("method", [n for n in METHODS if METHODS[n].config_cls.needs_calibration])

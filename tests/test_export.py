@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import FAMILIES, make_tiny
 from helpers import build_study
 
 SAFETENSORS_HEADER_MAX = 64 * 1024  # JSON header of the weights file, bytes (SmolLM2: ~40 KB)
@@ -260,3 +260,33 @@ def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
     with pytest.raises(ExportError, match=r"^config\.calibration: method svdllm needs calibration"):
         apply_config(without, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_compressed_rebuilds_every_family_from_meta_shells(family, tmp_path):
+    """Shells on the meta device, then the file's tensors assigned: the decomposed model's outputs,
+    tied embeddings tied again, no tensor left on the meta device (buffers computed, not stored)."""
+    import dse
+    from dse.decompose import model_fingerprint
+    from dse.results.compressed import apply_config, load_compressed
+    from dse.results.rankconfig import RankConfig
+
+    model = make_tiny(family).eval()
+    table = dse.find_projections(model)
+    config = RankConfig(family, model_fingerprint(model, table), "float32", dse.uniform_plan(table, 3))
+    out = apply_config(config, tmp_path / "out", model=model)
+    reloaded, _ = load_compressed(out)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    dse.decompose_(model, config.plan)
+    try:
+        with torch.no_grad():
+            expected, got = model(ids), reloaded(ids)
+    finally:
+        dse.restore_(model)
+    first = "logits" if "logits" in expected else "last_hidden_state"
+    torch.testing.assert_close(got[first], expected[first], rtol=0, atol=1e-5)
+    assert not any(t.is_meta for t in [*reloaded.parameters(), *reloaded.buffers()])
+    assert dse.param_count(reloaded) == dse.plan_size(model, config.plan, table).params_after
+    head = getattr(reloaded, "lm_head", None)
+    if head is not None and getattr(reloaded.config, "tie_word_embeddings", False):
+        assert head.weight is reloaded.get_input_embeddings().weight

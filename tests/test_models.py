@@ -25,7 +25,7 @@ def test_missing_model_is_a_clear_and_fast_error(offline, loader, name, message)
     start = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match=rf"^model {name!r}: {message}"):
         loader(name)
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 60  # no network wait (minutes), even on a loaded machine
 
 
 def test_model_not_found_is_a_file_not_found_error():
@@ -39,7 +39,7 @@ def test_builtin_without_its_package(monkeypatch):
         load_model("ghost")
 
 
-def test_a_model_shipped_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch):
+def test_a_model_shipped_in_parts_is_joined_once_and_checked(tmp_path, monkeypatch, caplog):
     import hashlib
 
     for package, data in (("dse_part_a", b"GGUF first half "), ("dse_part_b", b"and second half")):
@@ -53,8 +53,10 @@ def test_a_model_shipped_in_parts_is_joined_once_and_checked(tmp_path, monkeypat
     shipped = Shipped("dse_part_a", "m.gguf", parts, sha256=hashlib.sha256(whole).hexdigest())
     path = shipped.locate("m")
     assert path == tmp_path / "cache/dse/models/m.gguf" and path.read_bytes() == whole
+    assert caplog.messages == [f"dse: joining the 2 parts of m into {path} (0 MB, once; delete it to free the space)"]
     joined = path.stat().st_mtime_ns
     assert shipped.locate("m") == path and path.stat().st_mtime_ns == joined  # joined once, then reused
+    assert len(caplog.messages) == 1  # said when it writes, not when it reuses
     path.unlink()
     with pytest.raises(ModelNotFoundError, match=r"^model 'm': its parts join to a file whose SHA-256 is not 00"):
         Shipped("dse_part_a", "m.gguf", parts, sha256="00").locate("m")

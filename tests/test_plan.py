@@ -10,6 +10,7 @@ from helpers import assert_unchanged, snapshot
 
 from dse.core.errors import PlanError
 from dse.decompose import METHODS, PLAN_FORMAT, Plan, decompose_, uniform_plan
+from dse.decompose.methods import as_pair
 from dse.model import find_projections
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: q 32×32, k 16×32 (2 kv heads of 8)
@@ -138,3 +139,22 @@ def test_params_and_summary(llama):
     assert plan.summary() == "2 modules, svd, rank 2..5"
     assert Plan({Q: 4}).summary() == "1 module, svd, rank 4"
     assert Plan().summary() == "dense"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4, 0.9])
+def test_ratio_baselines_keep_within_their_budget_for_every_method(method, ratio):
+    """``{ratio: R}`` keeps at most ``(1 − R)`` of each projection's weights, at the largest such
+    rank (Tucker-2's ``(r, r)`` core counted: its ranks are smaller than two factors')."""
+    from dse.space import parse_baseline
+
+    table = find_projections(make_tiny("llama"))
+    plan = parse_baseline({"ratio": ratio}, "baselines[0]").plan(table, Plan({}, method).config, model_params=0)
+    unit = METHODS[method]
+    grown = (lambda r: (r[0] + 1, r[1] + 1)) if unit.pair_ranks else (lambda r: r + 1)
+    for name, p in table.items():
+        m, n, rank = p.out_features, p.in_features, plan.ranks[name]
+        budget = (1 - ratio) * m * n
+        assert unit.params(rank, m, n) <= budget or rank in (1, (1, 1))  # rank 1 is the floor
+        assert unit.params(grown(rank), m, n) > budget or as_pair(rank)[0] == p.full_rank  # the largest
+    assert plan.params(table) <= (1 - ratio) * sum(p.dense_params for p in table.values())

@@ -80,6 +80,10 @@ def test_speed_of_a_config_against_dense(tiny_config, tmp_path, capsys):
     assert rows[0]["weight_bytes"] == plan_size(model, config.plan, table).bytes_after
     assert rows[1]["weight_bytes"] == model_bytes(model)
     assert (tmp_path / "s.csv").read_text().count("\n") == 3
+    # the table shows GB/s where JSON and CSV keep bytes/s
+    line = next(l for l in out.splitlines() if l.startswith("decode bandwidth, GB/s"))
+    shown = [float(v) for v in line.split()[3:5]]
+    assert shown == pytest.approx([r["attained_bandwidth"] / 1e9 for r in rows], abs=0.006)
 
 
 def test_compiled_speed_of_a_config(tiny_config, tmp_path, capsys):

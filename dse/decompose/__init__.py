@@ -29,7 +29,7 @@ from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, a
 from .plan import PLAN_FORMAT, Plan, uniform_plan
 from .stats import InputStats, StatsStore
 from .size import SizeReport, plan_size
-from .surgery import decompose_, dense_modules, factor_forms, is_decomposed, restore_, swap_module
+from .surgery import decompose_, decomposed, dense_modules, factor_forms, is_decomposed, restore_, swap_module
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
 
 register_method(SVDConfig, svd_form, truncate_two)
@@ -40,7 +40,7 @@ register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
 __all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "HealConfig", "HealReport", "InputStats",
            "LowRankLinear", "MEMORY", "METHODS", "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig",
            "SVDForm", "SVDLLMConfig", "SizeReport", "StatsStore", "Tucker2Config", "add_lora", "as_config", "as_pair",
-           "calibrate", "check_memory", "collect_stats", "decompose_", "dense_modules", "factor_forms", "get_method",
-           "heal_", "heal_memory", "is_decomposed", "low_rank_modules", "make_config", "model_fingerprint", "plan_size",
-           "register_method", "remove_lora", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
-           "uniform_plan"]
+           "calibrate", "check_memory", "collect_stats", "decompose_", "decomposed", "dense_modules", "factor_forms",
+           "get_method", "heal_", "heal_memory", "is_decomposed", "low_rank_modules", "make_config",
+           "model_fingerprint", "plan_size", "register_method", "remove_lora", "restore_", "svd_form", "swap_module",
+           "truncate_three", "truncate_two", "uniform_plan"]

@@ -99,21 +99,32 @@ class ShapeCost:
     lowrank: Dict[str, List[float]]
     step: int = 1
 
-    def at(self, rank, phase: str = "decode"):
-        """Interpolated milliseconds of the two factors at ``rank``; an array of ranks gives an array.
+    def __post_init__(self):
+        self._envelope: Dict[str, np.ndarray] = {}  # per phase, built once (not a field: not saved)
+        self._break_even: Dict[str, int] = {}
 
-        The curve is the lower envelope of the measurements, ``min`` over the measured ranks at or
-        above each rank: non-decreasing in rank, and a time inflated by another process's load
-        (noise only ever adds time) is replaced by the faster time of a larger rank."""
-        envelope = np.minimum.accumulate(np.asarray(self.lowrank[phase])[::-1])[::-1]
-        times = np.interp(rank, self.ranks, envelope)
+    def envelope(self, phase: str = "decode") -> np.ndarray:
+        """The lower envelope of the measurements, ``min`` over the measured ranks at or above each
+        rank: non-decreasing in rank, and a time inflated by another process's load (noise only
+        ever adds time) is replaced by the faster time of a larger rank."""
+        if phase not in self._envelope:
+            self._envelope[phase] = np.minimum.accumulate(np.asarray(self.lowrank[phase])[::-1])[::-1]
+        return self._envelope[phase]
+
+    def at(self, rank, phase: str = "decode"):
+        """Milliseconds of the two factors at ``rank``, interpolated on the :meth:`envelope`; an
+        array of ranks gives an array."""
+        times = np.interp(rank, self.ranks, self.envelope(phase))
         return float(times) if np.ndim(times) == 0 else times
 
     def break_even(self, phase: str = "decode") -> int:
         """The smallest rank at which two factors are measured no faster than the dense matrix
         (``min(out, in) + 1`` if every rank is faster)."""
-        full = min(self.out_features, self.in_features)
-        return next((r for r in range(1, full + 1) if self.at(r, phase) >= self.dense[phase]), full + 1)
+        if phase not in self._break_even:
+            full = min(self.out_features, self.in_features)
+            slower = self.at(np.arange(1, full + 1), phase) >= self.dense[phase]
+            self._break_even[phase] = int(np.argmax(slower)) + 1 if slower.any() else full + 1
+        return self._break_even[phase]
 
 
 @dataclass

@@ -49,8 +49,10 @@ class LowRankLinear(nn.Module):
 
         The factors are moved to the module's execution device (see :mod:`dse.model.devices`) and
         dtype; the bias is shared, not copied (an offloaded module's is read onto that device).
+        Factors on the meta device stay there: shells, to be given their tensors later.
         """
-        weight, device = module.weight, execution_device(module)
+        weight = module.weight
+        device = factors[0].device if factors[0].is_meta else execution_device(module)
         transposed = type(module).__name__ == "Conv1D"
         factors = [f.to(device=device, dtype=weight.dtype).contiguous() for f in factors]
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)

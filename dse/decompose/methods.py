@@ -79,6 +79,18 @@ class Method:
             return m * r_out + r_out * r_in + r_in * n
         return r_out * (m + n)
 
+    def ratio_rank(self, m: int, n: int, ratio: float) -> Rank:
+        """The largest rank, ``(r, r)`` for a method of two ranks, whose factors keep at most
+        ``(1 − ratio) · m · n`` parameters of an ``m × n`` weight (at least 1, at most full rank):
+        SVD-LLM's uniform rule ``⌊m·n·(1 − ratio) / (m + n)⌋`` for one rank."""
+        as_rank = (lambda r: (r, r)) if self.pair_ranks else (lambda r: r)
+        budget = m * n * (1 - ratio)
+        low, high = 1, min(m, n)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.params(as_rank(mid), m, n) <= budget else (low, mid - 1)
+        return as_rank(low)
+
 
 METHODS: Registry[Method] = Registry("method")
 

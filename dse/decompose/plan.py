@@ -144,15 +144,19 @@ def uniform_plan(table: Mapping, rank=None, *, ratio: Optional[float] = None,
                  method: Union[str, MethodConfig] = "svd", method_options=None, types=None, layers=None) -> Plan:
     """Every selected module at one rank, or at the rank that removes ``ratio`` of its parameters.
 
-    With ``ratio=R`` the rank is ``int(m·n·(1−R)/(m+n))`` per ``m × n`` weight (SVD-LLM's rule).
+    With ``ratio=R`` the rank is the method's :meth:`~dse.decompose.methods.Method.ratio_rank`:
+    ``⌊m·n·(1−R)/(m+n)⌋`` per ``m × n`` weight for two factors (SVD-LLM's rule), the largest
+    ``(r, r)`` within the same parameters for Tucker-2.
     """
     if (rank is None) == (ratio is None):
         raise ValueError("uniform_plan: give exactly one of rank and ratio")
+    unit = get_method(method.name if isinstance(method, MethodConfig) else method)
     ranks = {}
     for name, p in table.items():
         if (types and p.type not in types) or (layers is not None and p.layer not in layers):
             continue
-        m, n = p.out_features, p.in_features
-        r = rank if ratio is None else int(m * n * (1 - ratio) / (m + n))
-        ranks[name] = max(1, min(r, p.full_rank))
+        if ratio is not None:
+            ranks[name] = unit.ratio_rank(p.out_features, p.in_features, ratio)
+        else:
+            ranks[name] = max(1, min(rank, p.full_rank))
     return Plan(ranks, method, method_options)

@@ -55,13 +55,25 @@ def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = N
     if config.needs_calibration and calibration is None:
         raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
                         "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
-    forms = iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table, progress=progress)
+    forms = () if not plan.ranks else iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration,
+                                                 table=table, progress=progress)
     # each form is truncated as it comes: a cache that keeps none holds one full form at a time
     built: Dict[str, nn.Module] = {name: LowRankLinear.from_linear(model.get_submodule(name),
                                                                    method.truncate(form, plan.ranks[name]))
                                    for name, form in forms}
     setattr(model, _ORIGINALS, {name: swap_module(model, name, new) for name, new in built.items()})
     return model
+
+
+@contextmanager
+def decomposed(model: nn.Module, plan: Plan, **kw) -> Iterator[nn.Module]:
+    """``with decomposed(model, plan, cache=...) as m:`` the model decomposed by ``plan`` for the
+    block (``kw`` as :func:`decompose_` takes), restored bit-exact after it, also on an exception."""
+    decompose_(model, plan, **kw)
+    try:
+        yield model
+    finally:
+        restore_(model)
 
 
 def iter_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,

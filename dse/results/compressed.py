@@ -122,6 +122,8 @@ def _unshared(state: dict):
         metadata.update(dict.fromkeys(others, first))
     return tensors, metadata
 def _save_config(model, folder: Path) -> None:
+    if not getattr(model.config, "architectures", None):  # as save_pretrained does: the head reloads
+        model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -217,8 +219,10 @@ def load_compressed(path, *, device: Optional[str] = "cpu"):
     """``(model, tokenizer)`` from a folder written by :func:`apply_config` (tokenizer ``None`` if absent).
 
     A low-rank folder (``dse`` or ``transformers``) is rebuilt as the dense architecture from its
-    config with every planned module replaced by a ``LowRankLinear`` shell of the stored ranks, then
-    filled from the safetensors file (strictly: every tensor must match).
+    config on the meta device (buffers alone are real) with every planned module replaced by a
+    ``LowRankLinear`` shell of the stored ranks, then given the safetensors file's tensors
+    (``load_state_dict(assign=True)``, strictly: every tensor must match): no weight is allocated
+    twice.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -231,11 +235,13 @@ def load_compressed(path, *, device: Optional[str] = "cpu"):
     if not unit.low_rank:
         model = auto_class(model_config).from_pretrained(path, dtype=dtype)
     else:
-        from safetensors.torch import load_model as load_safetensors
+        from accelerate import init_empty_weights
 
-        model = auto_class(model_config).from_config(model_config, dtype=dtype)
-        _insert_shells(model, config)
-        load_safetensors(model, str(path / WEIGHTS_FILE), strict=True)
+        with init_empty_weights(include_buffers=False):
+            model = auto_class(model_config).from_config(model_config, dtype=dtype)
+            _insert_shells(model, config)
+        model.load_state_dict(_read_weights(path / WEIGHTS_FILE), strict=True, assign=True)
+        model.tie_weights()
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
     tokenizer = None
@@ -246,14 +252,25 @@ def load_compressed(path, *, device: Optional[str] = "cpu"):
     return model, tokenizer
 
 
+def _read_weights(path: Path) -> dict:
+    """The tensors of a file :func:`write_low_rank` wrote, each shared one under all its names again."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+        aliases = {k: v for k, v in (f.metadata() or {}).items() if k != "format" and v in state}
+    return {**state, **{alias: state[first] for alias, first in aliases.items()}}
+
+
 def _insert_shells(model, config: RankConfig) -> None:
-    """Replace every planned module by a ``LowRankLinear`` whose factors have the stored shapes."""
+    """Replace every planned module by a ``LowRankLinear`` whose factors have the stored shapes
+    (on the meta device, as the model is)."""
     table = find_projections(model, config.family)
     config.plan.validate(table)
     method = get_method(config.plan.method)
     for name, rank in config.plan.ranks.items():
         p = table[name]
         k = p.full_rank
-        blank = SVDForm(torch.zeros(p.out_features, k), torch.zeros(k), torch.zeros(k, p.in_features))
+        blank = SVDForm(*(torch.empty(shape, device="meta") for shape in ((p.out_features, k), (k,), (k, p.in_features))))
         swap_module(model, name, LowRankLinear.from_linear(model.get_submodule(name), method.truncate(blank, rank)))
 

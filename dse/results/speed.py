@@ -22,17 +22,17 @@ from ..model import load_model
 from .compressed import META_FILE, decompose_config, load_compressed, read_meta
 from .rankconfig import RankConfig, load_config_file
 
-# report field -> (row label, format, higher is better)
+# report field -> (row label, format, the unit it is shown in, in the report's units)
 ROWS = {
-    "weight_bytes": ("weight bytes", "{:,.0f}", False),
-    "decode_tokens_per_s": ("decode tokens/s, batch 1", "{:.2f}", True),
-    "decode_batch_tokens_per_s": ("decode tokens/s, batch {batch}", "{:.2f}", True),
-    "prefill_tokens_per_s": ("prefill tokens/s, {batch} x {prompt}", "{:.1f}", True),
-    "ttft_ms": ("time to first token, ms", "{:.1f}", False),
-    "host_peak_bytes": ("peak host memory, bytes", "{:,.0f}", False),
-    "device_peak_bytes": ("peak device memory, bytes", "{:,.0f}", False),
-    "attained_bandwidth": ("decode bandwidth, GB/s", "{:.2f}", True),
-    "compile_seconds": ("decode compilation, s", "{:.1f}", False),
+    "weight_bytes": ("weight bytes", "{:,.0f}", 1),
+    "decode_tokens_per_s": ("decode tokens/s, batch 1", "{:.2f}", 1),
+    "decode_batch_tokens_per_s": ("decode tokens/s, batch {batch}", "{:.2f}", 1),
+    "prefill_tokens_per_s": ("prefill tokens/s, {batch} x {prompt}", "{:.1f}", 1),
+    "ttft_ms": ("time to first token, ms", "{:.1f}", 1),
+    "host_peak_bytes": ("peak host memory, bytes", "{:,.0f}", 1),
+    "device_peak_bytes": ("peak device memory, bytes", "{:,.0f}", 1),
+    "attained_bandwidth": ("decode bandwidth, GB/s", "{:.2f}", 1e9),  # bytes/s in JSON and CSV
+    "compile_seconds": ("decode compilation, s", "{:.1f}", 1),
 }
 
 
@@ -81,11 +81,11 @@ def format_reports(reports: List[SpeedReport]) -> str:
     names = {k: label.format(batch=first.config.batch, prompt=first.config.prompt) for k, (label, _, _) in ROWS.items()}
     head = ["", *(r.label for r in reports)] + (["ratio"] if len(reports) == 2 else [])
     rows = [head]
-    for key, (_, fmt, _) in ROWS.items():
+    for key, (_, fmt, unit) in ROWS.items():
         values = [getattr(r, key) for r in reports]
         if not any(values):
             continue
-        row = [names[key], *(fmt.format(v) for v in values)]
+        row = [names[key], *(fmt.format(v / unit) for v in values)]
         if len(values) == 2:
             row.append(f"{values[0] / values[1]:.3f}" if values[1] else "-")
         rows.append(row)

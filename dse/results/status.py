@@ -12,7 +12,7 @@ from .front import objectives, pareto_front
 # frame column -> (header, format) of the columns every table shows; objectives add their own
 SHOWN = {
     "number": ("trial", "{:d}"), "baseline": ("baseline", "{}"), "plan": ("plan", "{}"),
-    "params_pct": ("params %", "{:.1f}"), "params_m": ("params M", "{:.4g}"),
+    "params_pct": ("params %", "{:.1f}"), "params_m": ("params M", "{:.1f}"),
 }
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..core.errors import StudyError
 from ..core.validate import finite
-from ..decompose import FactorCache, Plan, calibrate, decompose_, factor_forms, model_fingerprint, plan_size, restore_
+from ..decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, model_fingerprint, plan_size
 from ..decompose.latency import LatencyTable, TableSpec, latency_table
 from ..evaluate import OBJECTIVES, EarlyStop, Evaluator, derive_metrics, staged_run
 from ..model import family_of, find_projections, load_model, param_count
@@ -201,20 +201,17 @@ class Worker:
             out.update(self.latency().predict(plan, self.table))
         t0 = time.perf_counter()
         try:
-            if len(plan):
-                decompose_(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table)
-            out["decompose_seconds"] = time.perf_counter() - t0
-            if not len(plan) and self.baseline:  # the dense model was measured once already
-                metrics = {k: v for k, v in self.baseline.items() if k not in out}
-            elif early_stop is not None:
-                metrics = staged_run(self.evaluator, self.config.multi_fidelity.first, early_stop, self.progress)
-            else:
-                metrics = self.evaluator.run(progress=self.progress)
+            with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
+                out["decompose_seconds"] = time.perf_counter() - t0
+                if not len(plan) and self.baseline:  # the dense model was measured once already
+                    metrics = {k: v for k, v in self.baseline.items() if k not in out}
+                elif early_stop is not None:
+                    metrics = staged_run(self.evaluator, self.config.multi_fidelity.first, early_stop, self.progress)
+                else:
+                    metrics = self.evaluator.run(progress=self.progress)
         except EarlyStop as stop:
             stop.metrics = {**out, **stop.metrics}
             raise
-        finally:
-            restore_(self.model)
         out.update(metrics)
         return derive_metrics(out)
 
