@@ -22,6 +22,7 @@ _LAZY = {
     "SVDConfig": "dse.decompose", "Tucker2Config": "dse.decompose", "ASVDConfig": "dse.decompose",
     "SVDLLMConfig": "dse.decompose", "FactorCache": "dse.decompose", "calibrate": "dse.decompose",
     "CalibrationSpec": "dse.decompose", "Calibration": "dse.decompose", "plan_size": "dse.decompose",
+    "heal_": "dse.decompose", "HealConfig": "dse.decompose", "HealReport": "dse.decompose",
     "param_count": "dse.model", "model_bytes": "dse.model",
     "Space": "dse.space", "format_counts": "dse.space", "load_space": "dse.space", "AllocationSpace": "dse.space",
     "Budget": "dse.space", "allocate": "dse.space",
@@ -31,6 +32,7 @@ _LAZY = {
     "hypervolume_history": "dse.results.front",
     "RankConfig": "dse.results.rankconfig", "load_config_file": "dse.results.rankconfig",
     "load_compressed": "dse.results.compressed", "apply_config": "dse.results.compressed",
+    "heal_compressed": "dse.results.heal",
     "SAMPLERS": "dse.study", "load_study_config": "dse.study.config", "run_study": "dse.study.runner",
 }
 

@@ -3,7 +3,8 @@
 Errors the user can fix (a :class:`~dse.core.errors.DseError`: bad YAML, unknown field,
 unreachable storage, bad plan ...) are printed as one line ``dse: error: ...`` with exit status 2;
 any other exception is a bug and keeps its traceback (exit status 1). Ctrl-C exits with 130 after
-the running trial is marked failed (it is retried when the same command runs again).
+the running trial is marked failed (it is retried when the same command runs again); an
+interrupted ``dse heal`` resumes from its last checkpoint when run again.
 """
 
 from __future__ import annotations
@@ -157,6 +158,63 @@ def _cmd_apply(args) -> None:
     print(f"dse: wrote the {'merged' if args.merge else args.format} model to {out}", file=sys.stderr)
 
 
+# dse heal's recipe options: HealConfig's fields, with their help; an option not given keeps
+# HealConfig's default (docs/heal.md lists them)
+RECIPE = {
+    "steps": (int, "optimizer steps"), "tokens": (int, "training tokens instead of --steps"),
+    "seq_len": (int, "tokens per window"), "batch": (int, "windows per step"),
+    "lr": (float, "AdamW learning rate"), "schedule": (str, "constant or cosine"),
+    "warmup": (int, "linear warmup steps"), "weight_decay": (float, "AdamW weight decay"),
+    "grad_clip": (float, "gradient norm clip, 0 for none"),
+    "train": (str, "factors (the factors themselves) or lora (adapters merged into the factors)"),
+    "loss": (str, "lm (next-token cross-entropy) or distill (KL to the dense model's logits)"),
+    "freeze": (str, "none or sequential (one factor of every module at a time)"),
+    "switch_every": (int, "steps per phase of --freeze sequential"),
+    "lora_rank": (int, "LoRA rank"), "lora_alpha": (float, "LoRA alpha"),
+    "seed": (int, "the data order's seed")}
+
+
+def _rows(value: str, where: str):
+    from .core.errors import ConfigError
+
+    first, sep, end = value.partition(":")
+    if not (sep and first.isdigit() and end.isdigit() and int(first) < int(end)):
+        raise ConfigError(f"{where}: expected FIRST:END row numbers, got {value!r}")
+    return [int(first), int(end)]
+
+
+def _cmd_heal(args) -> None:
+    from .decompose import HealConfig
+    from .evaluate import PerplexityConfig
+    from .model import TextSource
+    from .results.heal import heal_compressed
+    from transformers.utils import logging
+
+    recipe = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
+    flags = {name: True for name in ("norms", "recompute") if getattr(args, name)}
+    config = HealConfig.from_dict({**recipe, **flags})
+    text = TextSource.from_dict({"path": args.text, "field": args.field,
+                                 **({"rows": _rows(args.rows, "--rows")} if args.rows else {})}, "heal.text")
+    eval_path = args.eval_text or (args.text if args.eval_rows else None)
+    measures = {}
+    for rows in args.eval_rows or ([None] if eval_path else []):
+        source = TextSource.from_dict({"path": eval_path, "field": args.field,
+                                       **({"rows": _rows(rows, "--eval-rows")} if rows else {})}, "evaluation.text")
+        window = {k: v for k, v in (("window", args.eval_window), ("max_tokens", args.eval_tokens)) if v is not None}
+        measures[f"rows {rows}" if rows else "eval"] = PerplexityConfig(source, **window)
+    bars = logging.is_progress_bar_enabled()
+    if args.quiet:  # transformers' bars too (loading weights), for this command
+        logging.disable_progress_bar()
+    try:
+        out = heal_compressed(args.source, args.out, config, text, measures=measures, format=args.format,
+                              device=args.device, checkpoint_dir=args.checkpoint_dir,
+                              checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    print(f"dse: wrote the healed {args.format} model to {out}", file=sys.stderr)
+
+
 def _cmd_speed(args) -> None:
     from .core.io import atomic_write_text
     from .evaluate.speed import SpeedConfig
@@ -238,8 +296,35 @@ def _add_result_verbs(sub) -> None:
     p.set_defaults(func=_cmd_apply)
 
 
+def _add_heal(sub) -> None:
+    p = sub.add_parser("heal", help="fine-tune a decomposed model briefly and write it as `dse apply` does "
+                       "(the recipe, its report and perplexity before/after in dse_compressed.json)")
+    p.add_argument("source", metavar="CONFIG_JSON|APPLY_DIR", help="a rank config or a `dse apply` folder")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--format", default="dse", metavar="FORMAT", help="dse or transformers (as `dse apply`)")
+    p.add_argument("--text", required=True, metavar="PATH", help="the heal text: a .txt file or a .jsonl file")
+    p.add_argument("--field", default="text", help="the JSONL field holding the text (WikiText pages: page)")
+    p.add_argument("--rows", metavar="FIRST:END", help="the JSONL rows to heal on (default: all)")
+    p.add_argument("--eval-text", metavar="PATH", help="perplexity text before and after (default: --text)")
+    p.add_argument("--eval-rows", nargs="+", metavar="FIRST:END",
+                   help="measure perplexity on each of these row ranges (must not meet --rows)")
+    p.add_argument("--eval-window", type=int, metavar="TOKENS", help="perplexity window (default 512)")
+    p.add_argument("--eval-tokens", type=int, metavar="TOKENS", help="first tokens measured (default: all; P1: 4096)")
+    for name, (kind, help) in RECIPE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help)
+    p.add_argument("--norms", action="store_true", help="also train every norm")
+    p.add_argument("--recompute", action="store_true",
+                   help="keep only each layer's input for the backward pass (activation checkpointing)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="where the heal checkpoints (default: OUT.checkpoint)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_heal, interrupted="the heal's last checkpoint is kept")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dse", description=__doc__.splitlines()[0])
+    parser.set_defaults(interrupted="the running trial is marked failed")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="the registered plug-ins of each kind (methods, families, objectives ...)")
@@ -281,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.set_defaults(func=_cmd_status)
     _add_result_verbs(sub)
+    _add_heal(sub)
 
     p = sub.add_parser("speed", help="decode and prefill speed, time to first token and peak memory of a model, "
                        "a compressed folder or a rank config")
@@ -331,8 +417,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("\ndse: interrupted; the running trial is marked failed. Run the same command to resume.",
-              file=sys.stderr)
+        print(f"\ndse: interrupted; {args.interrupted}. Run the same command to resume.", file=sys.stderr)
         return 130
     except DseError as e:
         print(f"dse: error: {e}", file=sys.stderr)

@@ -117,6 +117,19 @@ def save_tiny_llama(folder: Path) -> Path:
     return folder
 
 
+def save_tiny_rank_config(root: Path) -> Path:
+    """``root/c.json``: the rank config (uniform rank 3) of a tiny Llama saved in ``root/tiny-llama``."""
+    from dse.decompose import model_fingerprint, uniform_plan
+    from dse.model import load_model
+    from dse.results.rankconfig import RankConfig
+
+    folder = save_tiny_llama(root / "tiny-llama")
+    model, _ = load_model(str(folder))
+    table = find_projections(model)
+    config = RankConfig(str(folder), model_fingerprint(model, table), "float32", uniform_plan(table, 3))
+    return config.save(root / "c.json")
+
+
 STUDY_YAML = """\
 name: tiny
 model: {model}

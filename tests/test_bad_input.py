@@ -88,6 +88,14 @@ STUDY_CASES = [
      "evaluation.perplexity.text.path: no such file"),
     ("ppl-window", study_with(evaluation__perplexity={"text": {"path": WIKI, "field": "page"}, "window": 1}), [],
      "evaluation.perplexity.window"),
+    ("heal-no-text", study_with(heal={"steps": 3}), [], "heal.text: required"),
+    ("heal-key", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "stpes": 3}), [],
+     "heal.stpes: unknown key"),
+    ("heal-lr", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "lr": 0}), [],
+     "heal.lr: must be in (0, 1]"),
+    ("heal-overlap", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [0, 12]}},
+                                evaluation__perplexity={"text": {"path": WIKI, "field": "page", "rows": [0, 6]}}), [],
+     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.perplexity.text (rows 0:6)"),
     ("space-missing-file", study_with(space="nowhere.yaml"), [], "space: file not found"),
     ("space-rank-zero", study_with(space__ranks=[0, "dense"]), [], "space.ranks[0]"),
     ("space-rank-word", study_with(space__ranks=["full"]), [], "space.ranks[0]"),
@@ -154,3 +162,40 @@ def test_bad_space_file(tmp_path, capsys):
     path = tmp_path / "space.yaml"
     path.write_text("name: s\nmodel: smollm2-135m\nranks: [1, 2\n")
     assert run_cli(["space", str(path)], capsys, tmp_path).startswith("space: YAML syntax error at line")
+
+
+# dse heal: (name, options after the source and --out, expected start of the message)
+HEAL_CASES = [
+    ("lr", ["--lr", "0"], "heal.lr: must be in (0, 1]"),
+    ("train", ["--train", "lorra"], "heal.train: expected one of factors, lora, got 'lorra'"),
+    ("loss", ["--loss", "kl"], "heal.loss: expected one of lm, distill"),
+    ("freeze", ["--freeze", "alternate"], "heal.freeze: expected one of none, sequential"),
+    ("switch-every", ["--freeze", "sequential", "--switch-every", "0"], "heal.switch_every: expected an integer >= 1"),
+    ("steps-and-tokens", ["--steps", "5", "--tokens", "1000"], "heal.tokens: give steps or tokens, not both"),
+    ("batch", ["--batch", "0"], "heal.batch: expected an integer >= 1"),
+    ("format", ["--format", "merged"], "format: a heal writes a low-rank format (dse, transformers), not merged"),
+    ("rows", ["--rows", "3"], "--rows: expected FIRST:END row numbers, got '3'"),
+    ("overlap", ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"],
+     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.text (rows 6:12)"),
+    ("text-missing", ["--text", "/nonexistent.jsonl"], "heal.text.path: no such file"),
+    ("text-short", ["--field", "page", "--rows", "0:1", "--seq-len", "4096"], "heal.seq_len: the text has"),
+    ("text-one-batch", ["--field", "page", "--rows", "0:1", "--seq-len", "1024", "--batch", "64"],
+     "heal.batch: the text gives"),
+]
+
+
+@pytest.fixture(scope="module")
+def heal_config(tmp_path_factory):
+    """A rank config of a saved tiny Llama (word-level tokenizer)."""
+    from helpers import save_tiny_rank_config
+
+    return save_tiny_rank_config(tmp_path_factory.mktemp("heal-bad"))
+
+@pytest.mark.parametrize("name, options, expected", HEAL_CASES, ids=[c[0] for c in HEAL_CASES])
+def test_bad_heal(tmp_path, capsys, heal_config, name, options, expected):
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    argv = ["heal", str(heal_config), "--out", str(tmp_path / "out"), "--quiet", "--text", WIKI, *options]
+    message = run_cli(argv, capsys, tmp_path)
+    assert message.startswith(expected), message
+    assert not (tmp_path / "out").exists()

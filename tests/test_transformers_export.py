@@ -42,6 +42,16 @@ LOAD_WITHOUT_DSE = textwrap.dedent("""
 """)
 
 
+def load_without_dse(folder, ids, tmp_path) -> dict:
+    """Load ``folder`` with plain transformers in a fresh interpreter where dse cannot be imported:
+    its logits and greedy continuation of ``ids``, its class, and whether dse was loaded."""
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSE, str(folder), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
 def rank_config(model, name) -> RankConfig:
     table = find_projections(model)
     return RankConfig(name, model_fingerprint(model, table), "float32", uniform_plan(table, 3))
@@ -55,11 +65,7 @@ def test_transformers_folder_loads_without_dse(family, tmp_path):
     assert (out / MODELING_FILE).is_file() and json.loads((out / "config.json").read_text())["auto_map"]
 
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSE, str(out), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
+    result = load_without_dse(out, ids, tmp_path)
     assert not result["dse_loaded"] and result["class"].startswith("DseLowRank")
     assert result["generated"].shape == (2, 14)
 

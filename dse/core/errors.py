@@ -58,3 +58,7 @@ class ExportError(DseError, ValueError):
 
 class OutputExistsError(DseError, FileExistsError):
     """An output path that exists and would be overwritten."""
+
+
+class HealError(DseError, RuntimeError):
+    """A heal that cannot go on (its loss turned NaN or infinite); the model is left as it was."""

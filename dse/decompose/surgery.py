@@ -95,6 +95,19 @@ def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *
     return dict(iter_forms(model, names, config, **kw))
 
 
+@contextmanager
+def dense_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The decomposed modules' dense originals in their places for the block (the dense model,
+    bit-exact), whatever sits there now; afterwards what was there is put back."""
+    originals = getattr(model, _ORIGINALS, None) or {}
+    now = {name: swap_module(model, name, old) for name, old in originals.items()}
+    try:
+        yield model
+    finally:
+        for name, module in now.items():
+            swap_module(model, name, module)
+
+
 def restore_(model: nn.Module) -> nn.Module:
     """Put the original dense modules back (bit-exact). A no-op on a model never decomposed."""
     originals = getattr(model, _ORIGINALS, None) or {}

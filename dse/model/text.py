@@ -7,8 +7,9 @@ hub dataset.
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Tuple
@@ -59,6 +60,19 @@ class TextSource:
         """The source as plain data (:meth:`from_dict` reads it back)."""
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self) if f.name != "where"}
+
+    def check_disjoint(self, other: "TextSource") -> None:
+        """Refuse in one line a text that shares text with ``other``: both read one local file, as
+        JSONL rows that meet (no ``rows``: all of them) or as the same plain file. Hub datasets are
+        not compared."""
+        if self.path is None or other.path is None or Path(self.path).resolve() != Path(other.path).resolve():
+            return
+        rows = self.rows or (0, math.inf), other.rows or (0, math.inf)
+        if Path(self.path).suffix == ".jsonl" and max(rows[0][0], rows[1][0]) >= min(rows[0][1], rows[1][1]):
+            return
+        shown = ["all" if r[1] == math.inf else f"{r[0]}:{r[1]}" for r in rows]
+        raise ConfigError(f"{self.where}: rows {shown[0]} of {Path(self.path).name} overlap {other.where} "
+                          f"(rows {shown[1]}); choose text apart from it")
 
     def read(self) -> str:
         """The text: the file, or the joined field of the selected rows."""

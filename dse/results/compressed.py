@@ -90,14 +90,21 @@ def apply_config(config: RankConfig, out_dir, *, format: str = "dse", merge: boo
             model, tokenizer = load_model(config.model, device=device, dtype=config.dtype, device_map=device_map)
         decompose_config(config, model, tokenizer, cache=cache, calibration=calibration, progress=progress)
         try:
-            writer.write(model, config, tmp)
+            write_folder(model, tokenizer, config, tmp, writer, format)
         finally:
             restore_(model)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"format": CONFIG_FORMAT, "export": format, "rank_config": config.to_dict()}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir
+
+
+def write_folder(model, tokenizer, config: RankConfig, folder: Path, writer: ExportFormat, format: str,
+                 **meta) -> None:
+    """Write the decomposed ``model`` into ``folder`` with ``writer`` (the unit of ``format``), its
+    tokenizer if any, and ``dse_compressed.json``: the rank config, the format and ``meta``."""
+    writer.write(model, config, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    meta = {"format": CONFIG_FORMAT, "export": format, "rank_config": config.to_dict(), **meta}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _unshared(state: dict):

@@ -18,17 +18,17 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
-from ..decompose import CalibrationSpec, MethodConfig, SVDConfig, check_memory, make_config
+from ..decompose import CalibrationSpec, HealConfig, MethodConfig, SVDConfig, check_memory, make_config
 from ..decompose.latency import TableSpec
 from ..evaluate import OBJECTIVES, EvalConfig
-from ..model import DTYPES, FAMILIES, DeviceMap, parse_device_map, parse_max_memory
+from ..model import DTYPES, FAMILIES, DeviceMap, TextSource, parse_device_map, parse_max_memory, text_section
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
 from .samplers import SamplerConfig, parse_sampler
 
 KEYS = ("name", "model", "family", "device", "device_map", "max_memory", "offload_dir", "dtype", "space", "method",
         "method_options", "calibration", "evaluation", "objectives", "sampler", "seed", "n_trials", "timeout",
         "storage", "constraints", "baselines", "cache", "cache_dir", "heartbeat_s", "grace_s", "multi_fidelity",
-        "latency_table")
+        "latency_table", "heal")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,16 @@ class MultiFidelity:
 
 
 @dataclass(frozen=True)
+class StudyHeal:
+    """A study's ``heal:`` block: the recipe (:class:`~dse.decompose.HealConfig`'s fields) and the
+    ``text`` it trains on, apart from the evaluation's perplexity text. ``dse estimate`` sizes it;
+    trials are not healed yet."""
+
+    recipe: HealConfig
+    text: TextSource
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     path: Optional[Path]  # the YAML file, or None for a config built in code
@@ -94,6 +104,7 @@ class StudyConfig:
     grace_s: int = 120  # a RUNNING trial silent this long is failed and re-queued once
     multi_fidelity: Optional[MultiFidelity] = None
     latency_table: Optional[TableSpec] = None  # given, or implied by what needs one (see uses_latency)
+    heal: Optional[StudyHeal] = None
 
     @property
     def optimises_latency(self) -> bool:
@@ -150,7 +161,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         heartbeat_s=integer(data.get("heartbeat_s", StudyConfig.heartbeat_s), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", StudyConfig.grace_s), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
-        latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base))
+        latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base),
+        heal=_heal(data.get("heal"), base, evaluation))
 
 
 def _space(data, base: Path) -> AnySpace:
@@ -179,6 +191,16 @@ def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Opt
         raise ConfigError("calibration: an allocation space (budget:) needs calibration data (its loss gradients "
                           "rank the components); add a calibration: section")
     return calibration
+
+
+def _heal(data, base: Path, evaluation: EvalConfig) -> Optional[StudyHeal]:
+    if data is None:
+        return None
+    data = text_section(data, "heal", {f.name for f in dataclasses.fields(HealConfig)} | {"text"}, base)
+    text = data.pop("text")
+    if evaluation.perplexity is not None:
+        text.check_disjoint(evaluation.perplexity.text)
+    return StudyHeal(HealConfig.from_dict(data), text)
 
 
 def _objectives(data, evaluation: EvalConfig, space: AnySpace) -> Tuple[str, ...]:

@@ -19,18 +19,24 @@ estimated on a laptop) and from the study's settings. With ``b`` the bytes of th
   largest rank, the budget of an allocation space, each baseline), plus the perplexity
   evaluation's logits, a float32 copy of the shifted logits and their log-softmax,
   ``batch · window · vocab · (b + 8)``. lm-eval tasks add their own batches, not estimated here.
+* **a heal** (the study's ``heal:`` recipe, else :class:`~dse.decompose.HealConfig`'s defaults)
+  of the largest plan, for each ``train`` choice, beyond the weights and factors above:
+  :func:`dse.decompose.heal_memory` (gradients, AdamW moments and a rollback copy of what trains,
+  activations kept for the backward pass, logits). Rough: an upper bound for most plans.
 * **per-trial seconds**: the median of the study's completed trials (decompose and evaluate),
   else the dense model's evaluation, when the study has run before; otherwise unknown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import DseError
-from ..decompose import Plan, get_method
+from ..decompose import HealConfig, Plan, get_method, heal_memory
+from ..decompose.heal import CHOICES
 from ..model import find_projections, resolve_dtype
 from ..model.shapes import meta_model
 from .config import StudyConfig
@@ -122,6 +128,12 @@ def estimate(config: StudyConfig, study=None) -> Estimate:
     if config.cache_dir:
         lines.append(Line("factor cache on disk", disk=forms))
     lines.append(_where("one trial", _trial_bytes(config, table, meta.config, b, params), on_device))
+    recipe = config.heal.recipe if config.heal is not None else HealConfig()
+    largest, _ = _space_plan(config, table, params)
+    for train in CHOICES["train"]:
+        heal = heal_memory(meta, table, largest, dataclasses.replace(recipe, train=train), b)
+        lines.append(_where(f"heal, train {train} ({recipe.batch} x {recipe.seq_len} tokens)", sum(heal.values()),
+                            on_device))
     placed = config.device if config.device_map is None else (
         f"device_map {config.device_map}" if isinstance(config.device_map, str) else
         f"an explicit device_map of {len(config.device_map)} entries")
