@@ -31,13 +31,15 @@ def token_ids(vocab: int = 97, batch: int = 2, length: int = 12, seed: int = 0) 
 
 
 def calibration_for(model, method: str):
-    """Input statistics over random tokens for data-aware methods; ``None`` for the others."""
-    if not METHODS[method].config_cls.needs_calibration:
+    """Statistics over random tokens for data-aware methods (with output-gradient moments for
+    those that need them); ``None`` for the others."""
+    config = METHODS[method].config_cls
+    if not config.needs_calibration:
         return None
-    from dse.decompose import Calibration, collect_stats
+    from dse.decompose import collect_calibration
 
-    stats, aliases, _ = collect_stats(model, token_ids(batch=8, length=16, seed=1))
-    return Calibration(f"random-{method}", stats, aliases)
+    return collect_calibration(model, token_ids(batch=8, length=16, seed=1), f"random-{method}",
+                               grad_moments=config.needs_grad_moments)
 
 
 def full_rank_plan(table, method: str) -> Plan:

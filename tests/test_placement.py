@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from conftest import BENCHMARKS, FAMILIES, make_tiny, model_output
-from dse.decompose import (METHODS, Calibration, LowRankLinear, StatsStore, collect_stats, decompose_, restore_,
-                           uniform_plan)
+from dse.decompose import (METHODS, Calibration, LowRankLinear, StatsStore, collect_calibration, collect_stats,
+                           decompose_, restore_, uniform_plan)
 from dse.decompose.calibration import _stream
 from dse.evaluate import perplexity, tokens_per_second
 from dse.model import execution_device, family_of, find_projections, is_offloaded, load_model
@@ -62,10 +62,10 @@ def pair(request, tmp_path):
 
 
 def _calibration(model, ids, method: str):
-    if not METHODS[method].config_cls.needs_calibration:
+    config = METHODS[method].config_cls
+    if not config.needs_calibration:
         return None
-    stats, aliases, _ = collect_stats(model, ids, batch_size=4)
-    return Calibration(f"cal-{method}", stats, aliases)
+    return collect_calibration(model, ids, f"cal-{method}", batch_size=4, grad_moments=config.needs_grad_moments)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
