@@ -398,7 +398,7 @@ def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_
                 handle.remove()
         stats = {n: s.finish() for n, s in recorder.stats.items()}
         held = _nbytes(hidden) + _nbytes(outputs) + sum(s.nbytes for s in stats.values())
-        cal.peak_bytes = max(cal.peak_bytes, held + _nbytes(cal.grad_moments.values()))
+        cal.peak_bytes = max(cal.peak_bytes, held + _nbytes(cal.grad_moments.values()) + _nbytes(cal.grads.values()))
         cal.stats.update(stats)
         cal.aliases.update(recorder.aliases)
         if on_layer is not None:
