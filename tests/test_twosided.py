@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 
 from conftest import BENCHMARKS, make_tiny
-from dse.core.errors import ConfigError, PlanError
+from dse.core.errors import ConfigError, ModelError, PlanError
 from dse.decompose import (CalibrationSpec, InputStats, ProjectionStats, calibrate, collect_calibration, collect_stats,
                            decompose_, factor_forms, get_method, make_config, restore_, uniform_plan)
 from dse.model import TextSource, find_projections, load_model
@@ -188,6 +188,12 @@ def test_grad_moments_match_autograd():
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.diagonal().max().item())
         assert torch.equal(cal.grads[name], got.diagonal())  # the mean squared gradient is its diagonal
         torch.testing.assert_close(cal.grads[name], grads[name], rtol=1e-5, atol=0)
+
+
+def test_a_model_without_a_loss_is_a_one_line_error():
+    with pytest.raises(ModelError, match=r"^calibration: gradients need a model that returns a language-modeling "
+                                         r"loss; BertModel returns none$"):
+        collect_calibration(make_tiny("bert"), token_ids(), grad_moments=True)
 
 
 def _spec(tmp_path, streamed: bool) -> CalibrationSpec:

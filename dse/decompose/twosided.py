@@ -17,7 +17,9 @@ that norm.
 
 **Numerics.** Each moment is symmetrized and eigendecomposed, ``M = Q diag(λ) Qᵀ``; negative
 eigenvalues (rounding: SmolLM2 has an indefinite ``XᵀX``) are clamped to 0 and the ridge
-``jitter · mean(diag M)`` is added to every eigenvalue, so ``M½ = Q diag(λ½) Qᵀ`` and ``M^-½`` are
+``jitter · mean(diag M)`` is added to every eigenvalue (the moment is first divided by
+``mean(diag M)``: a positive factor on ``G`` or ``C`` moves no optimum, and this keeps both factors
+of a form at the weight's scale however small the loss gradients are), so ``M½ = Q diag(λ½) Qᵀ`` and ``M^-½`` are
 finite with condition number at most about ``dim / jitter``. A moment the ridge dominates (smallest
 eigenvalue below the ridge: fewer tokens than channels, dead channels) is regularized and said so
 by a warning (one message, so shown once); a moment with a non-finite entry or no positive diagonal (all zero: no gradient
@@ -55,22 +57,22 @@ class TwoSidedConfig(MethodConfig):
 
 
 def regularized_roots(moment: torch.Tensor, jitter: float, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(M½, M^-½)`` of the second moment ``moment`` regularized as the module doc says; ``what``
-    names it in the error and the warning."""
+    """``(M½, M^-½)`` of the second moment ``moment`` scaled to a mean diagonal of 1 (which moves
+    no optimum, and keeps both factors of a form at the weight's scale even for loss gradients of
+    1e-6) and regularized as the module doc says; ``what`` names it in the error and the warning."""
     if not torch.isfinite(moment).all():
-        raise ConfigError(f"calibration: the {what} has non-finite entries; calibrate again (in float32 or "
-                          "with fewer tokens per batch)")
+        raise ConfigError(f"calibration: the {what} has non-finite entries (an overflow?); calibrate the "
+                          "model in float32")
     scale = moment.diagonal().mean()
     if scale <= 0:
         raise ConfigError(f"calibration: the {what} is zero (nothing reached it in calibration); "
                           "calibrate on other text, or leave the projection out of the plan")
-    ridge = jitter * scale
-    lam, Q = torch.linalg.eigh((moment + moment.T) / 2)
-    if lam[0] < ridge:  # one message for all, so that Python shows it once
+    lam, Q = torch.linalg.eigh((moment + moment.T) / (2 * scale))
+    if lam[0] < jitter:  # one message for all, so that Python shows it once
         warnings.warn("twosided: some second moments are rank-deficient or ill-conditioned (smallest "
                       "eigenvalue below the ridge jitter * mean(diag)); they are regularized by the ridge",
                       RuntimeWarning, stacklevel=3)
-    lam = lam.clamp(min=0) + ridge
+    lam = lam.clamp(min=0) + jitter
     return (Q * lam.sqrt()) @ Q.T, (Q / lam.sqrt()) @ Q.T
 
 
