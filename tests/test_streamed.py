@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny
-from dse.decompose import (METHODS, Calibration, CalibrationSpec, StatsStore, calibrate, collect_calibration,
+from dse.decompose import (METHODS, Calibration, StatsStore, calibrate, collect_calibration,
                            collect_stats, decompose_, factor_forms, restore_, uniform_plan)
 from dse.decompose.calibration import _stream
 from dse.decompose.stats import pack_symmetric, unpack_symmetric
-from dse.model import TextSource, find_projections
-from helpers import rel_err, token_ids
+from dse.model import find_projections
+from helpers import CharTokenizer as Tok, char_spec as _spec, rel_err, token_ids
 
 DATA_AWARE = [m for m in METHODS if METHODS[m].config_cls.needs_calibration]
 
@@ -54,17 +54,6 @@ def test_symmetric_packing_round_trips(n):
     m = (m + m.T) / 2  # a matmul kernel need not give a bit-symmetric a @ aᵀ
     packed = pack_symmetric(m)
     assert packed.numel() == n * (n + 1) // 2 and torch.equal(unpack_symmetric(packed, n), m)
-
-
-def _spec(tmp_path, streamed_walk: bool) -> CalibrationSpec:
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(str(i % 90) for i in range(600)))
-    return CalibrationSpec(TextSource(path=str(text)), n_samples=6, seq_len=16, seed=1, streamed=streamed_walk)
-
-
-class Tok:  # characters as token ids: enough for a tiny vocabulary of 97
-    def __call__(self, s, return_tensors=None, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 97 for c in s]])})()
 
 
 def test_the_walk_is_not_part_of_the_key_and_gradients_come_in_a_pass_of_their_own(tmp_path):

@@ -15,12 +15,12 @@ import torch
 
 from conftest import BENCHMARKS, make_tiny
 from dse.core.errors import ConfigError, ModelError, PlanError
-from dse.decompose import (CalibrationSpec, InputStats, ProjectionStats, calibrate, collect_calibration, collect_stats,
+from dse.decompose import (InputStats, ProjectionStats, calibrate, collect_calibration, collect_stats,
                            decompose_, factor_forms, get_method, make_config, restore_, uniform_plan)
-from dse.model import TextSource, find_projections, load_model
+from dse.model import find_projections, load_model
 from dse.study.config import load_study_config
 from dse.study.estimate import estimate
-from helpers import token_ids, write_study
+from helpers import CharTokenizer, char_spec, token_ids, write_study
 
 SHAPES = [(24, 16), (16, 24), (12, 12)]
 
@@ -196,27 +196,16 @@ def test_a_model_without_a_loss_is_a_one_line_error():
         collect_calibration(make_tiny("bert"), token_ids(), grad_moments=True)
 
 
-def _spec(tmp_path, streamed: bool) -> CalibrationSpec:
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(str(i % 90) for i in range(600)))
-    return CalibrationSpec(TextSource(path=str(text)), n_samples=6, seq_len=16, seed=1, streamed=streamed)
-
-
-class Tok:  # characters as token ids: enough for a tiny vocabulary of 97
-    def __call__(self, s, return_tensors=None, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 97 for c in s]])})()
-
-
 def test_streamed_moments_equal_the_moments_at_once_and_the_store_keeps_them(tmp_path):
-    model = make_tiny("llama")
+    model, tok = make_tiny("llama"), CharTokenizer()
     table = find_projections(model)
     config = make_config("twosided")
-    at_once = calibrate(model, Tok(), _spec(tmp_path, False), grad_moments=True, progress=False)
+    at_once = calibrate(model, tok, char_spec(tmp_path, False), grad_moments=True, progress=False)
     seen = {}
 
     def on_layer(names, cal):  # the walk factorizes each layer with its moments still in memory
         seen.update(factor_forms(model, names, config, calibration=cal))
-    streamed = calibrate(model, Tok(), _spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
+    streamed = calibrate(model, tok, char_spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
                          on_layer=on_layer, progress=False)
     assert streamed.key == at_once.key and set(seen) == set(table)
     assert not streamed.grad_moments and streamed.has_grad_moments()  # released to the store, layer by layer
@@ -230,19 +219,19 @@ def test_streamed_moments_equal_the_moments_at_once_and_the_store_keeps_them(tmp
         r = table[name].full_rank // 2
         products = [(f.U[:, :r] * f.S[:r]) @ f.Vh[:r] for f in (seen[name], form)]
         torch.testing.assert_close(products[0], products[1], rtol=0, atol=1e-4 * products[1].abs().max().item())
-    again = calibrate(model, Tok(), _spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
+    again = calibrate(model, tok, char_spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
                       progress=False)
     assert again.has_grad_moments() and not again.grad_moments  # read back from the store, not gathered again
 
 
 def test_a_store_without_moments_gets_them_added(tmp_path):
-    model = make_tiny("llama")
-    first = calibrate(model, Tok(), _spec(tmp_path, False), cache_dir=tmp_path, progress=False)
+    model, tok = make_tiny("llama"), CharTokenizer()
+    first = calibrate(model, tok, char_spec(tmp_path, False), cache_dir=tmp_path, progress=False)
     assert not first.has_grad_moments()
     files = {p.name: p.stat().st_mtime_ns for p in first.store.directory.iterdir() if not p.name.startswith("grad")}
     with pytest.raises(PlanError, match=r"^plan.method: twosided needs output-gradient moments; calibrate with"):
         decompose_(model, uniform_plan(find_projections(model), 2, method="twosided"), calibration=first)
-    again = calibrate(model, Tok(), _spec(tmp_path, False), cache_dir=tmp_path, grad_moments=True, progress=False)
+    again = calibrate(model, tok, char_spec(tmp_path, False), cache_dir=tmp_path, grad_moments=True, progress=False)
     assert again.has_grad_moments() and again.store.has_grad_moments()
     unchanged = {n: t for n, t in files.items() if n != "index.pt"}  # the input statistics are reused
     assert {p.name: p.stat().st_mtime_ns for p in again.store.directory.iterdir() if p.name in unchanged} == unchanged
