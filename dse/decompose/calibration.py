@@ -28,10 +28,10 @@ Two walks give the same statistics (the tests check it):
   every projection's moment at once: about 1.4 GB in float64 for SmolLM2-135M).
 
 Statistics on disk (:class:`dse.decompose.stats.StatsStore`) are float32, the upper triangle of
-``XᵀX`` (and ``GᵀG``) only, in a folder ``calibration-<key>`` of ``cache_dir`` keyed by the model fingerprint and
-a hash of the spec and of the sampled token ids; a streamed calibration without ``cache_dir``
-keeps them in a temporary folder for as long as the :class:`Calibration` lives. Every file is
-written atomically, the index last.
+``XᵀX`` (and of ``GᵀG``) only, in a folder ``calibration-<key>`` of ``cache_dir`` keyed by the
+model fingerprint and a hash of the spec and of the sampled token ids; a streamed calibration
+without ``cache_dir`` keeps them in a temporary folder for as long as the :class:`Calibration`
+lives. Every file is written atomically, the index last.
 """
 
 from __future__ import annotations
