@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     spec = p1_calibration(args.benchmarks_dir)
     calibration, calib_s = None, float("nan")
     if any(get_method(m).config_cls.needs_calibration for m in args.methods):
-        calibration = calibrate(model, tokenizer, spec, progress=False)
+        moments = any(get_method(m).config_cls.needs_grad_moments for m in args.methods)
+        calibration = calibrate(model, tokenizer, spec, grad_moments=moments, progress=False)
         calib_s = calibration.seconds
     dense = sum(p.out_features * p.in_features for p in table.values())
 

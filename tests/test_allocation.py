@@ -12,7 +12,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from dse.decompose import InputStats, METHODS, collect_stats, get_method, make_config, uniform_plan
+from dse.decompose import InputStats, METHODS, ProjectionStats, collect_stats, get_method, make_config, uniform_plan
 from dse.model import find_projections
 from dse.space import AllocationError, AllocationSpace, Budget, SpaceError, allocate, importance, load_space
 from dse.study.config import load_study_config
@@ -79,7 +79,8 @@ def test_importance_is_the_fisher_weighted_output_error_of_each_component(rows, 
     stats.finish()
     g = torch.rand(rows, dtype=torch.float64) + 0.1
     options = {"jitter": 0.0} if method == "svdllm" else {}
-    form = get_method(method).factorize(weight, make_config(method, options), stats)
+    seen = ProjectionStats(stats, torch.diag(g)) if get_method(method).config_cls.needs_grad_moments else stats
+    form = get_method(method).factorize(weight, make_config(method, options), seen)
     estimate = importance(form, g, stats.xtx)
     for i in (0, 3, min(rows, 16) - 1):
         error = torch.outer(form.U[:, i] * form.S[i], form.Vh[i]) @ x.T  # (rows, tokens)

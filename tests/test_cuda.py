@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dse.decompose import (Calibration, FactorCache, METHODS, collect_stats, decompose_, factor_forms, make_config,
-                           restore_, uniform_plan)
+from dse.decompose import (Calibration, FactorCache, METHODS, collect_calibration, collect_stats, decompose_,
+                           factor_forms, make_config, restore_, uniform_plan)
 from dse.evaluate import perplexity
 from dse.model import find_projections
 from dse.space import Budget, allocate, importance
@@ -30,9 +30,9 @@ def cuda_model(dtype):
 def test_every_method_on_cuda(method, dtype, tol):
     model = cuda_model(dtype)
     ids = token_ids(batch=4, length=16, seed=0).cuda()
-    stats, aliases, grads = collect_stats(model, ids, gradients=True)
-    assert all(s.xtx.is_cuda and s.xtx.dtype == torch.float64 for s in stats.values())
-    calibration = Calibration(f"cuda-{method}", stats, aliases, grads)
+    calibration = collect_calibration(model, ids, f"cuda-{method}", gradients=True, grad_moments=True)
+    assert all(s.xtx.is_cuda and s.xtx.dtype == torch.float64 for s in calibration.stats.values())
+    assert all(m.is_cuda and m.dtype == torch.float64 for m in calibration.grad_moments.values())
     table = find_projections(model)
     with torch.no_grad():
         dense = model(ids).logits.float()

@@ -11,6 +11,7 @@ from dse.decompose import (Calibration, CalibrationSpec, InputStats, Plan, calib
 from dse.model import TextSource, find_projections
 
 from conftest import make_tiny, model_output
+from helpers import CharTokenizer as Tok, char_spec
 
 DATA_AWARE = ("asvd", "svdllm")
 
@@ -208,15 +209,7 @@ def test_spec_from_dict(tmp_path):
 
 def test_calibration_is_cached_on_disk(tmp_path):
     model = make_tiny("llama")
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(str(i % 90) for i in range(400)))
-
-    class Tok:  # characters as token ids: enough for a tiny vocabulary of 97
-        def __call__(self, s, return_tensors=None, add_special_tokens=False):
-            ids = torch.tensor([[ord(c) % 97 for c in s]])
-            return type("Enc", (), {"input_ids": ids})()
-
-    spec = CalibrationSpec(TextSource(path=str(text)), n_samples=3, seq_len=16, seed=1)
+    spec = char_spec(tmp_path, n_samples=3, chars=400)
     first = calibrate(model, Tok(), spec, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("calibration-*/index.pt"))) == 1
     again = calibrate(model, Tok(), spec, cache_dir=tmp_path, progress=False)

@@ -7,18 +7,19 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_tiny
-from dse.decompose import (METHODS, Calibration, CalibrationSpec, StatsStore, calibrate, collect_stats, decompose_,
-                           factor_forms, restore_, uniform_plan)
+from dse.decompose import (METHODS, Calibration, StatsStore, calibrate, collect_calibration,
+                           collect_stats, decompose_, factor_forms, restore_, uniform_plan)
 from dse.decompose.calibration import _stream
 from dse.decompose.stats import pack_symmetric, unpack_symmetric
-from dse.model import TextSource, find_projections
-from helpers import rel_err, token_ids
+from dse.model import find_projections
+from helpers import CharTokenizer as Tok, char_spec as _spec, rel_err, token_ids
 
 DATA_AWARE = [m for m in METHODS if METHODS[m].config_cls.needs_calibration]
 
 
-def streamed(model, ids, on_layer=None) -> Calibration:
-    cal = Calibration("streamed", {}, store=StatsStore.temporary())
+def streamed(model, ids, on_layer=None, grad_moments=None) -> Calibration:
+    """The streamed walk; ``grad_moments`` (output-gradient moments gathered before) go to its store."""
+    cal = Calibration("streamed", {}, store=StatsStore.temporary(), grad_moments=dict(grad_moments or {}))
     _stream(model, ids, cal, batch_size=4, on_layer=on_layer, progress=False)
     return cal
 
@@ -49,20 +50,10 @@ def test_streamed_statistics_equal_the_statistics_at_once(family):
 @pytest.mark.parametrize("n", [1, 2, 7, 64])
 def test_symmetric_packing_round_trips(n):
     a = torch.randn(n, n, dtype=torch.float64)
-    m = (a @ a.T + (a @ a.T).T) / 2  # a @ a.T alone is not bit-symmetric with every BLAS kernel
+    m = a @ a.T
+    m = (m + m.T) / 2  # a matmul kernel need not give a bit-symmetric a @ aᵀ
     packed = pack_symmetric(m)
     assert packed.numel() == n * (n + 1) // 2 and torch.equal(unpack_symmetric(packed, n), m)
-
-
-def _spec(tmp_path, streamed_walk: bool) -> CalibrationSpec:
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(str(i % 90) for i in range(600)))
-    return CalibrationSpec(TextSource(path=str(text)), n_samples=6, seq_len=16, seed=1, streamed=streamed_walk)
-
-
-class Tok:  # characters as token ids: enough for a tiny vocabulary of 97
-    def __call__(self, s, return_tensors=None, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 97 for c in s]])})()
 
 
 def test_the_walk_is_not_part_of_the_key_and_gradients_come_in_a_pass_of_their_own(tmp_path):
@@ -92,18 +83,19 @@ def test_an_incomplete_store_is_gathered_again(tmp_path):
 def test_factors_from_the_float32_store_match(method):
     model = make_tiny("llama")
     ids = token_ids(batch=12, length=16, seed=2)
-    stats, aliases, _ = collect_stats(model, ids, batch_size=4)
     table = find_projections(model)
     config = METHODS[method].config_cls()
-    exact = factor_forms(model, table, config, calibration=Calibration("k", stats, aliases))
-    stored = factor_forms(model, table, config, calibration=streamed(model, ids))
+    exact_cal = collect_calibration(model, ids, "k", batch_size=4, grad_moments=config.needs_grad_moments)
+    exact = factor_forms(model, table, config, calibration=exact_cal)
+    stored_cal = streamed(model, ids, grad_moments=exact_cal.grad_moments)
+    stored = factor_forms(model, table, config, calibration=stored_cal)
     for name, form in exact.items():  # single vectors of near-equal singular values may turn; truncations agree
         assert rel_err(stored[name].S, form.S) < 1e-5, name
         for r in (table[name].full_rank // 4, table[name].full_rank // 2):
             truncated = [(f.U[:, :r] * f.S[:r]) @ f.Vh[:r] for f in (stored[name], form)]
             assert rel_err(*truncated) < 1e-5, (name, r)
     plan = uniform_plan(table, 3, method=method)
-    decompose_(model, plan, calibration=streamed(model, ids))
+    decompose_(model, plan, calibration=stored_cal)
     restore_(model)
 
 

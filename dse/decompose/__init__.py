@@ -20,27 +20,30 @@ The built-in methods register here. A method is one unit, a config class and its
 """
 
 from .cache import MEMORY, FactorCache, check_memory, model_fingerprint
-from .calibration import Calibration, CalibrationSpec, calibrate, collect_stats
+from .calibration import Calibration, CalibrationSpec, calibrate, collect_calibration, collect_stats
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
 from .heal import HealConfig, HealReport, add_lora, heal_, heal_memory, low_rank_modules, remove_lora
 from .lowrank import LowRankLinear
 from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, as_pair, get_method, make_config,
                       register_method)
 from .plan import PLAN_FORMAT, Plan, uniform_plan
-from .stats import InputStats, StatsStore
+from .stats import InputStats, ProjectionStats, StatsStore
 from .size import SizeReport, plan_size
 from .surgery import decompose_, decomposed, dense_modules, factor_forms, is_decomposed, restore_, swap_module
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
+from .twosided import TwoSidedConfig, twosided_factorize
 
 register_method(SVDConfig, svd_form, truncate_two)
 register_method(Tucker2Config, svd_form, truncate_three, pair_ranks=True)
 register_method(ASVDConfig, asvd_factorize, truncate_two)
 register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
+register_method(TwoSidedConfig, twosided_factorize, truncate_two)
 
 __all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "HealConfig", "HealReport", "InputStats",
-           "LowRankLinear", "MEMORY", "METHODS", "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "Rank", "SVDConfig",
-           "SVDForm", "SVDLLMConfig", "SizeReport", "StatsStore", "Tucker2Config", "add_lora", "as_config", "as_pair",
-           "calibrate", "check_memory", "collect_stats", "decompose_", "decomposed", "dense_modules", "factor_forms",
-           "get_method", "heal_", "heal_memory", "is_decomposed", "low_rank_modules", "make_config",
-           "model_fingerprint", "plan_size", "register_method", "remove_lora", "restore_", "svd_form", "swap_module",
-           "truncate_three", "truncate_two", "uniform_plan"]
+           "LowRankLinear", "MEMORY", "METHODS", "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "ProjectionStats",
+           "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig", "SizeReport", "StatsStore", "Tucker2Config",
+           "TwoSidedConfig", "add_lora", "as_config", "as_pair", "calibrate", "check_memory", "collect_calibration",
+           "collect_stats", "decompose_", "decomposed", "dense_modules", "factor_forms", "get_method", "heal_",
+           "heal_memory", "is_decomposed", "low_rank_modules", "make_config", "model_fingerprint", "plan_size",
+           "register_method", "remove_lora", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
+           "twosided_factorize", "uniform_plan"]

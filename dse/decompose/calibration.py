@@ -1,11 +1,15 @@
-"""Calibration: per-module input statistics for data-aware methods (``asvd``, ``svdllm``).
+"""Calibration: per-module statistics for data-aware methods (``asvd``, ``svdllm``, ``twosided``).
 
 ``calibrate`` runs the model over random token windows of a text and gathers, for the input ``x``
 of every decomposable projection, in float64: the mean ``|x|`` per channel and the second moment
 ``XᵀX / N`` (``N`` tokens); with ``gradients=True`` also the mean squared loss gradient of every
-projection's output channels (for :mod:`dse.space.allocation`). Projections that read the same
-input tensor (q/k/v, gate/up) share one statistic: the first one called holds it and the others
-alias it, so a llama layer has four statistics, not seven.
+projection's output channels (for :mod:`dse.space.allocation`); with ``grad_moments=True`` the
+whole second moment ``GᵀG / N`` of every projection's output gradients (``G``: the next-token
+loss's gradient with respect to the projection's output, one row per token; ``(out, out)``, for
+``twosided``; its diagonal is the mean squared gradient, so it gives ``gradients`` too).
+Projections that read the same input tensor (q/k/v, gate/up) share one input statistic: the first
+one called holds it and the others alias it, so a llama layer has four input statistics, not
+seven; each projection has its own output-gradient moment.
 
 Two walks give the same statistics (the tests check it):
 
@@ -19,13 +23,15 @@ Two walks give the same statistics (the tests check it):
   factorize that layer there), written to the statistics store and released, and its outputs are
   the inputs of layer ``l + 1``. Memory: one layer's statistics and two copies of one layer's
   inputs. Loss gradients, when asked for, take one more pass (forward and backward) that
-  records only them.
+  records only them; output-gradient moments are gathered in that pass *before* the walk, so that
+  ``on_layer`` can use them, and each layer's are written to the store after it (that pass holds
+  every projection's moment at once: about 1.4 GB in float64 for SmolLM2-135M).
 
 Statistics on disk (:class:`dse.decompose.stats.StatsStore`) are float32, the upper triangle of
-``XᵀX`` only, in a folder ``calibration-<key>`` of ``cache_dir`` keyed by the model fingerprint and
-a hash of the spec and of the sampled token ids; a streamed calibration without ``cache_dir``
-keeps them in a temporary folder for as long as the :class:`Calibration` lives. Every file is
-written atomically, the index last.
+``XᵀX`` (and of ``GᵀG``) only, in a folder ``calibration-<key>`` of ``cache_dir`` keyed by the
+model fingerprint and a hash of the spec and of the sampled token ids; a streamed calibration
+without ``cache_dir`` keeps them in a temporary folder for as long as the :class:`Calibration`
+lives. Every file is written atomically, the index last.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from ..core.errors import ConfigError, ModelError
 from ..core.validate import boolean, integer
 from ..model import TextSource, find_projections, input_device, text_section, token_ids
 from .cache import model_fingerprint
-from .stats import InputStats, StatsStore
+from .stats import InputStats, ProjectionStats, StatsStore, add_gram, mirror
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class Calibration:
     :meth:`stats_for`. ``grads`` (only when calibrated with ``gradients=True``) holds, per
     projection, the mean squared gradient of the next-token loss with respect to each output
     channel (``(out,)``): a diagonal Fisher estimate of how much an error in that output costs.
+    ``grad_moments`` (only with ``grad_moments=True``) holds in memory, per projection, the whole
+    second moment ``GᵀG / N`` of those gradients (``(out, out)``); the store may hold them instead.
     ``peak_bytes`` is the most the statistics (and, streamed, the cached layer inputs) held in
     memory at once while they were gathered, counted from the live tensors.
     """
@@ -107,24 +115,46 @@ class Calibration:
     seconds: float = 0.0
     store: Optional[StatsStore] = None
     peak_bytes: int = 0
+    grad_moments: Dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def stats_for(self, name: str) -> InputStats:
+    def stats_for(self, name: str, grad_moment: bool = False):
+        """The :class:`InputStats` of projection ``name``'s input; with ``grad_moment`` a
+        :class:`ProjectionStats` of those and of its output-gradient moment."""
         owner = self.aliases.get(name, name)
         if owner in self.stats:
-            return self.stats[owner]
-        if self.store is not None and self.store.has(owner):
-            return self.store.read(owner)
-        raise KeyError(f"calibration: no statistics for module {name!r} "
-                       "(was the calibration computed on this model?)")
+            inputs = self.stats[owner]
+        elif self.store is not None and self.store.has(owner):
+            inputs = self.store.read(owner)
+        else:
+            raise KeyError(f"calibration: no statistics for module {name!r} "
+                           "(was the calibration computed on this model?)")
+        if not grad_moment:
+            return inputs
+        if name in self.grad_moments:
+            return ProjectionStats(inputs, self.grad_moments[name], name)
+        if self.store is not None and self.store.has_grad_moment(name):
+            return ProjectionStats(inputs, self.store.read_grad_moment(name), name)
+        raise KeyError(f"calibration: no output-gradient moment for module {name!r} "
+                       "(was the calibration computed with grad_moments=True?)")
+
+    def has_grad_moments(self) -> bool:
+        """Whether the output-gradient moments were gathered (in memory, or complete in the store)."""
+        return bool(self.grad_moments) or (self.store is not None and self.store.has_grad_moments())
 
     def save(self, directory) -> StatsStore:
         """Write the statistics held in memory, the gradients and the index to a store at ``directory``."""
         store = StatsStore(directory)
         for owner, stats in self.stats.items():
             store.write(owner, stats)
-        store.write_grads(self.grads)
-        store.write_index(self.key, self.aliases)
+        self.save_gradients(store)
+        store.write_index(self.key, self.aliases, grad_moments=self.has_grad_moments())
         return store
+
+    def save_gradients(self, store: StatsStore) -> None:
+        """Write the gradients and output-gradient moments held in memory to ``store``."""
+        store.write_grads(self.grads)
+        for name, moment in self.grad_moments.items():
+            store.write_grad_moment(name, moment)
 
     @classmethod
     def load(cls, directory) -> Optional["Calibration"]:
@@ -183,15 +213,22 @@ class _InputRecorder:
 
 
 class _GradRecorder:
-    """Full backward hooks that sum each projection's squared output gradient per channel."""
+    """Full backward hooks that sum each projection's squared output gradient per channel or, with
+    ``moments``, the whole ``gᵀg`` over tokens (whose diagonal is that sum)."""
 
-    def __init__(self):
+    def __init__(self, moments: bool):
         self.sums: Dict[str, torch.Tensor] = {}
+        self.moments = moments
 
     def hook(self, name: str):
         def record(module, grad_input, grad_output):
             g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
-            self.sums[name] = self.sums.get(name, 0) + g.pow(2).sum(0).double()
+            if not self.moments:
+                self.sums[name] = self.sums.get(name, 0) + g.pow(2).sum(0).double()
+                return
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
+            add_gram(self.sums[name], g)
         return record
 
 
@@ -225,13 +262,25 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
                   inputs: bool = True, progress: bool = False, table=None
                   ) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
     """``(stats, aliases, grads)`` of every projection of ``table`` (default: the model's family's)
-    over ``windows`` (one pass; see :class:`Calibration`). Without ``gradients`` the forward pass
-    stops after the last projection and ``grads`` is empty; with them the next-token loss is
-    back-propagated and the squared output gradients are summed per channel. ``inputs=False``
-    records the gradients alone."""
+    over ``windows`` (one pass; see :func:`collect_calibration`, which takes the same arguments)."""
+    cal = collect_calibration(model, windows, batch_size=batch_size, gradients=gradients, inputs=inputs,
+                              progress=progress, table=table)
+    return cal.stats, cal.aliases, cal.grads
+
+
+def collect_calibration(model: nn.Module, windows: torch.Tensor, key: str = "", *, batch_size: int = 8,
+                        gradients: bool = False, grad_moments: bool = False, inputs: bool = True,
+                        progress: bool = False, table=None) -> Calibration:
+    """The :class:`Calibration` (held in memory, named ``key``) of every projection of ``table``
+    (default: the model's family's) over ``windows``, in one pass. Without gradients the forward
+    pass stops after the last projection and ``grads`` is empty; with ``gradients`` the next-token
+    loss is back-propagated and the squared output gradients are summed per channel; with
+    ``grad_moments`` their whole second moments are summed (and ``grads`` is their diagonal).
+    ``inputs=False`` records the gradients alone."""
     _check_dense(model)
     table = table if table is not None else find_projections(model)
-    recorder, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder()
+    gradients = gradients or grad_moments
+    recorder, grads = _InputRecorder(None if gradients else len(table)), _GradRecorder(grad_moments)
     modules = {name: model.get_submodule(name) for name in table}
     handles = [m.register_forward_pre_hook(recorder.hook(name)) for name, m in modules.items()] if inputs else []
     if gradients:
@@ -251,8 +300,14 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
         for p in trainable:
             p.requires_grad_(True)
     tokens = windows.numel()
-    return ({n: s.finish() for n, s in recorder.stats.items()}, recorder.aliases,
-            {n: g / tokens for n, g in grads.sums.items()})
+    stats = {n: s.finish() for n, s in recorder.stats.items()}
+    if grad_moments:
+        moments = {n: mirror(g) / tokens for n, g in grads.sums.items()}
+        per_channel = {n: m.diagonal().clone() for n, m in moments.items()}
+    else:
+        moments, per_channel = {}, {n: g / tokens for n, g in grads.sums.items()}
+    held = sum(s.nbytes for s in stats.values()) + _nbytes(per_channel.values()) + _nbytes(moments.values())
+    return Calibration(key, stats, recorder.aliases, per_channel, peak_bytes=held, grad_moments=moments)
 
 
 class _LayerCall(nn.Module):
@@ -322,7 +377,9 @@ def _layers(model: nn.Module, table) -> nn.ModuleList:
 
 def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_size: int,
             on_layer: Optional[OnLayer], progress: bool, table=None) -> None:
-    """Gather ``cal``'s statistics layer by layer into ``cal.store`` (see the module doc)."""
+    """Gather ``cal``'s statistics layer by layer into ``cal.store`` (see the module doc); the
+    output-gradient moments ``cal`` holds (gathered before) go to the store layer by layer."""
+    moments = bool(cal.grad_moments)
     table = table if table is not None else find_projections(model)
     layers = _layers(model, table)
     hidden, calls = _capture(model, layers, windows, batch_size)
@@ -340,23 +397,28 @@ def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_
             for handle in handles:
                 handle.remove()
         stats = {n: s.finish() for n, s in recorder.stats.items()}
-        cal.peak_bytes = max(cal.peak_bytes, _nbytes(hidden) + _nbytes(outputs) + sum(s.nbytes for s in stats.values()))
+        held = _nbytes(hidden) + _nbytes(outputs) + sum(s.nbytes for s in stats.values())
+        cal.peak_bytes = max(cal.peak_bytes, held + _nbytes(cal.grad_moments.values()) + _nbytes(cal.grads.values()))
         cal.stats.update(stats)
         cal.aliases.update(recorder.aliases)
         if on_layer is not None:
             on_layer(names, cal)
         for owner in stats:
             cal.store.write(owner, cal.stats.pop(owner))
+        for name in set(names) & set(cal.grad_moments):
+            cal.store.write_grad_moment(name, cal.grad_moments.pop(name))
         hidden = outputs
-    cal.store.write_index(cal.key, cal.aliases)
+    cal.store.write_grads(cal.grads)
+    cal.store.write_index(cal.key, cal.aliases, grad_moments=moments)
 
 
 def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
-              *, gradients: bool = False, batch_size: int = 8, on_layer: Optional[OnLayer] = None,
-              progress: bool = True, table=None) -> Calibration:
-    """Input statistics (and with ``gradients``, output-gradient statistics) of the projections of
-    ``table`` (default: the model's family's) over ``spec``'s windows, in a store in ``cache_dir``
-    (reused when complete).
+              *, gradients: bool = False, grad_moments: bool = False, batch_size: int = 8,
+              on_layer: Optional[OnLayer] = None, progress: bool = True, table=None) -> Calibration:
+    """Input statistics (with ``gradients``, mean squared output gradients; with ``grad_moments``,
+    output-gradient second moments) of the projections of ``table`` (default: the model's
+    family's) over ``spec``'s windows, in a store in ``cache_dir`` (reused when complete; what it
+    lacks is gathered and added).
 
     ``spec.streamed`` walks the model layer by layer; then ``on_layer(names, calibration)`` is
     called after each layer with its projections' names, while their statistics are still in
@@ -368,20 +430,26 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
     key = calibration_key(model, spec, windows, table)
     where = Path(cache_dir) / f"calibration-{key}" if cache_dir else None
     cal = Calibration.load(where) if where is not None else None
+
+    def gradients_only() -> Calibration:
+        return collect_calibration(model, windows, key, batch_size=batch_size, gradients=True,
+                                   grad_moments=grad_moments, inputs=False, progress=progress, table=table)
     if cal is None and spec.streamed:
         cal = Calibration(key, {}, store=StatsStore(where) if where is not None else StatsStore.temporary())
+        if grad_moments:  # before the walk, so that on_layer has them
+            got = gradients_only()
+            cal.grads, cal.grad_moments, cal.peak_bytes = got.grads, got.grad_moments, got.peak_bytes
         _stream(model, windows, cal, batch_size=batch_size, on_layer=on_layer, progress=progress, table=table)
     elif cal is None:
-        stats, aliases, grads = collect_stats(model, windows, batch_size=batch_size, gradients=gradients,
-                                              progress=progress, table=table)
-        cal = Calibration(key, stats, aliases, grads,
-                          peak_bytes=sum(s.nbytes for s in stats.values()) + _nbytes(grads.values()))
+        cal = collect_calibration(model, windows, key, batch_size=batch_size, gradients=gradients,
+                                  grad_moments=grad_moments, progress=progress, table=table)
         if where is not None:
             cal.store = cal.save(where)
-    if gradients and not cal.grads:
-        cal.grads = collect_stats(model, windows, batch_size=batch_size, gradients=True, inputs=False,
-                                  progress=progress, table=table)[2]
+    if (gradients and not cal.grads) or (grad_moments and not cal.has_grad_moments()):
+        got = gradients_only()
+        cal.grads, cal.grad_moments = got.grads, got.grad_moments
         if cal.store is not None:
-            cal.store.write_grads(cal.grads)
+            cal.save_gradients(cal.store)
+            cal.store.write_index(cal.key, cal.aliases, grad_moments=cal.has_grad_moments())
     cal.seconds = time.perf_counter() - start
     return cal

@@ -42,6 +42,7 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    needs_grad_moments: ClassVar[bool] = False  # its stats are ProjectionStats (calibrate(grad_moments=True))
 
     def key(self) -> str:
         """A stable string naming the method and its options (used in cache keys)."""

@@ -1,9 +1,10 @@
-"""Input statistics of a projection (:class:`InputStats`) and the folder that keeps them on disk
-(:class:`StatsStore`).
+"""Input statistics of a projection (:class:`InputStats`), what a two-sided method sees of one
+projection (:class:`ProjectionStats`) and the folder that keeps them on disk (:class:`StatsStore`).
 
-On disk a statistic is float32 and ``XᵀX / N`` is symmetric, so only its upper triangle is kept
-(row by row): a quarter of the bytes of the float64 matrix. The rounding to float32 (relative
-6e-8) is far below the ridge ``svdllm`` adds to ``XᵀX`` anyway.
+On disk a statistic is float32 and ``XᵀX / N`` (like the output-gradient moment ``GᵀG / N``) is
+symmetric, so only its upper triangle is kept (row by row): a quarter of the bytes of the float64
+matrix. The rounding to float32 (relative 6e-8) is far below the ridge ``svdllm`` and
+``twosided`` add anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +23,24 @@ from ..core.io import atomic_path
 STORE_FORMAT = 2
 INDEX = "index.pt"
 GRADS = "grads.pt"
+GRAD_MOMENT = "grad-moment-"  # + projection name: its output-gradient second moment
+
+
+def add_gram(sums: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``xᵀx`` of a ``(tokens, n)`` batch to the float64 ``(n, n)`` ``sums``: computed in ``x``'s
+    dtype, three of its four blocks (it is symmetric; :func:`mirror` fills the fourth)."""
+    h = x.shape[1] // 2
+    a, b = x[:, :h], x[:, h:]
+    sums[:h, :h] += (a.T @ a).double()
+    sums[:h, h:] += (a.T @ b).double()
+    sums[h:, h:] += (b.T @ b).double()
+
+
+def mirror(sums: torch.Tensor) -> torch.Tensor:
+    """Fill the block :func:`add_gram` leaves out, in place."""
+    h = sums.shape[0] // 2
+    sums[h:, :h] = sums[:h, h:].T
+    return sums
 
 
 @dataclass
@@ -56,20 +75,26 @@ class InputStats:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         self.abs_mean += x.abs().sum(0).double()
-        h = x.shape[1] // 2  # XᵀX is symmetric: three of its four blocks, mirrored in finish()
-        a, b = x[:, :h], x[:, h:]
-        self.xtx[:h, :h] += (a.T @ a).double()
-        self.xtx[:h, h:] += (a.T @ b).double()
-        self.xtx[h:, h:] += (b.T @ b).double()
+        add_gram(self.xtx, x)
         self.tokens += x.shape[0]
 
     def finish(self) -> "InputStats":
         """Turn the accumulated sums into means."""
-        h = self.xtx.shape[0] // 2
-        self.xtx[h:, :h] = self.xtx[:h, h:].T
+        mirror(self.xtx)
         self.abs_mean /= max(self.tokens, 1)
         self.xtx /= max(self.tokens, 1)
         return self
+
+
+@dataclass
+class ProjectionStats:
+    """What a two-sided method sees of projection ``name``: the statistics of its input (shared
+    with the projections that read the same input) and its own output-gradient second moment
+    ``grad_moment`` = ``GᵀG / N``, ``(out, out)``, ``G`` the loss gradients of its outputs per token."""
+
+    inputs: InputStats
+    grad_moment: torch.Tensor
+    name: str = ""
 
 
 def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -91,9 +116,10 @@ def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 class StatsStore:
     """A folder of float32 statistics: one file per distinct input, ``grads.pt`` for output
-    gradients, and ``index.pt`` (written last, so a folder without it is incomplete). Reads are
-    on demand; the last statistic read is kept, since projections that share an input are
-    factorized one after another."""
+    gradients, one ``grad-moment-<projection>.pt`` per projection when output-gradient second
+    moments were gathered, and ``index.pt`` (written last, so a folder without it is incomplete).
+    Reads are on demand; the last statistic read is kept, since projections that share an input
+    are factorized one after another."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -133,8 +159,25 @@ class StatsStore:
         path = self.directory / GRADS
         return dict(torch.load(path, weights_only=True)) if path.exists() else {}
 
-    def write_index(self, key: str, aliases: Dict[str, str]) -> None:
-        data = {"format": STORE_FORMAT, "key": key, "aliases": dict(aliases)}
+    def write_grad_moment(self, name: str, moment: torch.Tensor) -> None:
+        data = {"moment": pack_symmetric(moment).float().cpu(), "n": moment.shape[0]}
+        with atomic_path(self.directory / f"{GRAD_MOMENT}{name}.pt") as tmp:
+            torch.save(data, tmp)
+
+    def has_grad_moment(self, name: str) -> bool:
+        return (self.directory / f"{GRAD_MOMENT}{name}.pt").exists()
+
+    def has_grad_moments(self) -> bool:
+        """Whether the index says every projection's output-gradient moment is written."""
+        return bool((self.read_index() or {}).get("grad_moments"))
+
+    def read_grad_moment(self, name: str) -> torch.Tensor:
+        data = torch.load(self.directory / f"{GRAD_MOMENT}{name}.pt", weights_only=True)
+        return unpack_symmetric(data["moment"], int(data["n"]))
+
+    def write_index(self, key: str, aliases: Dict[str, str], grad_moments: bool = False) -> None:
+        """The index; ``grad_moments`` says every projection's output-gradient moment is written."""
+        data = {"format": STORE_FORMAT, "key": key, "aliases": dict(aliases), "grad_moments": grad_moments}
         with atomic_path(self.directory / INDEX) as tmp:
             torch.save(data, tmp)
 

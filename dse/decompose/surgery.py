@@ -55,6 +55,9 @@ def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = N
     if config.needs_calibration and calibration is None:
         raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
                         "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
+    if config.needs_grad_moments and not calibration.has_grad_moments():
+        raise PlanError(f"plan.method: {plan.method} needs output-gradient moments; calibrate with "
+                        "dse.calibrate(..., grad_moments=True) (a study does so for this method)")
     forms = () if not plan.ranks else iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration,
                                                  table=table, progress=progress)
     # each form is truncated as it comes: a cache that keeps none holds one full form at a time
@@ -86,7 +89,7 @@ def iter_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
     method_key = config.key() + (f"-{calibration.key}" if config.needs_calibration else "")
     fp = model_fingerprint(model, table)
     for name in tqdm(list(names), desc="factorize", disable=not progress, leave=False):
-        stats = calibration.stats_for(name) if config.needs_calibration else None
+        stats = calibration.stats_for(name, config.needs_grad_moments) if config.needs_calibration else None
         yield name, cache.form((fp, name, method_key), model.get_submodule(name), config, stats)
 
 

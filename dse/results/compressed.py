@@ -65,7 +65,8 @@ def decompose_config(config: RankConfig, model, tokenizer, *, cache=None, calibr
             spec = CalibrationSpec.from_dict(config.calibration)
         except DseError as e:
             raise ExportError(f"config.{e}") from None
-        calibration = calibrate(model, tokenizer, spec, progress=progress, table=table)
+        calibration = calibrate(model, tokenizer, spec, grad_moments=config.plan.config.needs_grad_moments,
+                                progress=progress, table=table)
     decompose_(model, config.plan, cache=cache, calibration=calibration, table=table, progress=progress)
     return table
 

@@ -8,10 +8,13 @@ estimated on a laptop) and from the study's settings. With ``b`` the bytes of th
   ``device: cuda`` or a ``device_map``, else the host).
 * **calibration at once**: per distinct projection input (q/k/v share one, gate/up one) of
   ``n`` channels, ``XᵀX`` and the mean ``|x|`` in float64, ``8 (n² + n)`` bytes, all held together;
-  with loss gradients (allocation spaces) also ``8 · out`` per projection.
+  with loss gradients (allocation spaces) also ``8 · out`` per projection; with output-gradient
+  moments (a method that needs them, ``twosided``) ``8 (out² + out)`` per projection.
 * **calibration streamed**: the largest layer's statistics, plus its cached inputs and outputs,
-  ``2 · tokens · hidden · b`` (``tokens = n_samples · seq_len``).
-* **statistics on disk**: float32, the upper triangle of ``XᵀX``: ``4 (n (n + 1) / 2 + n)`` per input.
+  ``2 · tokens · hidden · b`` (``tokens = n_samples · seq_len``); output-gradient moments are
+  gathered for every projection before the walk and released layer by layer, so all of them too.
+* **statistics on disk**: float32, the upper triangle of ``XᵀX``: ``4 (n (n + 1) / 2 + n)`` per input;
+  the upper triangle of each output-gradient moment, ``4 out (out + 1) / 2`` per projection.
 * **factor cache**: every projection the study may decompose (its space's and its baselines'),
   full rank ``k = min(m, n)``: ``b (m k + k + k n)`` each, in memory where ``cache.memory`` says
   and on disk with ``cache.dir``.
@@ -152,12 +155,16 @@ def _where(what: str, nbytes: int, on_device: bool) -> Line:
 
 def _calibration(config: StudyConfig, table: Mapping, hf_config, b: int, on_device: bool) -> List[Line]:
     owners = input_owners(table)
-    grads = 8 * sum(p.out_features for p in table.values()) if config.space.needs_importance else 0
-    at_once = sum(8 * (n * n + n) for layer in owners.values() for n in layer) + grads
+    moments = config.method.needs_grad_moments
+    grads = 8 * sum(p.out_features for p in table.values()) if config.space.needs_importance or moments else 0
+    grad_moments = 8 * sum(p.out_features ** 2 for p in table.values()) if moments else 0
+    at_once = sum(8 * (n * n + n) for layer in owners.values() for n in layer) + grads + grad_moments
     spec = config.calibration
     cached = 2 * spec.n_samples * spec.seq_len * hf_config.hidden_size * b
-    streamed = max(sum(8 * (n * n + n) for n in layer) for layer in owners.values()) + cached
-    disk = sum(4 * (n * (n + 1) // 2 + n) for layer in owners.values() for n in layer) + grads // 2
+    streamed = (max(sum(8 * (n * n + n) for n in layer) for layer in owners.values()) + cached
+                + (grads + grad_moments if moments else 0))  # the walk starts with every moment held
+    disk = (sum(4 * (n * (n + 1) // 2 + n) for layer in owners.values() for n in layer) + grads // 2
+            + sum(4 * (p.out_features * (p.out_features + 1) // 2) for p in table.values()) * moments)
     return [_where("calibration at once", at_once, on_device), _where("calibration streamed", streamed, on_device),
             Line("calibration statistics on disk", disk=disk)]
 

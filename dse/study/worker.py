@@ -69,7 +69,8 @@ class Worker:
                 def on_layer(names, cal):
                     factor_forms(model, names, config.method, cache=cache, calibration=cal, table=table)
             calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    gradients=config.space.needs_importance, on_layer=on_layer, progress=progress,
+                                    gradients=config.space.needs_importance,
+                                    grad_moments=config.method.needs_grad_moments, on_layer=on_layer, progress=progress,
                                     table=table)
         evaluator = Evaluator(model, tokenizer, config.evaluation)
         return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, table=table,
