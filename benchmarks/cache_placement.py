@@ -61,8 +61,9 @@ def measure(memory: str, device: str, folder: str, trials: int) -> dict:
         with decomposed(model, plan, cache=cache):
             seconds = time.perf_counter() - start
             perplexity(model, windows)
-        rows.append({"held": held, "peak": torch.cuda.max_memory_allocated() if cuda else vm("VmHWM"),
-                     "decompose_s": seconds})
+        rows.append(
+            {"held": held, "peak": torch.cuda.max_memory_allocated() if cuda else vm("VmHWM"), "decompose_s": seconds}
+        )
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]} | {"cache": cache.nbytes()}
 
 
@@ -78,8 +79,9 @@ def main(argv=None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="dse-cache-placement-") as folder:
         child(__file__, "none", folder, "--device", args.device, "--trials", "1")  # fills the folder
-        runs = {m: child(__file__, m, folder, "--device", args.device, "--trials", str(args.trials))
-                for m in args.memory}
+        runs = {
+            m: child(__file__, m, folder, "--device", args.device, "--trials", str(args.trials)) for m in args.memory
+        }
     where = "CUDA allocated" if args.device.startswith("cuda") else "process resident"
     print(f"SmolLM2-135M on {args.device}, svd, {args.trials} trials per placement (medians)\n")
     print(f"| cache.memory | forms held | {where}, between trials | peak during a trial | decompose s |")

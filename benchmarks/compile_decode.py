@@ -52,8 +52,7 @@ def product_seconds(run, setup) -> float:
     arg = setup()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run(arg)
-    return sum(e.self_cpu_time_total for e in prof.key_averages()
-               if e.key in ("aten::mm", "aten::addmm")) / 1e6 / STEPS
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")) / 1e6 / STEPS
 
 
 def random_model(path: str, device: str, dtype: torch.dtype):
@@ -74,7 +73,7 @@ def random_factors_(model, plan: Plan) -> dict:
         module = model.get_submodule(name)
         out_f, in_f = module.weight.shape
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-        factors = [torch.randn(rank, in_f, **kw) / in_f ** 0.5, torch.randn(out_f, rank, **kw) * 0.02 / rank ** 0.5]
+        factors = [torch.randn(rank, in_f, **kw) / in_f**0.5, torch.randn(out_f, rank, **kw) * 0.02 / rank**0.5]
         originals[name] = swap_module(model, name, LowRankLinear.from_linear(module, factors))
     return originals
 
@@ -109,11 +108,15 @@ def main(argv=None) -> None:
         (model, _), name = load_model(args.model, device=args.device, dtype=args.dtype), args.model
     device = input_device(model)
     table = find_projections(model)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, PROMPT),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        0, model.config.vocab_size, (args.batch, PROMPT), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     suffix = f" @{args.align}" if args.align else ""
-    plans = {"dense": None, **{Path(p).stem: Plan.load(p) for p in args.plans},
-             **{f"uniform {r:g}{suffix}": aligned(uniform_plan(table, ratio=r), args.align) for r in args.uniform}}
+    plans = {
+        "dense": None,
+        **{Path(p).stem: Plan.load(p) for p in args.plans},
+        **{f"uniform {r:g}{suffix}": aligned(uniform_plan(table, ratio=r), args.align) for r in args.uniform},
+    }
     modes = ("eager",) if args.eager_only else ("eager", "compiled")
     times = {plan_name: {mode: [] for mode in modes} for plan_name in plans}
     sizes, compile_s, products = {}, {}, {}
@@ -141,42 +144,67 @@ def main(argv=None) -> None:
                 for module_name, module in originals.items():
                     swap_module(model, module_name, module)
                 restore_(model)  # a no-op where nothing was decomposed
-            print(f"round {round_}: {plan_name}: {sizes[plan_name] / 1e6:.1f} MB, "
-                  + ", ".join(f"{mode} {1000 * times[plan_name][mode][-1]:.3f} ms" for mode in modes), flush=True)
+            print(
+                f"round {round_}: {plan_name}: {sizes[plan_name] / 1e6:.1f} MB, "
+                + ", ".join(f"{mode} {1000 * times[plan_name][mode][-1]:.3f} ms" for mode in modes),
+                flush=True,
+            )
     best = {plan_name: {mode: min(v) for mode, v in t.items()} for plan_name, t in times.items()}
-    print(f"\n{name}, {args.dtype} on {device.type}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}; decode step ms, fastest of {args.rounds} rounds\n")
-    print("| model | weight MB | bytes ratio | " + " | ".join(f"{m} ms" for m in modes)
-          + (" | compile s" if "compiled" in modes else "") + " | "
-          + " | ".join(f"{m} speed-up / bytes" for m in modes) + " |")
+    print(
+        f"\n{name}, {args.dtype} on {device.type}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch}; decode step ms, fastest of {args.rounds} rounds\n"
+    )
+    print(
+        "| model | weight MB | bytes ratio | "
+        + " | ".join(f"{m} ms" for m in modes)
+        + (" | compile s" if "compiled" in modes else "")
+        + " | "
+        + " | ".join(f"{m} speed-up / bytes" for m in modes)
+        + " |"
+    )
     print("|---" * (3 + 2 * len(modes) + ("compiled" in modes)) + "|")
     rows = []
     for plan_name in plans:
         ratio = sizes["dense"] / sizes[plan_name]
-        row = {"plan": plan_name, "weight_bytes": sizes[plan_name], "bytes_ratio": ratio,
-               **{f"{m}_step_s": best[plan_name][m] for m in modes},
-               **{f"{m}_speedup_over_bytes": best["dense"][m] / best[plan_name][m] / ratio for m in modes},
-               **({"compile_s": compile_s[plan_name]} if "compiled" in modes else {})}
+        row = {
+            "plan": plan_name,
+            "weight_bytes": sizes[plan_name],
+            "bytes_ratio": ratio,
+            **{f"{m}_step_s": best[plan_name][m] for m in modes},
+            **{f"{m}_speedup_over_bytes": best["dense"][m] / best[plan_name][m] / ratio for m in modes},
+            **({"compile_s": compile_s[plan_name]} if "compiled" in modes else {}),
+        }
         rows.append(row)
-        print(f"| {plan_name} | {sizes[plan_name] / 1e6:.1f} | {ratio:.3f} | "
-              + " | ".join(f"{1000 * best[plan_name][m]:.3f}" for m in modes)
-              + (f" | {compile_s[plan_name]:.0f}" if "compiled" in modes else "") + " | "
-              + " | ".join(f"{row[f'{m}_speedup_over_bytes']:.3f}" for m in modes) + " |")
+        print(
+            f"| {plan_name} | {sizes[plan_name] / 1e6:.1f} | {ratio:.3f} | "
+            + " | ".join(f"{1000 * best[plan_name][m]:.3f}" for m in modes)
+            + (f" | {compile_s[plan_name]:.0f}" if "compiled" in modes else "")
+            + " | "
+            + " | ".join(f"{row[f'{m}_speedup_over_bytes']:.3f}" for m in modes)
+            + " |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": name, "device": str(device), "dtype": args.dtype,
-                                               "batch": args.batch, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": name, "device": str(device), "dtype": args.dtype, "batch": args.batch, "rows": rows}, indent=1
+            )
+        )
     if products:
-        print("\nmatrix products and the rest of a step (ms; the products from one profiled run, the rest "
-              "= the fastest step less them)\n")
+        print(
+            "\nmatrix products and the rest of a step (ms; the products from one profiled run, the rest "
+            "= the fastest step less them)\n"
+        )
         print("| model | mode | step | products | rest | products ideal | GEMV efficiency |")
         print("|---|---|---|---|---|---|---|")
         for plan_name in plans:
             for mode in modes:
                 mm, step = products[plan_name][mode], best[plan_name][mode]
                 ideal = products["dense"][mode] * sizes[plan_name] / sizes["dense"]
-                print(f"| {plan_name} | {mode} | {1000 * step:.1f} | {1000 * mm:.1f} | {1000 * (step - mm):.1f} | "
-                      f"{1000 * ideal:.1f} | {ideal / mm:.3f} |")
+                print(
+                    f"| {plan_name} | {mode} | {1000 * step:.1f} | {1000 * mm:.1f} | {1000 * (step - mm):.1f} | "
+                    f"{1000 * ideal:.1f} | {ideal / mm:.3f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from dse.decompose import FactorCache, METHODS, Plan, decompose_, restore_
+from dse.decompose import METHODS, FactorCache, Plan, decompose_, restore_
 from dse.model import find_projections, load_model
 
 TARGET_RATIO = 20.0
@@ -43,8 +43,9 @@ def seconds(fn) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, local folder or .gguf")
-    parser.add_argument("--method", default="svd", choices=[n for n in METHODS
-                                                            if not METHODS[n].config_cls.needs_calibration])
+    parser.add_argument(
+        "--method", default="svd", choices=[n for n in METHODS if not METHODS[n].config_cls.needs_calibration]
+    )
     parser.add_argument("--repeats", type=int, default=5, help="warm applications (median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -67,12 +68,16 @@ def main(argv=None) -> None:
     warm_median, restore_median = statistics.median(warm), statistics.median(restores)
     ratio = cold / warm_median
 
-    print(f"model {args.model}: {len(table)} modules, method {args.method}, "
-          f"{torch.get_num_threads()} torch threads, {next(model.parameters()).dtype}")
+    print(
+        f"model {args.model}: {len(table)} modules, method {args.method}, "
+        f"{torch.get_num_threads()} torch threads, {next(model.parameters()).dtype}"
+    )
     print(f"cache: {cold_misses} factorizations cold, {cache.misses - cold_misses} afterwards")
-    rows = [("factorize + apply (cold cache)", cold),
-            (f"apply (warm cache, median of {len(warm)})", warm_median),
-            (f"restore (median of {len(restores)})", restore_median)]
+    rows = [
+        ("factorize + apply (cold cache)", cold),
+        (f"apply (warm cache, median of {len(warm)})", warm_median),
+        (f"restore (median of {len(restores)})", restore_median),
+    ]
     width = max(len(label) for label, _ in rows)
     print(f"{'step':<{width}}  {'seconds':>9}")
     for label, value in rows:

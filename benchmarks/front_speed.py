@@ -14,13 +14,14 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+from speed import speed_rows
+
 from dse.decompose import Plan
 from dse.results.compressed import apply_config
 from dse.results.export import rank_config
 from dse.results.front import front_trials
 from dse.study.config import load_study_config
 from dse.study.storage import open_study
-from speed import speed_rows
 
 
 def main(argv=None) -> None:
@@ -47,9 +48,11 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for (name, rc), (_, row) in zip(configs.items(), frame.iterrows()):
         ratio = rc.metrics.get("params_ratio", 1.0)
-        print(f"| {name} | {100 * ratio:.1f} | {row['weight_bytes'] / 1e6:.1f} | {row['decode_tokens_per_s']:.2f} | "
-              f"{row['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.3f} | "
-              f"{dense['weight_bytes'] / row['weight_bytes']:.3f} |")
+        print(
+            f"| {name} | {100 * ratio:.1f} | {row['weight_bytes'] / 1e6:.1f} | {row['decode_tokens_per_s']:.2f} | "
+            f"{row['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.3f} | "
+            f"{dense['weight_bytes'] / row['weight_bytes']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

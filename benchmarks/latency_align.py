@@ -26,7 +26,7 @@ def lowrank_stack(rank: int, hidden: int, inner: int, depth: int, device, dtype)
     layers = []
     for _ in range(depth):
         for n_in, n_out in ((hidden, inner), (inner, hidden)):
-            factors = [torch.randn(rank, n_in) / n_in ** 0.5, torch.randn(n_out, rank) / rank ** 0.5]
+            factors = [torch.randn(rank, n_in) / n_in**0.5, torch.randn(n_out, rank) / rank**0.5]
             layers.append(LowRankLinear([f.to(device=device, dtype=dtype) for f in factors]))
     return nn.Sequential(*layers).eval()
 
@@ -68,13 +68,16 @@ def main(argv=None) -> None:
             times[r].append(time_once(stack, x))
     median = {r: statistics.median(t) for r, t in times.items()}
 
-    print(f"{args.depth}×({args.hidden}→{args.inner}→{args.hidden}) LowRankLinear stack, {args.tokens} tokens, "
-          f"{device} {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(
+        f"{args.depth}×({args.hidden}→{args.inner}→{args.hidden}) LowRankLinear stack, {args.tokens} tokens, "
+        f"{device} {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
     print("| aligned r | ms | " + " | ".join(f"r{d:+d} ms | ratio" for d in args.offsets) + " |")
     print("|---|---|" + "---|---|" * len(args.offsets))
     for r in args.ranks:
-        cells = " | ".join(f"{median[r + d] * 1e3:.2f} | {median[r + d] / median[r]:.3f}"
-                           for d in args.offsets if r + d >= 1)
+        cells = " | ".join(
+            f"{median[r + d] * 1e3:.2f} | {median[r + d] / median[r]:.3f}" for d in args.offsets if r + d >= 1
+        )
         print(f"| {r} | {median[r] * 1e3:.2f} | {cells} |")
 
 

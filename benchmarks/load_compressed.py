@@ -43,8 +43,12 @@ def write(folder: Path, fraction: float) -> None:
     model, tokenizer = dse.load_model("smollm2-135m")
     table = find_projections(model)
     plan = dse.Plan({n: max(1, round(fraction * p.full_rank)) for n, p in table.items()})
-    apply_config(RankConfig("smollm2-135m", model_fingerprint(model, table), "float32", plan), folder,
-                 model=model, tokenizer=tokenizer)
+    apply_config(
+        RankConfig("smollm2-135m", model_fingerprint(model, table), "float32", plan),
+        folder,
+        model=model,
+        tokenizer=tokenizer,
+    )
 
 
 def main() -> None:
@@ -58,15 +62,19 @@ def main() -> None:
     if args.write:
         return write(folder, args.fraction)
     if not folder.is_dir():  # written by a child: Linux carries a parent's peak into its children's
-        subprocess.run([sys.executable, __file__, "--out", str(folder.parent), "--fraction", str(args.fraction),
-                        "--write"], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--out", str(folder.parent), "--fraction", str(args.fraction), "--write"],
+            check=True,
+        )
     size = (folder / "model.safetensors").stat().st_size
     runs = [peak(str(folder)) for _ in range(args.repeats)]
     imports = peak("-")
     peaks = sorted(r["peak_kb"] / 1024 for r in runs)
     print(f"model.safetensors {size / 2**20:.1f} MiB; imports alone {imports['peak_kb'] / 1024:.0f} MiB")
-    print(f"load_compressed peak RSS, median of {args.repeats}: {peaks[len(peaks) // 2]:.0f} MiB "
-          f"(over the imports: {peaks[len(peaks) // 2] - imports['peak_kb'] / 1024:.0f} MiB)")
+    print(
+        f"load_compressed peak RSS, median of {args.repeats}: {peaks[len(peaks) // 2]:.0f} MiB "
+        f"(over the imports: {peaks[len(peaks) // 2] - imports['peak_kb'] / 1024:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

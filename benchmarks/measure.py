@@ -26,8 +26,9 @@ def reset_peak() -> None:
 def child(script: str, *args: str) -> dict:
     """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is a JSON object."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, script, "--child", *args], env=env, stdout=subprocess.PIPE,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, script, "--child", *args], env=env, stdout=subprocess.PIPE, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

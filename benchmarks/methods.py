@@ -46,10 +46,13 @@ def main(argv=None) -> None:
         calib_s = calibration.seconds
     dense = sum(p.out_features * p.in_features for p in table.values())
 
-    print(f"model {args.model}, {len(table)} projections, protocol P1 ({windows.shape[0]} windows of "
-          f"{windows.shape[1]} tokens), torch threads {torch.get_num_threads()}")
-    print(f"base perplexity {base:.2f}; calibration {calib_s:.1f} s ({spec.n_samples} windows "
-          f"of {spec.seq_len} tokens)\n")
+    print(
+        f"model {args.model}, {len(table)} projections, protocol P1 ({windows.shape[0]} windows of "
+        f"{windows.shape[1]} tokens), torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"base perplexity {base:.2f}; calibration {calib_s:.1f} s ({spec.n_samples} windows of {spec.seq_len} tokens)\n"
+    )
     head = " | ".join(f"PPL R={r:g}" for r in args.ratios)
     print(f"| method | {head} | kept params at each R | factorize s |")
     print("|---|" + "---|" * (len(args.ratios) + 2), flush=True)
@@ -62,8 +65,11 @@ def main(argv=None) -> None:
                 factor_s = factor_s if factor_s is not None else time.perf_counter() - start
                 kept.append(plan.params(table) / dense)
                 ppls.append(perplexity(model, windows))
-        print(f"| {method} | {' | '.join(f'{p:.4g}' for p in ppls)} | {'/'.join(f'{k:.3f}' for k in kept)}"
-              f" | {factor_s:.1f} |", flush=True)
+        print(
+            f"| {method} | {' | '.join(f'{p:.4g}' for p in ppls)} | {'/'.join(f'{k:.3f}' for k in kept)}"
+            f" | {factor_s:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def main() -> None:
         "faster_plan, a grid trial": lambda: latency.faster_plan(grid_plan, table, align=True),
         "predict, uniform -20 %": lambda: latency.predict(plan, table),
         "latency-budget allocation (0.8)": lambda: allocation.plan_from_params(
-            flat, table, Plan({}).config, importances=importances, model_params=6.7e9, latency=latency),
+            flat, table, Plan({}).config, importances=importances, model_params=6.7e9, latency=latency
+        ),
     }
     print(f"{len(table)} projections; median of {args.repeats}")
     for label, run in rows.items():

@@ -107,16 +107,20 @@ def main(argv=None) -> None:
     plain = ["dense"] + [Path(p).stem for p in args.plans]
     a = np.array([[size[n] / 1e6, products[n]] for n in plain])
     (ms_per_mb, ms_per_product), *_ = np.linalg.lstsq(a, np.array([1000 * best[n] for n in plain]), rcond=None)
-    print(f"{args.model}, {torch.get_num_threads()} threads: the projections alone, batch 1, eager; fastest of "
-          f"{args.rounds} rounds\n")
+    print(
+        f"{args.model}, {torch.get_num_threads()} threads: the projections alone, batch 1, eager; fastest of "
+        f"{args.rounds} rounds\n"
+    )
     print("| variant | products | MB | ms | GB/s | speed-up | bytes ratio | speed-up / bytes | fit ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in variants:
         ratio, speedup = size["dense"] / size[name], best["dense"] / best[name]
         fit = size[name] / 1e6 * ms_per_mb + products[name] * ms_per_product
-        print(f"| {name} | {products[name]} | {size[name] / 1e6:.1f} | {1000 * best[name]:.2f} | "
-              f"{size[name] / best[name] / 1e9:.2f} | {speedup:.3f} | {ratio:.3f} | {speedup / ratio:.3f} | "
-              f"{fit:.2f} |")
+        print(
+            f"| {name} | {products[name]} | {size[name] / 1e6:.1f} | {1000 * best[name]:.2f} | "
+            f"{size[name] / best[name] / 1e9:.2f} | {speedup:.3f} | {ratio:.3f} | {speedup / ratio:.3f} | "
+            f"{fit:.2f} |"
+        )
     how = "fit over" if len(plain) > 2 else "solved exactly (one plan: add more to fit) from"
     print(f"\n{how} dense and the plans: {1 / ms_per_mb:.1f} GB/s and {1000 * ms_per_product:.1f} µs per product")
 

@@ -45,7 +45,7 @@ from dse.decompose import Plan, uniform_plan
 from dse.model import n_layers as count_layers
 from dse.results import TrialRecord
 from dse.results.front import hypervolume_history
-from dse.space import Budget, PROBE_KINDS, parse_baseline, sensitivity_plan
+from dse.space import PROBE_KINDS, Budget, parse_baseline, sensitivity_plan
 from dse.study.characterize import run_characterization
 from dse.study.config import load_study_config
 from dse.study.runner import run_study
@@ -58,8 +58,11 @@ CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "win
 
 def searched(study: optuna.Study, max_ratio: float):
     """The most accurate completed trial at or under ``max_ratio`` of the parameters."""
-    fits = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if TrialRecord.of(t)["params_ratio"] <= max_ratio + 1e-12]
+    fits = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if TrialRecord.of(t)["params_ratio"] <= max_ratio + 1e-12
+    ]
     return max(fits, key=lambda t: TrialRecord.of(t)["accuracy"]) if fits else None
 
 
@@ -83,8 +86,9 @@ def describe(plan: Plan, table) -> str:
 def time_saved(study: optuna.Study) -> tuple:
     """(share of evaluation time saved, pruned trials, trials) by multi-fidelity in ``study``."""
     records = [(t, TrialRecord.of(t)) for t in study.trials]
-    done = [r for t, r in records if t.state == TrialState.COMPLETE and r.get("n_modules")
-            and r.duplicate_of is None]  # dense and repeated plans were not evaluated
+    done = [
+        r for t, r in records if t.state == TrialState.COMPLETE and r.get("n_modules") and r.duplicate_of is None
+    ]  # dense and repeated plans were not evaluated
     pruned = [r for t, r in records if t.state == TrialState.PRUNED]
     full = statistics.fmean(r["eval_seconds"] for r in done)
     spent = sum(r["eval_seconds"] for r in done + pruned)
@@ -98,49 +102,82 @@ def main(argv=None) -> None:
     ap.add_argument("--device", help="override the study's device (e.g. cuda)")
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--random-trials", type=int, default=200)
-    ap.add_argument("--budget-study", default=str(ROOT / "studies" / "smollm2-search-budget.yaml"),
-                    help="a study over an allocation space; its budget is replaced by each target")
+    ap.add_argument(
+        "--budget-study",
+        default=str(ROOT / "studies" / "smollm2-search-budget.yaml"),
+        help="a study over an allocation space; its budget is replaced by each target",
+    )
     ap.add_argument("--budget-trials", type=int, default=24)
-    ap.add_argument("--targets", nargs="+", type=float, default=[0.08, 0.10, 0.20],
-                    help="whole-model shares removed (0.08: the thesis' 3 layers at rank 1)")
+    ap.add_argument(
+        "--targets",
+        nargs="+",
+        type=float,
+        default=[0.08, 0.10, 0.20],
+        help="whole-model shares removed (0.08: the thesis' 3 layers at rank 1)",
+    )
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
     ap.add_argument("--confirm-tasks", nargs="+", default=list(CONFIRM_TASKS))
     ap.add_argument("--confirm-limit", type=int, default=100)
-    ap.add_argument("--confirm-pages", nargs=2, type=int, default=[6, 12],
-                    help="WikiText-2 pages [start, stop) for held-out perplexity (the search used 0-5)")
+    ap.add_argument(
+        "--confirm-pages",
+        nargs=2,
+        type=int,
+        default=[6, 12],
+        help="WikiText-2 pages [start, stop) for held-out perplexity (the search used 0-5)",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "search"))
-    ap.add_argument("--storage", help="study storage URL (default: OUT/studies.db); journal:///FILE lets other "
-                                      "processes run the same studies alongside")
+    ap.add_argument(
+        "--storage",
+        help="study storage URL (default: OUT/studies.db); journal:///FILE lets other "
+        "processes run the same studies alongside",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     config = load_study_config(args.study)
-    config = dataclasses.replace(config, device=args.device or config.device,
-                                 storage=args.storage or f"sqlite:///{(out / 'studies.db').resolve()}")
+    config = dataclasses.replace(
+        config,
+        device=args.device or config.device,
+        storage=args.storage or f"sqlite:///{(out / 'studies.db').resolve()}",
+    )
     t0 = time.perf_counter()
     worker = Worker.from_config(config, progress=False)
     table, total = worker.table, worker.model_params
     dense_proj = sum(p.dense_params for p in table.values())
-    print(f"{config.model}: {total} parameters, {len(table)} projections, method {config.method}, "
-          f"tasks {', '.join(config.evaluation.tasks)} (limit {config.evaluation.limit}), device {config.device}")
+    print(
+        f"{config.model}: {total} parameters, {len(table)} projections, method {config.method}, "
+        f"tasks {', '.join(config.evaluation.tasks)} (limit {config.evaluation.limit}), device {config.device}"
+    )
 
     # 1. characterization
     start = time.perf_counter()
-    frame = run_characterization(config, out, rank=1, kinds=list(PROBE_KINDS), ks=args.ks, modules_by_perplexity=True,
-                                 worker=worker, progress=False)
+    frame = run_characterization(
+        config,
+        out,
+        rank=1,
+        kinds=list(PROBE_KINDS),
+        ks=args.ks,
+        modules_by_perplexity=True,
+        worker=worker,
+        progress=False,
+    )
     base = frame[frame["kind"] == "dense"].iloc[0]
-    print(f"characterization: {len(frame)} rows in {time.perf_counter() - start:.0f} s; dense accuracy "
-          f"{base['accuracy']:.4f}, perplexity {base['perplexity']:.2f}")
+    print(
+        f"characterization: {len(frame)} rows in {time.perf_counter() - start:.0f} s; dense accuracy "
+        f"{base['accuracy']:.4f}, perplexity {base['perplexity']:.2f}"
+    )
 
     # 3. the searches
     start = time.perf_counter()
-    tpe = run_study(dataclasses.replace(config, name="search-tpe", n_trials=args.trials), worker=worker,
-                    progress=False)
+    tpe = run_study(dataclasses.replace(config, name="search-tpe", n_trials=args.trials), worker=worker, progress=False)
     tpe_s = time.perf_counter() - start
     start = time.perf_counter()
-    rnd = run_study(dataclasses.replace(config, name="search-random", sampler=SamplerConfig("random"), n_trials=args.random_trials),
-                    worker=worker, progress=False)
+    rnd = run_study(
+        dataclasses.replace(config, name="search-random", sampler=SamplerConfig("random"), n_trials=args.random_trials),
+        worker=worker,
+        progress=False,
+    )
     rnd_s = time.perf_counter() - start
     fixed, fixed_s, fixed_worker = _fixed_size_searches(args, out, config.storage)
 
@@ -150,27 +187,61 @@ def main(argv=None) -> None:
         n_layers = max(1, round(target * total / (dense_proj / count_layers(table))))
         plans = {
             "uniform": uniform_plan(table, ratio=target * total / dense_proj, method=config.method),
-            "sensitivity": sensitivity_plan(frame, table, target, model_params=total, rank=1, method=config.method,
-                                            metric="log_perplexity_ratio"),
+            "sensitivity": sensitivity_plan(
+                frame, table, target, model_params=total, rank=1, method=config.method, metric="log_perplexity_ratio"
+            ),
             f"layers ({n_layers} at rank 1)": parse_baseline({"layers": n_layers, "rank": 1}, "layers").plan(
-                table, config.method),
+                table, config.method
+            ),
         }
         for name, plan in plans.items():
             m = worker.measure(plan)
-            rows.append({"target": target, "plan": name, "params_ratio": m["params_ratio"],
-                         "accuracy": m["accuracy"], "perplexity": m["perplexity"], "trial": None,
-                         "detail": describe(plan, table), "ranks": json.dumps(plan.to_dict())})
-        found = [("free-rank TPE", searched(tpe, 1 - target)), ("free-rank random", searched(rnd, 1 - target)),
-                 ("fixed-size search", fixed[target].best_trial)]
+            rows.append(
+                {
+                    "target": target,
+                    "plan": name,
+                    "params_ratio": m["params_ratio"],
+                    "accuracy": m["accuracy"],
+                    "perplexity": m["perplexity"],
+                    "trial": None,
+                    "detail": describe(plan, table),
+                    "ranks": json.dumps(plan.to_dict()),
+                }
+            )
+        found = [
+            ("free-rank TPE", searched(tpe, 1 - target)),
+            ("free-rank random", searched(rnd, 1 - target)),
+            ("fixed-size search", fixed[target].best_trial),
+        ]
         for name, best in found:
             if best is not None:
                 a = TrialRecord.of(best)
-                rows.append({"target": target, "plan": name, "params_ratio": a["params_ratio"],
-                             "accuracy": a["accuracy"], "perplexity": a["perplexity"], "trial": best.number,
-                             "detail": describe(Plan.from_dict(a.plan), table), "ranks": json.dumps(a.plan)})
+                rows.append(
+                    {
+                        "target": target,
+                        "plan": name,
+                        "params_ratio": a["params_ratio"],
+                        "accuracy": a["accuracy"],
+                        "perplexity": a["perplexity"],
+                        "trial": best.number,
+                        "detail": describe(Plan.from_dict(a.plan), table),
+                        "ranks": json.dumps(a.plan),
+                    }
+                )
     dense = Plan({}, config.method)
-    rows.insert(0, {"target": 0.0, "plan": "undecomposed", "params_ratio": 1.0, "accuracy": base["accuracy"],
-                    "perplexity": base["perplexity"], "trial": None, "detail": "", "ranks": json.dumps(dense.to_dict())})
+    rows.insert(
+        0,
+        {
+            "target": 0.0,
+            "plan": "undecomposed",
+            "params_ratio": 1.0,
+            "accuracy": base["accuracy"],
+            "perplexity": base["perplexity"],
+            "trial": None,
+            "detail": "",
+            "ranks": json.dumps(dense.to_dict()),
+        },
+    )
     results = pd.DataFrame(rows)
     start = time.perf_counter()
     results = _confirm(results, worker, fixed_worker.calibration, args, out)
@@ -180,24 +251,34 @@ def main(argv=None) -> None:
     hv_tpe = hypervolume_history(tpe)["hypervolume"]
     hv_rnd = hypervolume_history(rnd)["hypervolume"]
     n = min(100, len(hv_rnd))
-    print(f"\nfree-rank search: TPE {len(tpe.trials)} trials in {tpe_s / 60:.1f} min, random {len(rnd.trials)} in "
-          f"{rnd_s / 60:.1f} min; fixed-size search: {sum(len(f.trials) for f in fixed.values())} trials at "
-          f"{len(fixed)} sizes in {fixed_s / 60:.1f} min")
-    print(f"hypervolume: TPE after {len(hv_tpe)} trials {hv_tpe.iloc[-1]:.4f}; random after {n} "
-          f"{hv_rnd.iloc[n - 1]:.4f}, after {len(hv_rnd)} {hv_rnd.iloc[-1]:.4f}")
+    print(
+        f"\nfree-rank search: TPE {len(tpe.trials)} trials in {tpe_s / 60:.1f} min, random {len(rnd.trials)} in "
+        f"{rnd_s / 60:.1f} min; fixed-size search: {sum(len(f.trials) for f in fixed.values())} trials at "
+        f"{len(fixed)} sizes in {fixed_s / 60:.1f} min"
+    )
+    print(
+        f"hypervolume: TPE after {len(hv_tpe)} trials {hv_tpe.iloc[-1]:.4f}; random after {n} "
+        f"{hv_rnd.iloc[n - 1]:.4f}, after {len(hv_rnd)} {hv_rnd.iloc[-1]:.4f}"
+    )
     for name, study in (("TPE", tpe), ("random", rnd)):
         share, pruned, trials = time_saved(study)
         print(f"multi-fidelity ({name}): {pruned} of {trials} trials pruned, {share:.1%} of evaluation time saved")
-    print(f"confirmation on {len(args.confirm_tasks)} tasks (limit {args.confirm_limit}) and held-out "
-          f"WikiText-2 pages {args.confirm_pages[0]}-{args.confirm_pages[1] - 1}: {confirm_s / 60:.1f} min")
-    print("\n| target | plan | params kept | search: accuracy | search: PPL | confirmation: accuracy | "
-          "held-out PPL | layers decomposed (rank) |")
+    print(
+        f"confirmation on {len(args.confirm_tasks)} tasks (limit {args.confirm_limit}) and held-out "
+        f"WikiText-2 pages {args.confirm_pages[0]}-{args.confirm_pages[1] - 1}: {confirm_s / 60:.1f} min"
+    )
+    print(
+        "\n| target | plan | params kept | search: accuracy | search: PPL | confirmation: accuracy | "
+        "held-out PPL | layers decomposed (rank) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results.itertuples():
         detail = r.detail if len(r.detail) < 60 else f"{len(r.detail.split())} layers"
         confirm = "" if pd.isna(r.confirm_accuracy) else f"{r.confirm_accuracy:.4f} | {r.confirm_perplexity:.4g}"
-        print(f"| -{r.target:.0%} | {r.plan} | {r.params_ratio:.1%} | {r.accuracy:.4f} | {r.perplexity:.4g} | "
-              f"{confirm or ' | '} | {detail} |")
+        print(
+            f"| -{r.target:.0%} | {r.plan} | {r.params_ratio:.1%} | {r.accuracy:.4f} | {r.perplexity:.4g} | "
+            f"{confirm or ' | '} | {detail} |"
+        )
     _plot(tpe, rnd, results, base, out)
     _plot_plans(results[results["target"] == min(args.targets)], table, out)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
@@ -207,15 +288,17 @@ def _fixed_size_searches(args, out: Path, storage: str) -> tuple:
     """One allocation study per target size (``--budget-study`` with its budget replaced), and the
     seconds they took; the model is loaded once more, with the calibration they need."""
     config = load_study_config(args.budget_study)
-    config = dataclasses.replace(config, device=args.device or config.device, storage=storage, baselines=(),
-                                 n_trials=args.budget_trials)
+    config = dataclasses.replace(
+        config, device=args.device or config.device, storage=storage, baselines=(), n_trials=args.budget_trials
+    )
     start = time.perf_counter()
     worker = Worker.from_config(config, progress=False)
     studies = {}
     for target in args.targets:
         space = dataclasses.replace(config.space, budget=Budget(params=round(1 - target, 6)))
-        studies[target] = run_study(dataclasses.replace(config, space=space, name=f"search-size-{target:g}"),
-                                    worker=worker, progress=False)
+        studies[target] = run_study(
+            dataclasses.replace(config, space=space, name=f"search-size-{target:g}"), worker=worker, progress=False
+        )
     return studies, time.perf_counter() - start, worker
 
 
@@ -229,15 +312,25 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
     config = worker.config
     ppl = config.evaluation.perplexity
     evaluation = dataclasses.replace(
-        config.evaluation, tasks=list(args.confirm_tasks), limit=args.confirm_limit,
-        perplexity=dataclasses.replace(ppl, text=dataclasses.replace(ppl.text, rows=tuple(args.confirm_pages)),
-                                       max_tokens=4096))
+        config.evaluation,
+        tasks=list(args.confirm_tasks),
+        limit=args.confirm_limit,
+        perplexity=dataclasses.replace(
+            ppl, text=dataclasses.replace(ppl.text, rows=tuple(args.confirm_pages)), max_tokens=4096
+        ),
+    )
     spec = json.dumps([evaluation.tasks, evaluation.limit, list(args.confirm_pages)])
     path = out / "confirm.csv"
     done = {r.pop("key"): r for r in pd.read_csv(path).to_dict("records")} if path.is_file() else {}
-    confirm = Worker(dataclasses.replace(config, evaluation=evaluation), worker.model, worker.tokenizer,
-                     Evaluator(worker.model, worker.tokenizer, evaluation), cache=worker.cache,
-                     calibration=calibration, progress=False)
+    confirm = Worker(
+        dataclasses.replace(config, evaluation=evaluation),
+        worker.model,
+        worker.tokenizer,
+        Evaluator(worker.model, worker.tokenizer, evaluation),
+        cache=worker.cache,
+        calibration=calibration,
+        progress=False,
+    )
     measured = {}
     for r in results.itertuples():
         if r.plan.startswith("free-rank"):
@@ -247,8 +340,11 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
             measured[r.Index] = done[key]
             continue
         m = confirm.measure(Plan.from_dict(json.loads(r.ranks)))
-        measured[r.Index] = {"confirm_accuracy": m["accuracy"], "confirm_perplexity": m["perplexity"],
-                             **{f"confirm_{k}": v for k, v in m.items() if k.startswith("acc/")}}
+        measured[r.Index] = {
+            "confirm_accuracy": m["accuracy"],
+            "confirm_perplexity": m["perplexity"],
+            **{f"confirm_{k}": v for k, v in m.items() if k.startswith("acc/")},
+        }
         row = pd.DataFrame([{"key": key, **measured[r.Index]}])
         row.to_csv(path, mode="a", header=not path.is_file(), index=False)
     return results.join(pd.DataFrame.from_dict(measured, orient="index"))
@@ -257,26 +353,46 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
 def _plot(tpe, rnd, results, base, out: Path) -> None:
     from matplotlib.figure import Figure
 
-    from dse.results.plots import save_figure
     from dse.results.front import front_trials
+    from dse.results.plots import save_figure
 
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     axes = fig.subplots(1, 2)
     markers = {"uniform": "s", "sensitivity": "^", "fixed-size search": "*"}
     simple = results[~results["plan"].str.startswith("free-rank") & (results["plan"] != "undecomposed")]
-    for ax, metric, label in ((axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
-                              (axes[1], "perplexity", "WikiText-2 perplexity (log scale)")):
+    for ax, metric, label in (
+        (axes[0], "accuracy", "mean accuracy (piqa, arc_easy)"),
+        (axes[1], "perplexity", "WikiText-2 perplexity (log scale)"),
+    ):
         for study, color, name in ((rnd, "0.6", "free-rank random"), (tpe, "C0", "free-rank TPE")):
             done = [TrialRecord.of(t) for t in study.trials if t.state == TrialState.COMPLETE]
-            ax.plot([100 * r["params_ratio"] for r in done], [r[metric] for r in done], ".",
-                    color=color, alpha=0.5, label=f"{name} trials ({len(done)} complete)")
+            ax.plot(
+                [100 * r["params_ratio"] for r in done],
+                [r[metric] for r in done],
+                ".",
+                color=color,
+                alpha=0.5,
+                label=f"{name} trials ({len(done)} complete)",
+            )
             if metric == "accuracy":
                 front = sorted((TrialRecord.of(t) for t in front_trials(study)), key=lambda r: r["params_ratio"])
-                ax.plot([100 * r["params_ratio"] for r in front],
-                        [r["accuracy"] for r in front], "-", color=color, lw=2, label=f"{name} front")
+                ax.plot(
+                    [100 * r["params_ratio"] for r in front],
+                    [r["accuracy"] for r in front],
+                    "-",
+                    color=color,
+                    lw=2,
+                    label=f"{name} front",
+                )
         for i, (name, rows) in enumerate(simple.groupby("plan", sort=False)):
-            ax.plot(100 * rows["params_ratio"], rows[metric], markers.get(name, "D"), color=f"C{i + 1}",
-                    ms=12 if name == "fixed-size search" else 8, label=name)
+            ax.plot(
+                100 * rows["params_ratio"],
+                rows[metric],
+                markers.get(name, "D"),
+                color=f"C{i + 1}",
+                ms=12 if name == "fixed-size search" else 8,
+                label=name,
+            )
         ax.axhline(base[metric], color="k", ls="--", lw=1, label="undecomposed")
         ax.set_xlabel("parameters kept (% of the undecomposed model)")
         ax.set_ylabel(label)
@@ -294,8 +410,12 @@ def _plot_plans(rows: pd.DataFrame, table, out: Path) -> None:
     from dse.results.plots import plot_plans, save_figure
 
     shown = rows[(rows["plan"] != "uniform") & ~rows["plan"].str.startswith("free-rank")]
-    titled = {f"{r.plan}: {r.params_ratio:.1%} kept\naccuracy {r.accuracy:.4f}, PPL {r.perplexity:.4g}":
-              Plan.from_dict(json.loads(r.ranks)) for r in shown.itertuples()}
+    titled = {
+        f"{r.plan}: {r.params_ratio:.1%} kept\naccuracy {r.accuracy:.4f}, PPL {r.perplexity:.4g}": Plan.from_dict(
+            json.loads(r.ranks)
+        )
+        for r in shown.itertuples()
+    }
     save_figure(plot_plans(titled, table)[0].figure, out / "plans-smallest", dpi=110)
 
 

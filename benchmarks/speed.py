@@ -68,8 +68,12 @@ def measured_step_ms(model, prompt: int = 128, steps: int = 8, repeats: int = 5)
 def searched(worker, config, name: str, budget: Budget, trials: int, storage: str) -> Plan:
     """The best plan of an allocation study of ``config``'s space under ``budget``."""
     space = dataclasses.replace(config.space, budget=budget)
-    study = run_study(dataclasses.replace(config, name=name, space=space, baselines=(), n_trials=trials),
-                      storage=storage, worker=worker, progress=False)
+    study = run_study(
+        dataclasses.replace(config, name=name, space=space, baselines=(), n_trials=trials),
+        storage=storage,
+        worker=worker,
+        progress=False,
+    )
     return Plan.from_dict(TrialRecord.of(study.best_trial).plan)
 
 
@@ -84,23 +88,34 @@ def searched_plans(args, worker, config, lt, storage: str) -> dict:
     table, out = worker.table, Path(args.out)
     plans = {"dense": Plan({}, config.method)}
     for target in args.targets:
-        plans[f"params -{target:.0%}"] = searched(worker, config, f"speed-params-{target:g}",
-                                                  Budget(params=round(1 - target, 6)), args.trials, storage)
+        plans[f"params -{target:.0%}"] = searched(
+            worker, config, f"speed-params-{target:g}", Budget(params=round(1 - target, 6)), args.trials, storage
+        )
     middle = f"params -{args.targets[len(args.targets) // 2]:.0%}"
     aligned = lt.faster_plan(plans[middle], table, align=True)
     plans[f"{middle} aligned"] = aligned
     plans[f"{middle} one off"] = aligned.with_ranks({n: max(1, r - 1) for n, r in aligned.ranks.items()})
     dense_ms = lt.predict(plans["dense"], table)["predicted_decode_ms"]
     share = lt.predict(plans[middle], table)["predicted_decode_ms"] / dense_ms
-    plans[f"latency {share:.3f}"] = searched(worker, config, f"speed-latency-{share:.4f}",
-                                             Budget(latency=round(share, 4)), args.trials, storage)
+    plans[f"latency {share:.3f}"] = searched(
+        worker, config, f"speed-latency-{share:.4f}", Budget(latency=round(share, 4)), args.trials, storage
+    )
     for name, plan in plans.items():
         plan.save(out / "plans" / f"{file_stem(name)}.json")
     return plans
 
 
-SPEED_KEYS = ("weight_bytes", "decode_tokens_per_s", "decode_batch_tokens_per_s", "prefill_tokens_per_s", "ttft_ms",
-              "host_peak_bytes", "attained_bandwidth", "device_peak_bytes", "compile_seconds")
+SPEED_KEYS = (
+    "weight_bytes",
+    "decode_tokens_per_s",
+    "decode_batch_tokens_per_s",
+    "prefill_tokens_per_s",
+    "ttft_ms",
+    "host_peak_bytes",
+    "attained_bandwidth",
+    "device_peak_bytes",
+    "compile_seconds",
+)
 
 
 def speed_rows(folders: dict, rounds: int, device: str, dtype: str, out: Path, modes: dict) -> pd.DataFrame:
@@ -111,8 +126,24 @@ def speed_rows(folders: dict, rounds: int, device: str, dtype: str, out: Path, m
         for name, folder in folders.items():
             for prefix, extra in modes.items():
                 path = out / f"speed-{name}-{r}.json"
-                subprocess.run([sys.executable, "-m", "dse.cli", "speed", str(folder), "--device", device,
-                                "--dtype", dtype, *extra, "--json", str(path)], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dse.cli",
+                        "speed",
+                        str(folder),
+                        "--device",
+                        device,
+                        "--dtype",
+                        dtype,
+                        *extra,
+                        "--json",
+                        str(path),
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 runs[prefix, name].append(json.loads(path.read_text())[0])
                 path.unlink()
     rows = {name: {"plan": name} for name in folders}
@@ -142,16 +173,23 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="dse-speed-"))
     storage = f"sqlite:///{out / 'studies.db'}"
 
-    config = dataclasses.replace(load_study_config(args.study), device=args.device, dtype=args.dtype,
-                                 latency_table=TableSpec(path=str(out / "latency.json")))  # trials predict latency
+    config = dataclasses.replace(
+        load_study_config(args.study),
+        device=args.device,
+        dtype=args.dtype,
+        latency_table=TableSpec(path=str(out / "latency.json")),
+    )  # trials predict latency
     worker = Worker.from_config(config, progress=False)
     model, table = worker.model, worker.table
     bandwidth = copy_bandwidth(input_device(model))
     measure_table(model, table, Workload()).save(out / "latency.json")
     lt = worker.latency()
-    print(f"{config.model} on {lt.environment['device']}, {lt.environment['dtype']}, {lt.environment['threads']} "
-          f"threads; copy bandwidth {bandwidth / 1e9:.2f} GB/s; latency table of {len(lt.shapes)} shapes built in "
-          f"{lt.seconds:.1f} s", flush=True)
+    print(
+        f"{config.model} on {lt.environment['device']}, {lt.environment['dtype']}, {lt.environment['threads']} "
+        f"threads; copy bandwidth {bandwidth / 1e9:.2f} GB/s; latency table of {len(lt.shapes)} shapes built in "
+        f"{lt.seconds:.1f} s",
+        flush=True,
+    )
 
     # 2. the plans
     if args.reuse_plans:
@@ -163,48 +201,70 @@ def main(argv=None) -> None:
         plans = searched_plans(args, worker, config, lt, storage)
 
     # 3. quality and speed of every plan
-    windows = {"P1": p1_windows(worker.tokenizer, args.benchmarks_dir),
-               "held-out": p1_windows(worker.tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES)}
+    windows = {
+        "P1": p1_windows(worker.tokenizer, args.benchmarks_dir),
+        "held-out": p1_windows(worker.tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES),
+    }
     quality, folders = [], {}
     fingerprint = model_fingerprint(model, table)
     for name, plan in plans.items():
-        row = {"plan": name, "params_ratio": plan_size(model, plan, table).params_ratio, "decomposed": len(plan),
-               "predicted_decode_ms": lt.predict(plan, table)["predicted_decode_ms"]}
+        row = {
+            "plan": name,
+            "params_ratio": plan_size(model, plan, table).params_ratio,
+            "decomposed": len(plan),
+            "predicted_decode_ms": lt.predict(plan, table)["predicted_decode_ms"],
+        }
         with decomposed(model, plan, cache=worker.cache, calibration=worker.calibration, table=table):
             row.update({f"ppl {k}": perplexity(model, w) for k, w in windows.items()})
         quality.append(row)
         rank_config = RankConfig(config.model, fingerprint, args.dtype, plan, calibration=config.calibration.to_dict())
-        folders[name] = apply_config(rank_config, work / file_stem(name), model=model,
-                                     tokenizer=worker.tokenizer, cache=worker.cache, calibration=worker.calibration)
+        folders[name] = apply_config(
+            rank_config,
+            work / file_stem(name),
+            model=model,
+            tokenizer=worker.tokenizer,
+            cache=worker.cache,
+            calibration=worker.calibration,
+        )
     del worker, model
     modes = {"": [], **({"compiled ": ["--compile"]} if args.compile else {})}
-    frame = pd.DataFrame(quality).merge(speed_rows(folders, args.rounds, args.device, args.dtype, work, modes),
-                                        on="plan")
+    frame = pd.DataFrame(quality).merge(
+        speed_rows(folders, args.rounds, args.device, args.dtype, work, modes), on="plan"
+    )
     dense = frame.iloc[0]
     frame["bytes ratio"] = dense["weight_bytes"] / frame["weight_bytes"]
     for prefix in modes:
-        frame[prefix + "decode speed-up"] = frame[prefix + "decode_tokens_per_s"] / dense[prefix + "decode_tokens_per_s"]
+        frame[prefix + "decode speed-up"] = (
+            frame[prefix + "decode_tokens_per_s"] / dense[prefix + "decode_tokens_per_s"]
+        )
         frame[prefix + "speed-up / bytes ratio"] = frame[prefix + "decode speed-up"] / frame["bytes ratio"]
         frame[prefix + "bandwidth share"] = frame[prefix + "attained_bandwidth"] / bandwidth
     frame.to_csv(out / "results.csv", index=False)
-    print(f"\n| plan | params | weight MB | decode tok/s b1 | b8 | prefill tok/s | TTFT ms | peak MB | PPL P1 | "
-          f"held-out | speed-up | bytes ratio | speed-up/bytes | GB/s (share) |")
+    print(
+        "\n| plan | params | weight MB | decode tok/s b1 | b8 | prefill tok/s | TTFT ms | peak MB | PPL P1 | "
+        "held-out | speed-up | bytes ratio | speed-up/bytes | GB/s (share) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for _, r in frame.iterrows():
-        print(f"| {r['plan']} | {r['params_ratio']:.3f} | {r['weight_bytes'] / 1e6:.1f} | {r['decode_tokens_per_s']:.2f} | "
-              f"{r['decode_batch_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['ttft_ms']:.0f} | "
-              f"{r['host_peak_bytes'] / 1e6:.0f} | {r['ppl P1']:.2f} | {r['ppl held-out']:.2f} | "
-              f"{r['decode speed-up']:.3f} | {r['bytes ratio']:.3f} | {r['speed-up / bytes ratio']:.3f} | "
-              f"{r['attained_bandwidth'] / 1e9:.2f} ({r['bandwidth share']:.0%}) |")
+        print(
+            f"| {r['plan']} | {r['params_ratio']:.3f} | {r['weight_bytes'] / 1e6:.1f} | "
+            f"{r['decode_tokens_per_s']:.2f} | "
+            f"{r['decode_batch_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {r['ttft_ms']:.0f} | "
+            f"{r['host_peak_bytes'] / 1e6:.0f} | {r['ppl P1']:.2f} | {r['ppl held-out']:.2f} | "
+            f"{r['decode speed-up']:.3f} | {r['bytes ratio']:.3f} | {r['speed-up / bytes ratio']:.3f} | "
+            f"{r['attained_bandwidth'] / 1e9:.2f} ({r['bandwidth share']:.0%}) |"
+        )
     if args.compile:
         print("\ndecode compiled over a static cache (dse speed --compile):\n")
         print("| plan | bytes ratio | decode tok/s b1 | b8 | compile s | speed-up | speed-up/bytes | GB/s (share) |")
         print("|---|---|---|---|---|---|---|---|")
         for _, r in frame.iterrows():
-            print(f"| {r['plan']} | {r['bytes ratio']:.3f} | {r['compiled decode_tokens_per_s']:.2f} | "
-                  f"{r['compiled decode_batch_tokens_per_s']:.1f} | {r['compiled compile_seconds']:.0f} | "
-                  f"{r['compiled decode speed-up']:.3f} | {r['compiled speed-up / bytes ratio']:.3f} | "
-                  f"{r['compiled attained_bandwidth'] / 1e9:.2f} ({r['compiled bandwidth share']:.0%}) |")
+            print(
+                f"| {r['plan']} | {r['bytes ratio']:.3f} | {r['compiled decode_tokens_per_s']:.2f} | "
+                f"{r['compiled decode_batch_tokens_per_s']:.1f} | {r['compiled compile_seconds']:.0f} | "
+                f"{r['compiled decode speed-up']:.3f} | {r['compiled speed-up / bytes ratio']:.3f} | "
+                f"{r['compiled attained_bandwidth'] / 1e9:.2f} ({r['compiled bandwidth share']:.0%}) |"
+            )
     predicted_vs_measured(args, config, out)
 
 
@@ -226,12 +286,21 @@ def predicted_vs_measured(args, config, out: Path) -> None:
     rows = []
     for name, plan in plans.items():
         predicted = lt.predict(plan, table)["predicted_decode_ms"]
-        rows.append({"plan": name, "predicted_ms": predicted, "measured_ms": min(measured[name]),
-                     "spread": max(measured[name]) / min(measured[name]), "error": predicted / min(measured[name]) - 1})
+        rows.append(
+            {
+                "plan": name,
+                "predicted_ms": predicted,
+                "measured_ms": min(measured[name]),
+                "spread": max(measured[name]) / min(measured[name]),
+                "error": predicted / min(measured[name]) - 1,
+            }
+        )
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "predicted.csv", index=False)
-    print(f"\npredicted vs measured decode step, {len(frame)} plans: median absolute error "
-          f"{frame['error'].abs().median():.1%} (max {frame['error'].abs().max():.1%})")
+    print(
+        f"\npredicted vs measured decode step, {len(frame)} plans: median absolute error "
+        f"{frame['error'].abs().median():.1%} (max {frame['error'].abs().max():.1%})"
+    )
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

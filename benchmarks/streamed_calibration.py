@@ -5,7 +5,8 @@ Each variant runs in a fresh process (``--repeats`` times, medians reported): lo
 calibrate on P1's 32 windows of 256 tokens and factorize all 210 projections (streamed: inside
 the layer loop, from the float64 statistics before they are released), then measure P1
 perplexity at SVD-LLM's uniform cuts. The seconds come from one more process that runs both
-variants alternately (the same machine load for both; shared machines vary 2-5x). Printed: the memory the statistics hold at their peak
+variants alternately (the same machine load for both; shared machines vary 2-5x). Printed: the
+memory the statistics hold at their peak
 (counted from the live tensors, the model not counted; streamed: one layer's statistics and two
 copies of its cached inputs), the process's peak resident memory (``VmHWM``: model, statistics,
 factor cache, everything) and its rise over the loaded model, the statistics on disk (before:
@@ -49,8 +50,13 @@ def _calibrate_and_factorize(model, tokenizer, table, method, spec):
 
     cache = FactorCache()
     if spec.streamed:
-        calibration = calibrate(model, tokenizer, spec, progress=False, on_layer=lambda names, cal: factor_forms(
-            model, names, method, cache=cache, calibration=cal))
+        calibration = calibrate(
+            model,
+            tokenizer,
+            spec,
+            progress=False,
+            on_layer=lambda names, cal: factor_forms(model, names, method, cache=cache, calibration=cal),
+        )
     else:
         calibration = calibrate(model, tokenizer, spec, progress=False)
         factor_forms(model, table, method, cache=cache, calibration=calibration)
@@ -68,8 +74,9 @@ def timings(repeats: int, benchmarks_dir: str) -> dict:
     for _ in range(repeats):
         for variant in ("at_once", "streamed"):
             start = time.perf_counter()
-            calibration, _ = _calibrate_and_factorize(model, tokenizer, table, method,
-                                                      dataclasses.replace(spec, streamed=variant == "streamed"))
+            calibration, _ = _calibrate_and_factorize(
+                model, tokenizer, table, method, dataclasses.replace(spec, streamed=variant == "streamed")
+            )
             out[variant].append(time.perf_counter() - start)
         start = time.perf_counter()  # the factors again from the float32 store, as after a restart
         factor_forms(model, table, method, cache=FactorCache(), calibration=calibration)
@@ -97,9 +104,15 @@ def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
         out["disk"] = calibration.store.nbytes()
     else:
         with tempfile.TemporaryDirectory() as tmp:  # the previous version's file: float64, one file
-            old = {"format": 1, "key": calibration.key, "aliases": calibration.aliases, "grads": {},
-                   "stats": {n: {"abs_mean": s.abs_mean, "xtx": s.xtx, "tokens": s.tokens}
-                             for n, s in calibration.stats.items()}}
+            old = {
+                "format": 1,
+                "key": calibration.key,
+                "aliases": calibration.aliases,
+                "grads": {},
+                "stats": {
+                    n: {"abs_mean": s.abs_mean, "xtx": s.xtx, "tokens": s.tokens} for n, s in calibration.stats.items()
+                },
+            }
             torch.save(old, Path(tmp) / "calibration.pt")
             out["disk"] = (Path(tmp) / "calibration.pt").stat().st_size
             out["disk_float32_store"] = calibration.save(Path(tmp) / "store").nbytes()
@@ -107,10 +120,10 @@ def measure(variant: str, ratios, benchmarks_dir: str) -> dict:
     def p1(forms_cache, cal):
         values = []
         for ratio in ratios:
-            with decomposed(model, uniform_plan(table, ratio=ratio, method=method), cache=forms_cache,
-                            calibration=cal):
+            with decomposed(model, uniform_plan(table, ratio=ratio, method=method), cache=forms_cache, calibration=cal):
                 values.append(perplexity(model, windows))
         return values
+
     out["p1"] = p1(cache, calibration)
     if spec.streamed:  # factors computed again from the float32 statistics on disk
         out["p1_from_store"] = p1(FactorCache(), calibration)
@@ -133,25 +146,37 @@ def main(argv=None) -> None:
     runs = {v: [] for v in ("at_once", "streamed")}
     for _ in range(args.repeats):  # alternate, so that machine load falls on both alike
         for variant in runs:
-            runs[variant].append(child(__file__, variant, "--ratios", *map(str, args.ratios),
-                                       "--benchmarks-dir", args.benchmarks_dir))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("stats_peak", "process_peak", "process_rise", "disk")}
-           for v, rs in runs.items()}
+            runs[variant].append(
+                child(__file__, variant, "--ratios", *map(str, args.ratios), "--benchmarks-dir", args.benchmarks_dir)
+            )
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("stats_peak", "process_peak", "process_rise", "disk")}
+        for v, rs in runs.items()
+    }
     seconds = child(__file__, "timings", "--repeats", str(args.repeats), "--benchmarks-dir", args.benchmarks_dir)
     for variant in runs:
         med[variant]["seconds"] = statistics.median(seconds[variant])
     before, after = med["at_once"], med["streamed"]
-    print(f"SmolLM2-135M, P1 calibration (32 x 256 tokens), svdllm; memory: medians of {args.repeats} fresh "
-          f"processes each; seconds: median of {args.repeats} alternating runs in one process\n")
+    print(
+        f"SmolLM2-135M, P1 calibration (32 x 256 tokens), svdllm; memory: medians of {args.repeats} fresh "
+        f"processes each; seconds: median of {args.repeats} alternating runs in one process\n"
+    )
     print("| | at once (before) | streamed (after) | after / before |")
     print("|---|---|---|---|")
-    for key, label in (("stats_peak", "statistics peak in memory (model not counted)"),
-                       ("process_peak", "process peak resident memory"), ("process_rise", "process peak over the loaded model"),
-                       ("disk", "statistics on disk"), ("seconds", "calibration + factorization of 210 (s)")):
+    for key, label in (
+        ("stats_peak", "statistics peak in memory (model not counted)"),
+        ("process_peak", "process peak resident memory"),
+        ("process_rise", "process peak over the loaded model"),
+        ("disk", "statistics on disk"),
+        ("seconds", "calibration + factorization of 210 (s)"),
+    ):
         show = (lambda v: f"{v:.1f}") if key == "seconds" else mb
         print(f"| {label} | {show(before[key])} | {show(after[key])} | {after[key] / before[key]:.3f} |")
-    print("\nseconds, every run: " + "; ".join(f"{v}: {', '.join(f'{x:.1f}' for x in xs)}" for v, xs in seconds.items())
-          + " (from_store: factorizing all 210 again from the float32 statistics, without calibrating)")
+    print(
+        "\nseconds, every run: "
+        + "; ".join(f"{v}: {', '.join(f'{x:.1f}' for x in xs)}" for v, xs in seconds.items())
+        + " (from_store: factorizing all 210 again from the float32 statistics, without calibrating)"
+    )
     print(f"\nbefore, stored as the float32 store instead: {mb(runs['at_once'][0]['disk_float32_store'])}")
     print("\nP1 perplexity, uniform svdllm (reference: before this change, README)")
     print("| R | reference | at once | streamed | streamed, factors from the float32 store | worst difference |")
@@ -161,8 +186,11 @@ def main(argv=None) -> None:
         values = [first["p1"][i], second["p1"][i], second["p1_from_store"][i]]
         ref = REFERENCE.get(ratio, first["p1"][i])
         worst = max(abs(v / ref - 1) for v in values)
-        print(f"| {ratio:g} | {REFERENCE.get(ratio, '-')} | " + " | ".join(f"{v:.2f}" for v in values)
-              + f" | {100 * worst:.3f} % |")
+        print(
+            f"| {ratio:g} | {REFERENCE.get(ratio, '-')} | "
+            + " | ".join(f"{v:.2f}" for v in values)
+            + f" | {100 * worst:.3f} % |"
+        )
 
 
 if __name__ == "__main__":

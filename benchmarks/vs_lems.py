@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dse.decompose import FactorCache, calibrate, decompose_, factor_forms, make_config, restore_, uniform_plan
+from dse.decompose import FactorCache, calibrate, decomposed, factor_forms, make_config, uniform_plan
 from dse.evaluate import perplexity
 from dse.model import find_projections, load_model
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
@@ -40,20 +40,28 @@ def main(argv=None) -> None:
 
     model, tokenizer = load_model("smollm2-135m")
     table = find_projections(model)
-    windows = {"P1": p1_windows(tokenizer, args.benchmarks_dir),
-               "held-out": p1_windows(tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES)}
+    windows = {
+        "P1": p1_windows(tokenizer, args.benchmarks_dir),
+        "held-out": p1_windows(tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES),
+    }
     base = {k: perplexity(model, w) for k, w in windows.items()}
     spec = dataclasses.replace(p1_calibration(args.benchmarks_dir), n_samples=args.samples)
     start = time.perf_counter()
     calibration = calibrate(model, tokenizer, spec, grad_moments=True, progress=False)
     calib_s = time.perf_counter() - start
-    print(f"SmolLM2-135M, {len(table)} projections, torch threads {torch.get_num_threads()}; dense perplexity "
-          f"P1 {base['P1']:.2f}, held-out {base['held-out']:.2f}")
-    print(f"calibration with output-gradient moments: {spec.n_samples} windows of {spec.seq_len} tokens, "
-          f"{calib_s:.1f} s\n")
+    print(
+        f"SmolLM2-135M, {len(table)} projections, torch threads {torch.get_num_threads()}; dense perplexity "
+        f"P1 {base['P1']:.2f}, held-out {base['held-out']:.2f}"
+    )
+    print(
+        f"calibration with output-gradient moments: {spec.n_samples} windows of {spec.seq_len} tokens, "
+        f"{calib_s:.1f} s\n"
+    )
 
-    methods = {"svdllm": make_config("svdllm", {"jitter": 1e-3}),
-               "twosided": make_config("twosided", {"jitter": args.jitter})}
+    methods = {
+        "svdllm": make_config("svdllm", {"jitter": 1e-3}),
+        "twosided": make_config("twosided", {"jitter": args.jitter}),
+    }
     results = {}
     for name, config in methods.items():
         cache = FactorCache()
@@ -61,21 +69,27 @@ def main(argv=None) -> None:
         factor_forms(model, table, config, cache=cache, calibration=calibration, table=table)
         factor_s = time.perf_counter() - start
         for ratio in args.ratios:
-            decompose_(model, uniform_plan(table, ratio=ratio, method=config), cache=cache, calibration=calibration)
-            try:
+            with decomposed(
+                model, uniform_plan(table, ratio=ratio, method=config), cache=cache, calibration=calibration
+            ):
                 results[name, ratio] = {k: perplexity(model, w) for k, w in windows.items()}
-            finally:
-                restore_(model)
-            print(f"{name} R={ratio:g}: P1 {results[name, ratio]['P1']:.2f}, held-out "
-                  f"{results[name, ratio]['held-out']:.2f} (factorization {factor_s:.1f} s)", flush=True)
+            print(
+                f"{name} R={ratio:g}: P1 {results[name, ratio]['P1']:.2f}, held-out "
+                f"{results[name, ratio]['held-out']:.2f} (factorization {factor_s:.1f} s)",
+                flush=True,
+            )
 
-    print("\n| R | KFAC-SVD uniform (its code) | svdllm uniform (docs) | dse svdllm | dse twosided | "
-          "held-out: svdllm / twosided |")
+    print(
+        "\n| R | KFAC-SVD uniform (its code) | svdllm uniform (docs) | dse svdllm | dse twosided | "
+        "held-out: svdllm / twosided |"
+    )
     print("|---|---|---|---|---|---|")
     for ratio in args.ratios:
         s, t = results["svdllm", ratio], results["twosided", ratio]
-        print(f"| {ratio:g} | {KFAC_SVD_UNIFORM.get(ratio, '')} | {SVDLLM_UNIFORM.get(ratio, '')} | {s['P1']:.2f} | "
-              f"**{t['P1']:.2f}** | {s['held-out']:.2f} / {t['held-out']:.2f} |")
+        print(
+            f"| {ratio:g} | {KFAC_SVD_UNIFORM.get(ratio, '')} | {SVDLLM_UNIFORM.get(ratio, '')} | {s['P1']:.2f} | "
+            f"**{t['P1']:.2f}** | {s['held-out']:.2f} / {t['held-out']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

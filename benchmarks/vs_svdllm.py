@@ -29,8 +29,8 @@ import torch
 from dse.decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, uniform_plan
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model, param_count
-from dse.space import Budget, parse_baseline
 from dse.results import TrialRecord
+from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 from dse.study.runner import run_study
@@ -78,9 +78,11 @@ def main(argv=None) -> None:
         factor_forms(model, table, method, cache=cache, calibration=calibration, table=table)
         runs.append((t1 - t0, time.perf_counter() - t1))
     calib_s, factor_s = min(runs, key=sum)
-    print(f"calibration {calib_s:.1f} s + {method} factorization of {len(table)} projections "
-          f"{factor_s:.1f} s = {calib_s + factor_s:.1f} s, best of {len(runs)} (all: "
-          f"{', '.join(f'{sum(r):.1f}' for r in runs)} s; target <= 25 s; SVD-LLM's code: 32 + 17 s)")
+    print(
+        f"calibration {calib_s:.1f} s + {method} factorization of {len(table)} projections "
+        f"{factor_s:.1f} s = {calib_s + factor_s:.1f} s, best of {len(runs)} (all: "
+        f"{', '.join(f'{sum(r):.1f}' for r in runs)} s; target <= 25 s; SVD-LLM's code: 32 + 17 s)"
+    )
     if not args.ratios:
         return
     t3 = time.perf_counter()
@@ -99,8 +101,13 @@ def main(argv=None) -> None:
         uniform = uniform_plan(table, ratio=ratio, method=method)
         u_p1, u_held = measured(model, uniform, cache, calibration, [p1, held])
         space = dataclasses.replace(base_config.space, budget=Budget(ratio=ratio))
-        config = dataclasses.replace(base_config, name=f"vs-svdllm-R{ratio:g}", space=space,
-                                     baselines=(parse_baseline({"ratio": ratio}, "baselines[0]"),), n_trials=args.trials)
+        config = dataclasses.replace(
+            base_config,
+            name=f"vs-svdllm-R{ratio:g}",
+            space=space,
+            baselines=(parse_baseline({"ratio": ratio}, "baselines[0]"),),
+            n_trials=args.trials,
+        )
         start = time.perf_counter()
         study = run_study(config, storage=storage, progress=False, worker=worker)
         minutes = (time.perf_counter() - start) / 60
@@ -112,34 +119,55 @@ def main(argv=None) -> None:
         flat = next(t.value for t in study.trials if TrialRecord.of(t).start == "flat")
         kept_uniform, kept_searched = uniform.kept_params(table), plan.kept_params(table)
         assert kept_searched <= kept_uniform, (kept_searched, kept_uniform)
-        rows.append({"R": ratio, "whole model removed %": 100 * (1 - (total - dense + kept_uniform) / total),
-                     "kept projection params, uniform": kept_uniform, "kept, searched": kept_searched,
-                     "SVD-LLM (reference)": SVDLLM_REFERENCE.get(ratio),
-                     "dse svdllm uniform": u_p1, "dse allocation, start": flat, "dse allocation, searched": best.value,
-                     "uniform held-out": u_held, "searched held-out": s_held,
-                     "trials": len(study.trials), "search minutes": minutes, "best trial": best.number,
-                     "decomposed modules": len(plan)})
-        print(f"R={ratio:g}: uniform {u_p1:.2f}, allocation start {flat:.2f}, searched {best.value:.2f} "
-              f"(trial {best.number} of {len(study.trials)}, {minutes:.1f} min)", flush=True)
+        rows.append(
+            {
+                "R": ratio,
+                "whole model removed %": 100 * (1 - (total - dense + kept_uniform) / total),
+                "kept projection params, uniform": kept_uniform,
+                "kept, searched": kept_searched,
+                "SVD-LLM (reference)": SVDLLM_REFERENCE.get(ratio),
+                "dse svdllm uniform": u_p1,
+                "dse allocation, start": flat,
+                "dse allocation, searched": best.value,
+                "uniform held-out": u_held,
+                "searched held-out": s_held,
+                "trials": len(study.trials),
+                "search minutes": minutes,
+                "best trial": best.number,
+                "decomposed modules": len(plan),
+            }
+        )
+        print(
+            f"R={ratio:g}: uniform {u_p1:.2f}, allocation start {flat:.2f}, searched {best.value:.2f} "
+            f"(trial {best.number} of {len(study.trials)}, {minutes:.1f} min)",
+            flush=True,
+        )
 
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "results.csv", index=False)
-    print("\n| R | whole model | SVD-LLM | dse svdllm uniform | dse allocation (start) | dse searched | "
-          "held-out: uniform / searched | trials, minutes |")
+    print(
+        "\n| R | whole model | SVD-LLM | dse svdllm uniform | dse allocation (start) | dse searched | "
+        "held-out: uniform / searched | trials, minutes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['R']:g} | -{r['whole model removed %']:.1f} % | {r['SVD-LLM (reference)']} | "
-              f"{r['dse svdllm uniform']:.2f} | {r['dse allocation, start']:.2f} | **{r['dse allocation, searched']:.2f}** | "
-              f"{r['uniform held-out']:.2f} / {r['searched held-out']:.2f} | {r['trials']}, {r['search minutes']:.1f} |")
+        print(
+            f"| {r['R']:g} | -{r['whole model removed %']:.1f} % | {r['SVD-LLM (reference)']} | "
+            f"{r['dse svdllm uniform']:.2f} | {r['dse allocation, start']:.2f} | "
+            f"**{r['dse allocation, searched']:.2f}** | "
+            f"{r['uniform held-out']:.2f} / {r['searched held-out']:.2f} | {r['trials']}, {r['search minutes']:.1f} |"
+        )
     _plot(best_plans, table, rows, out)
 
 
 def _plot(plans, table, rows, out: Path) -> None:
     from dse.results.plots import plot_plans, save_figure
 
-    titled = {f"whole model -{row['whole model removed %']:.1f} % (R={ratio:g}): PPL "
-              f"{row['dse allocation, searched']:.1f}\n(uniform {row['dse svdllm uniform']:.1f})": plan
-              for (ratio, plan), row in zip(plans.items(), rows)}
+    titled = {
+        f"whole model -{row['whole model removed %']:.1f} % (R={ratio:g}): PPL "
+        f"{row['dse allocation, searched']:.1f}\n(uniform {row['dse svdllm uniform']:.1f})": plan
+        for (ratio, plan), row in zip(plans.items(), rows)
+    }
     save_figure(plot_plans(titled, table, panel=(6.2, 10))[0].figure, out / "allocation", dpi=120)
 
 

@@ -17,10 +17,15 @@ from .core.errors import DseError
 
 # dse list KIND: the registry of each kind of plug-in, as (module, attribute)
 REGISTRIES = {
-    "methods": ("dse.decompose", "METHODS"), "families": ("dse.model", "FAMILIES"),
-    "objectives": ("dse.evaluate", "OBJECTIVES"), "task-sources": ("dse.evaluate", "TASK_SOURCES"),
-    "samplers": ("dse.study", "SAMPLERS"), "groups": ("dse.space", "GROUPS"), "starts": ("dse.space", "STARTS"),
-    "baselines": ("dse.space", "BASELINES"), "probes": ("dse.space", "PROBE_KINDS"),
+    "methods": ("dse.decompose", "METHODS"),
+    "families": ("dse.model", "FAMILIES"),
+    "objectives": ("dse.evaluate", "OBJECTIVES"),
+    "task-sources": ("dse.evaluate", "TASK_SOURCES"),
+    "samplers": ("dse.study", "SAMPLERS"),
+    "groups": ("dse.space", "GROUPS"),
+    "starts": ("dse.space", "STARTS"),
+    "baselines": ("dse.space", "BASELINES"),
+    "probes": ("dse.space", "PROBE_KINDS"),
     "formats": ("dse.results", "FORMATS"),
 }
 
@@ -61,13 +66,23 @@ def _cmd_run(args, join: bool = False) -> None:
     if getattr(args, "workers", 1) > 1:
         study = run_workers(config, args.workers, n_trials=args.n_trials, storage=args.storage, devices=args.devices)
     elif getattr(args, "devices", None):
-        raise ConfigError("--devices: pins several local workers (--workers N); one process uses the study's "
-                          "device or device_map")
+        raise ConfigError(
+            "--devices: pins several local workers (--workers N); one process uses the study's device or device_map"
+        )
     else:
-        study = run_study(config, n_trials=args.n_trials, storage=args.storage, progress=not args.quiet,
-                          join=join, wait=getattr(args, "wait", 0.0))
-    print(f"dse: study {config.name!r}: {finished_trials(study)} trials finished, stored in "
-          f"{args.storage or config.storage_url}; `dse status {args.study}` for the table", file=sys.stderr)
+        study = run_study(
+            config,
+            n_trials=args.n_trials,
+            storage=args.storage,
+            progress=not args.quiet,
+            join=join,
+            wait=getattr(args, "wait", 0.0),
+        )
+    print(
+        f"dse: study {config.name!r}: {finished_trials(study)} trials finished, stored in "
+        f"{args.storage or config.storage_url}; `dse status {args.study}` for the table",
+        file=sys.stderr,
+    )
 
 
 def _cmd_worker(args) -> None:
@@ -142,8 +157,12 @@ def _cmd_export(args) -> None:
     config = rank_config(study, trial)
     config.save(args.out)
     m = config.metrics
-    print(f"dse: trial {trial.number} ({config.plan.summary()}, params {m.get('params_ratio', float('nan')):.1%}"
-          + (f", accuracy {m['accuracy']:.4f}" if "accuracy" in m else "") + f") -> {args.out}", file=sys.stderr)
+    print(
+        f"dse: trial {trial.number} ({config.plan.summary()}, params {m.get('params_ratio', float('nan')):.1%}"
+        + (f", accuracy {m['accuracy']:.4f}" if "accuracy" in m else "")
+        + f") -> {args.out}",
+        file=sys.stderr,
+    )
 
 
 def _cmd_apply(args) -> None:
@@ -151,27 +170,38 @@ def _cmd_apply(args) -> None:
     from .results.compressed import apply_config
     from .results.rankconfig import load_config_file
 
-    out = apply_config(load_config_file(args.config), args.out, format=args.format, merge=args.merge,
-                       device=args.device,
-                       device_map=args.device_map and parse_device_map(args.device_map, "--device-map"),
-                       progress=not args.quiet)
+    out = apply_config(
+        load_config_file(args.config),
+        args.out,
+        format=args.format,
+        merge=args.merge,
+        device=args.device,
+        device_map=args.device_map and parse_device_map(args.device_map, "--device-map"),
+        progress=not args.quiet,
+    )
     print(f"dse: wrote the {'merged' if args.merge else args.format} model to {out}", file=sys.stderr)
 
 
 # dse heal's recipe options: HealConfig's fields, with their help; an option not given keeps
 # HealConfig's default (docs/heal.md lists them)
 RECIPE = {
-    "steps": (int, "optimizer steps"), "tokens": (int, "training tokens instead of --steps"),
-    "seq_len": (int, "tokens per window"), "batch": (int, "windows per step"),
-    "lr": (float, "AdamW learning rate"), "schedule": (str, "constant or cosine"),
-    "warmup": (int, "linear warmup steps"), "weight_decay": (float, "AdamW weight decay"),
+    "steps": (int, "optimizer steps"),
+    "tokens": (int, "training tokens instead of --steps"),
+    "seq_len": (int, "tokens per window"),
+    "batch": (int, "windows per step"),
+    "lr": (float, "AdamW learning rate"),
+    "schedule": (str, "constant or cosine"),
+    "warmup": (int, "linear warmup steps"),
+    "weight_decay": (float, "AdamW weight decay"),
     "grad_clip": (float, "gradient norm clip, 0 for none"),
     "train": (str, "factors (the factors themselves) or lora (adapters merged into the factors)"),
     "loss": (str, "lm (next-token cross-entropy) or distill (KL to the dense model's logits)"),
     "freeze": (str, "none or sequential (one factor of every module at a time)"),
     "switch_every": (int, "steps per phase of --freeze sequential"),
-    "lora_rank": (int, "LoRA rank"), "lora_alpha": (float, "LoRA alpha"),
-    "seed": (int, "the data order's seed")}
+    "lora_rank": (int, "LoRA rank"),
+    "lora_alpha": (float, "LoRA alpha"),
+    "seed": (int, "the data order's seed"),
+}
 
 
 def _rows(value: str, where: str):
@@ -184,31 +214,45 @@ def _rows(value: str, where: str):
 
 
 def _cmd_heal(args) -> None:
+    from transformers.utils import logging
+
     from .decompose import HealConfig
     from .evaluate import PerplexityConfig
     from .model import TextSource
     from .results.heal import heal_compressed
-    from transformers.utils import logging
 
     recipe = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
     flags = {name: True for name in ("norms", "recompute") if getattr(args, name)}
     config = HealConfig.from_dict({**recipe, **flags})
-    text = TextSource.from_dict({"path": args.text, "field": args.field,
-                                 **({"rows": _rows(args.rows, "--rows")} if args.rows else {})}, "heal.text")
+    text = TextSource.from_dict(
+        {"path": args.text, "field": args.field, **({"rows": _rows(args.rows, "--rows")} if args.rows else {})},
+        "heal.text",
+    )
     eval_path = args.eval_text or (args.text if args.eval_rows else None)
     measures = {}
     for rows in args.eval_rows or ([None] if eval_path else []):
-        source = TextSource.from_dict({"path": eval_path, "field": args.field,
-                                       **({"rows": _rows(rows, "--eval-rows")} if rows else {})}, "evaluation.text")
+        source = TextSource.from_dict(
+            {"path": eval_path, "field": args.field, **({"rows": _rows(rows, "--eval-rows")} if rows else {})},
+            "evaluation.text",
+        )
         window = {k: v for k, v in (("window", args.eval_window), ("max_tokens", args.eval_tokens)) if v is not None}
         measures[f"rows {rows}" if rows else "eval"] = PerplexityConfig(source, **window)
     bars = logging.is_progress_bar_enabled()
     if args.quiet:  # transformers' bars too (loading weights), for this command
         logging.disable_progress_bar()
     try:
-        out = heal_compressed(args.source, args.out, config, text, measures=measures, format=args.format,
-                              device=args.device, checkpoint_dir=args.checkpoint_dir,
-                              checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+        out = heal_compressed(
+            args.source,
+            args.out,
+            config,
+            text,
+            measures=measures,
+            format=args.format,
+            device=args.device,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            progress=not args.quiet,
+        )
     finally:
         if bars:
             logging.enable_progress_bar()
@@ -228,10 +272,17 @@ def _cmd_speed(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = SpeedConfig(prompt=args.prompt, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
-                         warmup=args.warmup, compile=args.compile)
-    reports = speed_reports(args.target, config, against_dense=args.against == "dense", device=args.device,
-                            dtype=args.dtype)
+    config = SpeedConfig(
+        prompt=args.prompt,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        compile=args.compile,
+    )
+    reports = speed_reports(
+        args.target, config, against_dense=args.against == "dense", device=args.device, dtype=args.dtype
+    )
     print(format_reports(reports))
     for path, text in ((args.json, reports_json), (args.csv, reports_csv)):
         if path:
@@ -248,10 +299,24 @@ def _cmd_characterize(args) -> None:
 
         config = load_study_config(args.target)
     else:
-        config = model_study(args.target, tasks=args.tasks, limit=args.limit, data_dir=args.data_dir,
-                             method=args.method, device=args.device, family=args.family)
-    frame = run_characterization(config, args.out, rank=args.rank, kinds=args.kinds, ks=args.k,
-                                 modules_by_perplexity=args.modules_by_perplexity, progress=not args.quiet)
+        config = model_study(
+            args.target,
+            tasks=args.tasks,
+            limit=args.limit,
+            data_dir=args.data_dir,
+            method=args.method,
+            device=args.device,
+            family=args.family,
+        )
+    frame = run_characterization(
+        config,
+        args.out,
+        rank=args.rank,
+        kinds=args.kinds,
+        ks=args.k,
+        modules_by_perplexity=args.modules_by_perplexity,
+        progress=not args.quiet,
+    )
     print(f"dse: {len(frame)} rows in {Path(args.out) / 'characterization.csv'}, plots beside it", file=sys.stderr)
 
 
@@ -266,8 +331,12 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage")
     p.add_argument("--out", metavar="DIR", required=True)
-    p.add_argument("--x", default="params", metavar="OBJECTIVE",
-                   help="also draw the front against this measure: latency (predicted), latency_measured ...")
+    p.add_argument(
+        "--x",
+        default="params",
+        metavar="OBJECTIVE",
+        help="also draw the front against this measure: latency (predicted), latency_measured ...",
+    )
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("export", help="write the rank config of a front trial chosen by rule (JSON)")
@@ -276,29 +345,42 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="the JSON file (a folder with --front)")
     p.add_argument("--max-params", type=float, metavar="FRACTION", help="at most this fraction of the parameters")
     p.add_argument("--min-accuracy", type=float, help="at least this mean accuracy")
-    p.add_argument("--max-drop", type=float, metavar="FRACTION",
-                   help="at most this accuracy drop below the undecomposed model (0.05 = 5 points)")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="FRACTION",
+        help="at most this accuracy drop below the undecomposed model (0.05 = 5 points)",
+    )
     p.add_argument("--front", action="store_true", help="export every front config into the --out folder")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("apply", help="write the compressed model of a rank config (loads with dse.load_compressed)")
     p.add_argument("config", metavar="CONFIG_JSON")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--format", default="dse", metavar="FORMAT",
-                   help="dse (low-rank, dse.load_compressed), transformers (low-rank, loads with "
-                   "from_pretrained(..., trust_remote_code=True) without dse) or merged (`dse list formats`)")
-    p.add_argument("--merge", action="store_true",
-                   help="the same as --format merged")
+    p.add_argument(
+        "--format",
+        default="dse",
+        metavar="FORMAT",
+        help="dse (low-rank, dse.load_compressed), transformers (low-rank, loads with "
+        "from_pretrained(..., trust_remote_code=True) without dse) or merged (`dse list formats`)",
+    )
+    p.add_argument("--merge", action="store_true", help="the same as --format merged")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--device-map", metavar="auto|balanced|sequential",
-                   help="spread the model over the GPUs and offload the rest (instead of --device)")
+    p.add_argument(
+        "--device-map",
+        metavar="auto|balanced|sequential",
+        help="spread the model over the GPUs and offload the rest (instead of --device)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_apply)
 
 
 def _add_heal(sub) -> None:
-    p = sub.add_parser("heal", help="fine-tune a decomposed model briefly and write it as `dse apply` does "
-                       "(the recipe, its report and perplexity before/after in dse_compressed.json)")
+    p = sub.add_parser(
+        "heal",
+        help="fine-tune a decomposed model briefly and write it as `dse apply` does "
+        "(the recipe, its report and perplexity before/after in dse_compressed.json)",
+    )
     p.add_argument("source", metavar="CONFIG_JSON|APPLY_DIR", help="a rank config or a `dse apply` folder")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--format", default="dse", metavar="FORMAT", help="dse or transformers (as `dse apply`)")
@@ -306,15 +388,22 @@ def _add_heal(sub) -> None:
     p.add_argument("--field", default="text", help="the JSONL field holding the text (WikiText pages: page)")
     p.add_argument("--rows", metavar="FIRST:END", help="the JSONL rows to heal on (default: all)")
     p.add_argument("--eval-text", metavar="PATH", help="perplexity text before and after (default: --text)")
-    p.add_argument("--eval-rows", nargs="+", metavar="FIRST:END",
-                   help="measure perplexity on each of these row ranges (must not meet --rows)")
+    p.add_argument(
+        "--eval-rows",
+        nargs="+",
+        metavar="FIRST:END",
+        help="measure perplexity on each of these row ranges (must not meet --rows)",
+    )
     p.add_argument("--eval-window", type=int, metavar="TOKENS", help="perplexity window (default 512)")
     p.add_argument("--eval-tokens", type=int, metavar="TOKENS", help="first tokens measured (default: all; P1: 4096)")
     for name, (kind, help) in RECIPE.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help)
     p.add_argument("--norms", action="store_true", help="also train every norm")
-    p.add_argument("--recompute", action="store_true",
-                   help="keep only each layer's input for the backward pass (activation checkpointing)")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="keep only each layer's input for the backward pass (activation checkpointing)",
+    )
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where the heal checkpoints (default: OUT.checkpoint)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
     p.add_argument("--device", default="cpu")
@@ -340,19 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="finished trials to reach in total (default: the study's n_trials)")
     p.add_argument("--storage", help="storage URL (default: the study's, or a SQLite file beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes (needs a journal:/// or postgresql:// storage), each with "
-                        "its share of the cores")
-    p.add_argument("--devices", metavar="auto|cuda:0,cuda:1,...",
-                   help="with --workers: deal these GPUs out to the workers (CUDA_VISIBLE_DEVICES)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes (needs a journal:/// or postgresql:// storage), each with its share of the cores",
+    )
+    p.add_argument(
+        "--devices",
+        metavar="auto|cuda:0,cuda:1,...",
+        help="with --workers: deal these GPUs out to the workers (CUDA_VISIBLE_DEVICES)",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("worker", help="join a running study (one process; start as many as you like)")
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage", help="the study's storage URL (postgresql://..., journal:///FILE)")
     p.add_argument("--n-trials", type=int, help="stop when the study has this many finished trials")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for another process (`dse run`) to create the study")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another process (`dse run`) to create the study",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_worker)
 
@@ -368,8 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_result_verbs(sub)
     _add_heal(sub)
 
-    p = sub.add_parser("speed", help="decode and prefill speed, time to first token and peak memory of a model, "
-                       "a compressed folder or a rank config")
+    p = sub.add_parser(
+        "speed",
+        help="decode and prefill speed, time to first token and peak memory of a model, "
+        "a compressed folder or a rank config",
+    )
     p.add_argument("target", metavar="TARGET", help="a rank config JSON, a `dse apply` folder, or a model")
     p.add_argument("--against", metavar="dense", help="also measure the dense model and print the ratios")
     p.add_argument("--device", default="cpu")
@@ -380,9 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--compile", action="store_true",
-                   help="decode over a static KV cache with the step compiled once (torch.compile, gpt-fast's way); "
-                   "prefill and time to first token stay eager")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode over a static KV cache with the step compiled once (torch.compile, gpt-fast's way); "
+        "prefill and time to first token stay eager",
+    )
     p.add_argument("--json", metavar="FILE", help="write the reports as JSON")
     p.add_argument("--csv", metavar="FILE", help="write the reports as CSV")
     p.set_defaults(func=_cmd_speed)
@@ -391,8 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     kinds = list(PROBE_KINDS)
     p = sub.add_parser("characterize", help="sensitivity of each module, each layer and k-layer patterns (CSV, plots)")
-    p.add_argument("target", metavar="STUDY_YAML_or_MODEL",
-                   help="a study (its model, method, calibration and evaluation) or a model name")
+    p.add_argument(
+        "target",
+        metavar="STUDY_YAML_or_MODEL",
+        help="a study (its model, method, calibration and evaluation) or a model name",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="characterization.csv (resumed) and plots")
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--kinds", nargs="+", default=kinds, choices=kinds)
@@ -400,13 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy"], help="with a model name: lm-eval tasks")
     p.add_argument("--limit", type=int, default=100, help="with a model name: rows per task")
     p.add_argument("--data-dir", help="with a model name: local task copies (the shared benchmarks folder)")
-    p.add_argument("--method", default="svd", help="with a model name: a method without calibration "
-                   "(`dse list methods`)")
+    p.add_argument(
+        "--method", default="svd", help="with a model name: a method without calibration (`dse list methods`)"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--family", help="with a model name: its architecture family (`dse list families`; "
-                   "default: the one its layers show)")
-    p.add_argument("--modules-by-perplexity", action="store_true",
-                   help="measure single modules on the study's perplexity alone (cheaper, less noisy)")
+    p.add_argument(
+        "--family",
+        help="with a model name: its architecture family (`dse list families`; default: the one its layers show)",
+    )
+    p.add_argument(
+        "--modules-by-perplexity",
+        action="store_true",
+        help="measure single modules on the study's perplexity alone (cheaper, less noisy)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_characterize)
     return parser

@@ -15,31 +15,131 @@ BENCHMARKS = SHARED / "benchmarks"
 # the llama family, a decoder type newer than any list, fused projections, encoders with and
 # without their masked-LM head): (config class, options, model class; None = the causal LM).
 TINY = {
-    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
-    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
-    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97), None),
-    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
-                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=97), None),
-    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
-                                             num_attention_heads=4, num_key_value_heads=1, vocab_size=97,
-                                             sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-                    None),
-    "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=97, pad_token_id=0, eos_token_id=2), None),
-    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                              vocab_size=97), None),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
-                                bos_token_id=0, eos_token_id=0), None),
-    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-                              vocab_size=97, word_embed_proj_dim=32, max_position_embeddings=64), None),
-    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                num_attention_heads=4, vocab_size=97, max_position_embeddings=64), "BertModel"),
-    "bert_mlm": ("BertConfig", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, vocab_size=97, max_position_embeddings=64),
-                 "BertForMaskedLM"),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+        ),
+        None,
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+        ),
+        None,
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+        ),
+        None,
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=97,
+        ),
+        None,
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            head_dim=8,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=97,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        None,
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+            pad_token_id=0,
+            eos_token_id=2,
+        ),
+        None,
+    ),
+    "phi": (
+        "PhiConfig",
+        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=97),
+        None,
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0),
+        None,
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=97,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        ),
+        None,
+    ),
+    "bert": (
+        "BertConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=97,
+            max_position_embeddings=64,
+        ),
+        "BertModel",
+    ),
+    "bert_mlm": (
+        "BertConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=97,
+            max_position_embeddings=64,
+        ),
+        "BertForMaskedLM",
+    ),
 }
 FAMILIES = list(TINY)
 
@@ -112,10 +212,16 @@ def tiny_llama_dir(tmp_path_factory):
 
     src, kw = _source("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=len(tokenizer), max_position_embeddings=2048,
-                                      tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("tiny-llama")

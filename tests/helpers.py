@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from conftest import BENCHMARKS, make_tiny
+
 from dse.decompose import METHODS, Plan, is_decomposed
 from dse.model import find_projections
 
@@ -60,8 +60,9 @@ def calibration_for(model, method: str):
     from dse.decompose import collect_calibration
 
     try:
-        return collect_calibration(model, token_ids(batch=8, length=16, seed=1), f"random-{method}",
-                                   grad_moments=config.needs_grad_moments)
+        return collect_calibration(
+            model, token_ids(batch=8, length=16, seed=1), f"random-{method}", grad_moments=config.needs_grad_moments
+        )
     except ModelError as e:  # tests/test_twosided.py checks this error
         pytest.skip(str(e))
 
@@ -175,8 +176,8 @@ def build_study(root: Path, n_trials: int = 14):
 
     Returns ``(study, config, model)``; the model is the one the worker measured (dense again).
     """
-    from dse.study.config import load_study_config
     from dse.model import load_model
+    from dse.study.config import load_study_config
     from dse.study.runner import run_study
     from dse.study.worker import Worker
 
@@ -194,15 +195,47 @@ def write_study(tmp_path, model_dir, **overrides):
     ``overrides`` replace the defaults'."""
     space = {"name": "tiny", "model": str(model_dir), "ranks": [0.5, 0.25, 2, "dense"], "group": "layer"}
     study = {
-        "name": "tiny-study", "model": str(model_dir), "space": space,
-        "evaluation": {"tasks": ["piqa"], "limit": 4, "batch_size": 4, "data_dir": str(BENCHMARKS),
-                       "perplexity": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                               "field": "page", "rows": [0, 1]},
-                                      "window": 64, "max_tokens": 256}},
-        "objectives": ["accuracy", "params"], "sampler": "random", "n_trials": 3,
+        "name": "tiny-study",
+        "model": str(model_dir),
+        "space": space,
+        "evaluation": {
+            "tasks": ["piqa"],
+            "limit": 4,
+            "batch_size": 4,
+            "data_dir": str(BENCHMARKS),
+            "perplexity": {
+                "text": {
+                    "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                    "field": "page",
+                    "rows": [0, 1],
+                },
+                "window": 64,
+                "max_tokens": 256,
+            },
+        },
+        "objectives": ["accuracy", "params"],
+        "sampler": "random",
+        "n_trials": 3,
         "baselines": ["dense", {"uniform": 0.5}],
     }
     study.update(overrides)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
+
+
+DELETE = object()  # a value of mutated(): remove the key
+
+
+def mutated(data, path, value):
+    """A deep copy of ``data`` with ``path`` set to ``value`` (or removed)."""
+    data = yaml.safe_load(yaml.safe_dump(data))
+    *parents, last = path
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data

@@ -10,17 +10,16 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import BENCHMARKS, make_tiny
+from helpers import token_ids
 from optuna.trial import TrialState
 
-from dse.decompose import InputStats, METHODS, ProjectionStats, collect_stats, get_method, make_config, uniform_plan
+from dse.decompose import METHODS, InputStats, ProjectionStats, collect_stats, get_method, make_config, uniform_plan
 from dse.model import find_projections
+from dse.results.record import TrialRecord
 from dse.space import AllocationError, AllocationSpace, Budget, SpaceError, allocate, importance, load_space
 from dse.study.config import load_study_config
 from dse.study.runner import run_study
-from dse.results.record import TrialRecord
-
-from conftest import BENCHMARKS, make_tiny
-from helpers import token_ids
 
 SPACE = {"name": "alloc", "model_config": {"model_type": "llama"}, "budget": {"ratio": 0.3}}
 
@@ -31,8 +30,10 @@ def table():
 
 
 def kept(ranks, table):
-    return sum(p.out_features * p.in_features if n not in ranks else ranks[n] * (p.out_features + p.in_features)
-               for n, p in table.items())
+    return sum(
+        p.out_features * p.in_features if n not in ranks else ranks[n] * (p.out_features + p.in_features)
+        for n, p in table.items()
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4, 0.7])
@@ -105,8 +106,8 @@ def test_output_gradients_match_autograd():
             out.append(output)
 
         h = model.get_submodule(name).register_forward_hook(keep)
-        embeds = model.get_input_embeddings()(ids[start:start + 2]).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, labels=ids[start:start + 2]).loss.backward()
+        embeds = model.get_input_embeddings()(ids[start : start + 2]).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids[start : start + 2]).loss.backward()
         h.remove()
         ref += out[0].grad.double().pow(2).reshape(-1, out[0].shape[-1]).sum(0)
     model.zero_grad()
@@ -125,23 +126,28 @@ def test_space_round_trip_and_plans(table):
     assert set(probes) == set(names)
     assert {table[n].type for n in probes["type.k"].ranks} == {"k"}
     assert set().union(*(probes[f"layer.{k}"].ranks for k in (0, 1))) == set(table)
-    weights = space.sensitivity_params({"type.q": 2.0, "type.k": 0.5, "layer.0": 1.0, "layer.1": 1.0},
-                                       {"type.q": 100, "type.k": 100, "layer.0": 10, "layer.1": 10})
+    weights = space.sensitivity_params(
+        {"type.q": 2.0, "type.k": 0.5, "layer.0": 1.0, "layer.1": 1.0},
+        {"type.q": 100, "type.k": 100, "layer.0": 10, "layer.1": 10},
+    )
     assert weights["type.q"] == pytest.approx(2.0) and weights["type.k"] == pytest.approx(0.5)
     assert weights["layer.0"] == pytest.approx(1.0)
     with pytest.raises(SpaceError, match=r"allocation needs a one-rank method"):
         space.plan_from_params(space.flat_params(table), table, "tucker2", importances=importances, model_params=0)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: must be in \(0, 1\)"),
-    ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\}, \{params: F\} or \{latency: F\}"),
-    ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
-    ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
-    ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
-    ({"starts": ["best"]}, r"^space\.starts\[0\]: unknown start 'best'; known: flat, sensitivity"),
-    ({"types": ["qq"]}, r"^space\.types\[0\]: 'qq' is not a tensor type"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"budget": {"ratio": 1.5}}, r"^space\.budget\.ratio: must be in \(0, 1\)"),
+        ({"budget": {"size": 0.5}}, r"^space\.budget: expected \{ratio: R\}, \{params: F\} or \{latency: F\}"),
+        ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
+        ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
+        ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
+        ({"starts": ["best"]}, r"^space\.starts\[0\]: unknown start 'best'; known: flat, sensitivity"),
+        ({"types": ["qq"]}, r"^space\.types\[0\]: 'qq' is not a tensor type"),
+    ],
+)
 def test_bad_allocation_space_names_the_field(tmp_path, change, message):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({**SPACE, **change}))
@@ -161,12 +167,21 @@ def allocation_study(tiny_llama_dir, tmp_path):
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     pages = {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page"}
     study = {
-        "name": "alloc-study", "model": str(tiny_llama_dir), "method": "svdllm",
-        "space": {"name": "alloc", "model": str(tiny_llama_dir), "budget": {"ratio": 0.4},
-                  "weights": {"layer_knots": 2}},
+        "name": "alloc-study",
+        "model": str(tiny_llama_dir),
+        "method": "svdllm",
+        "space": {
+            "name": "alloc",
+            "model": str(tiny_llama_dir),
+            "budget": {"ratio": 0.4},
+            "weights": {"layer_knots": 2},
+        },
         "calibration": {"text": {**pages, "rows": [10, 12]}, "n_samples": 4, "seq_len": 32, "seed": 0},
         "evaluation": {"tasks": [], "perplexity": {"text": {**pages, "rows": [0, 1]}, "window": 64, "max_tokens": 256}},
-        "objectives": ["perplexity"], "sampler": "tpe", "n_trials": 5, "baselines": [{"ratio": 0.4}],
+        "objectives": ["perplexity"],
+        "sampler": "tpe",
+        "n_trials": 5,
+        "baselines": [{"ratio": 0.4}],
         "storage": f"sqlite:///{tmp_path / 'study.db'}",
     }
     path = tmp_path / "study.yaml"
@@ -178,8 +193,11 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
     result = run_study(allocation_study(tiny_llama_dir, tmp_path), progress=False)
     trials = result.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 5
-    assert [TrialRecord.of(t).baseline or TrialRecord.of(t).start for t in trials[:3]] == \
-        ["ratio-0.4", "flat", "sensitivity"]
+    assert [TrialRecord.of(t).baseline or TrialRecord.of(t).start for t in trials[:3]] == [
+        "ratio-0.4",
+        "flat",
+        "sensitivity",
+    ]
     uniform_params = TrialRecord.of(trials[0])["params"]
     assert all(TrialRecord.of(t)["params"] <= uniform_params for t in trials)  # every plan within the budget
     assert all(math.isfinite(t.value) for t in trials)
@@ -187,8 +205,17 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
 
     assert select_trial(result).value == min(t.value for t in trials)  # one objective: export needs no rule
     probes = result.user_attrs["sensitivity"]
-    assert set(probes) == {"type.q", "type.k", "type.v", "type.o", "type.gate", "type.up", "type.down",
-                           "layer.0", "layer.1"}
+    assert set(probes) == {
+        "type.q",
+        "type.k",
+        "type.v",
+        "type.o",
+        "type.gate",
+        "type.up",
+        "type.down",
+        "layer.0",
+        "layer.1",
+    }
     assert all(v["perplexity"] > 0 and v["params_removed"] > 0 for v in probes.values())
 
 
@@ -204,6 +231,7 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
             if len(calls) == stop_at:
                 raise RuntimeError("stopped while probing")
             return measure(self, plan, early_stop)
+
         return wrapped
 
     monkeypatch.setattr(Worker, "measure", counting(stop_at=5))
@@ -225,10 +253,20 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
 def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
     from dse.study.config import ConfigError
 
-    study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
-             "calibration": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                      "field": "page", "rows": [10, 12]}},
-             "evaluation": {"tasks": [], "latency": True}, "objectives": ["latency_measured", "params"]}
+    study = {
+        "name": "s",
+        "model": str(tiny_llama_dir),
+        "space": {**SPACE, "model": str(tiny_llama_dir)},
+        "calibration": {
+            "text": {
+                "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                "field": "page",
+                "rows": [10, 12],
+            }
+        },
+        "evaluation": {"tasks": [], "latency": True},
+        "objectives": ["latency_measured", "params"],
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=r"^space\.starts\[1\]: 'sensitivity' measures"):
@@ -238,9 +276,13 @@ def test_sensitivity_start_needs_a_quality_objective(tiny_llama_dir, tmp_path):
 def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
     from dse.study.config import ConfigError
 
-    study = {"name": "s", "model": str(tiny_llama_dir), "space": {**SPACE, "model": str(tiny_llama_dir)},
-             "evaluation": {"tasks": [], "perplexity": {"text": {"path": "x.jsonl", "field": "page"}}},
-             "objectives": ["perplexity"]}
+    study = {
+        "name": "s",
+        "model": str(tiny_llama_dir),
+        "space": {**SPACE, "model": str(tiny_llama_dir)},
+        "evaluation": {"tasks": [], "perplexity": {"text": {"path": "x.jsonl", "field": "page"}}},
+        "objectives": ["perplexity"],
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=r"^calibration: an allocation space"):
@@ -250,7 +292,9 @@ def test_allocation_space_needs_calibration(tiny_llama_dir, tmp_path):
 def test_shipped_allocation_spaces_describe_their_budget():
     from pathlib import Path
 
-    spaces = [p for p in (Path(__file__).parents[1] / "spaces").glob("*.yaml") if "budget" in yaml.safe_load(p.read_text())]
+    spaces = [
+        p for p in (Path(__file__).parents[1] / "spaces").glob("*.yaml") if "budget" in yaml.safe_load(p.read_text())
+    ]
     assert spaces
     for path in spaces:
         space = load_space(path)

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import pytest
 from conftest import FAMILIES, make_tiny
+from helpers import registered
 from torch import nn
 
 from dse.core.errors import ConfigError, ModelError
-from dse.model import (FAMILIES as REGISTERED, Family, GENERIC, family_of, find_projections, register_family,
-                       tensor_types)
-from helpers import registered
 from dse.decompose import decompose_, uniform_plan
+from dse.model import (
+    FAMILIES as REGISTERED,
+)
+from dse.model import (
+    GENERIC,
+    Family,
+    family_of,
+    find_projections,
+    register_family,
+    tensor_types,
+)
 
 # Per family: the tensor types of one layer, in canonical order.
 LLAMA = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -57,8 +66,15 @@ def test_projection_table_matches_the_modules(family):
 def test_gqa_shapes_are_read_from_the_weights():
     table = find_projections(make_tiny("llama"))  # hidden 32, 4 heads, 2 kv heads of 8
     shapes = {p.type: (p.out_features, p.in_features) for p in table.values() if p.layer == 0}
-    assert shapes == {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32),
-                      "gate": (48, 32), "up": (48, 32), "down": (32, 48)}
+    assert shapes == {
+        "q": (32, 32),
+        "k": (16, 32),
+        "v": (16, 32),
+        "o": (32, 32),
+        "gate": (48, 32),
+        "up": (48, 32),
+        "down": (32, 48),
+    }
 
 
 def test_gpt2_fused_qkv_is_transposed_conv1d():
@@ -95,8 +111,10 @@ def test_unknown_layout_is_one_line_listing_what_was_found():
     with pytest.raises(ModelError) as err:
         find_projections(model)
     message = str(err.value)
-    assert message.startswith("family: no known family (llama, phi3, phi, gpt2, opt, bert) recognises Module: "
-                              "found blocks (3 x ModuleDict) holding mix, out; ")
+    assert message.startswith(
+        "family: no known family (llama, phi3, phi, gpt2, opt, bert) recognises Module: "
+        "found blocks (3 x ModuleDict) holding mix, out; "
+    )
     assert f"set family: {GENERIC}" in message and "\n" not in message
     assert [p.type for p in find_projections(model, GENERIC).values()] == ["mix", "out"] * 3
     with pytest.raises(ModelError, match=r"^family: no known family .* the model has no nn.ModuleList of layers"):
@@ -104,7 +122,9 @@ def test_unknown_layout_is_one_line_listing_what_was_found():
 
 
 def test_unknown_family_name_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"^family: unknown family 'mamba' \(did you mean 'llama'\?\); known: ") as err:
+    with pytest.raises(
+        ConfigError, match=r"^family: unknown family 'mamba' \(did you mean 'llama'\?\); known: "
+    ) as err:
         find_projections(make_tiny("llama"), family="mamba")
     assert all(name in str(err.value) for name in list(REGISTERED) + [GENERIC])
     with pytest.raises(ConfigError, match=r"^family: unknown family 'lama' \(did you mean 'llama'\?\)"):
@@ -115,8 +135,15 @@ def test_generic_family_finds_every_linear_in_the_layers():
     model = make_tiny("llama")
     generic = find_projections(model, family=GENERIC)
     assert list(generic) == list(find_projections(model))
-    assert {p.type for p in generic.values()} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                  "gate_proj", "up_proj", "down_proj"}
+    assert {p.type for p in generic.values()} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert tensor_types(generic) == sorted(p.type for p in generic.values() if p.layer == 0)
 
 
@@ -126,9 +153,14 @@ def test_generic_family_needs_a_module_list():
 
 
 def test_family_without_its_projections_is_an_error():
-    with registered(REGISTERED, "empty", Family("empty", {"attn.nothing": "q"})), \
-            pytest.raises(ModelError, match=r"^family: empty does not fit this model \(found model.layers \(3 x "
-                                            r"LlamaDecoderLayer\) holding self_attn.q_proj, "):
+    with (
+        registered(REGISTERED, "empty", Family("empty", {"attn.nothing": "q"})),
+        pytest.raises(
+            ModelError,
+            match=r"^family: empty does not fit this model \(found model.layers \(3 x "
+            r"LlamaDecoderLayer\) holding self_attn.q_proj, ",
+        ),
+    ):
         find_projections(make_tiny("llama"), family="empty")
 
 
@@ -140,8 +172,15 @@ def test_register_family_rejects_unknown_tensor_types():
 
 def test_a_registered_family_wins_where_its_layers_hold_more_of_its_names():
     model = make_tiny("llama")
-    names = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-             "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+    names = {
+        "self_attn.q_proj": "q",
+        "self_attn.k_proj": "k",
+        "self_attn.v_proj": "v",
+        "self_attn.o_proj": "o",
+        "mlp.gate_proj": "gate",
+        "mlp.up_proj": "up",
+        "mlp.down_proj": "down",
+    }
     with registered(REGISTERED, "mine", Family("mine", {"mlp.down_proj": "down"})):
         assert family_of(model).family == "llama"  # 7 names against 1
         table = find_projections(model, family="mine")

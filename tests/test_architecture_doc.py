@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny, model_output
+
 from dse.cli import REGISTRIES, _registry
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"

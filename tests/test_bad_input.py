@@ -7,39 +7,43 @@ Inputs go through the real command line (``dse.cli.main``), as a user would give
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 import yaml
+from conftest import BENCHMARKS
+from helpers import mutated
 
 from dse.cli import main
 
-from conftest import BENCHMARKS
-
 WIKI = str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl")
-SPACE = {"name": "s", "model_config": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
-                                       "intermediate_size": 48, "num_attention_heads": 4, "vocab_size": 97},
-         "ranks": [2, "dense"], "group": "layer"}
-STUDY = {"name": "bad", "model": "smollm2-135m", "space": SPACE,
-         "evaluation": {"tasks": ["piqa"], "limit": 4, "data_dir": str(BENCHMARKS)},
-         "objectives": ["accuracy", "params"]}
+SPACE = {
+    "name": "s",
+    "model_config": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_attention_heads": 4,
+        "vocab_size": 97,
+    },
+    "ranks": [2, "dense"],
+    "group": "layer",
+}
+STUDY = {
+    "name": "bad",
+    "model": "smollm2-135m",
+    "space": SPACE,
+    "evaluation": {"tasks": ["piqa"], "limit": 4, "data_dir": str(BENCHMARKS)},
+    "objectives": ["accuracy", "params"],
+}
 
 
 def study_with(**change):
-    study = json.loads(json.dumps(STUDY))
+    study = STUDY
     for dotted, value in change.items():
-        *path, last = dotted.split("__")
-        node = study
-        for key in path:
-            node = node[key]
-        if value is DELETE:
-            del node[last]
-        else:
-            node[last] = value
+        study = mutated(study, tuple(dotted.split("__")), value)
     return study
 
-
-DELETE = object()
 
 # (name, what the file holds, extra CLI args, expected start of the message after "dse: error: ")
 STUDY_CASES = [
@@ -50,12 +54,27 @@ STUDY_CASES = [
     ("n-trials-negative", study_with(n_trials=-3), [], "n_trials: expected an integer >= 1, got -3"),
     ("seed-type", study_with(seed=1.5), [], "seed: expected an integer"),
     ("sampler", study_with(sampler="tpee"), [], "sampler: unknown sampler 'tpee' (did you mean 'tpe'?)"),
-    ("sampler-option", study_with(sampler={"name": "tpe", "n_startup": 3}), [], "sampler.n_startup: tpe has no such option"),
-    ("sampler-option-type", study_with(sampler={"name": "tpe", "n_startup_trials": "8"}), [], "sampler.n_startup_trials: expected int"),
+    (
+        "sampler-option",
+        study_with(sampler={"name": "tpe", "n_startup": 3}),
+        [],
+        "sampler.n_startup: tpe has no such option",
+    ),
+    (
+        "sampler-option-type",
+        study_with(sampler={"name": "tpe", "n_startup_trials": "8"}),
+        [],
+        "sampler.n_startup_trials: expected int",
+    ),
     ("objectives-empty", study_with(objectives=[]), [], "objectives: expected a non-empty list"),
     ("objective-unknown", study_with(objectives=["accuracy", "size"]), [], "objectives[1]: unknown objective 'size'"),
     ("objective-twice", study_with(objectives=["params", "params"]), [], "objectives[1]: 'params' is listed twice"),
-    ("ppl-objective-no-text", study_with(objectives=["perplexity", "params"]), [], "objectives[0]: 'perplexity' needs evaluation.perplexity"),
+    (
+        "ppl-objective-no-text",
+        study_with(objectives=["perplexity", "params"]),
+        [],
+        "objectives[0]: 'perplexity' needs evaluation.perplexity",
+    ),
     ("max-params", study_with(constraints={"max_params": 1.5}), [], "constraints.max_params"),
     ("max-drop", study_with(constraints={"max_drop": -0.1}), [], "constraints.max_drop"),
     ("constraint-unknown", study_with(constraints={"min_params": 0.5}), [], "constraints.min_params: unknown key"),
@@ -67,54 +86,98 @@ STUDY_CASES = [
     ("dtype", study_with(dtype="float8"), [], "dtype: unknown 'float8'"),
     ("device", study_with(device="tpu"), [], "device: expected cpu, cuda"),
     ("device-map", study_with(device_map="everywhere"), [], "device_map: expected one of auto, balanced"),
-    ("device-map-target", study_with(device_map={"model.layers.0": "gpu"}), [],
-     "device_map.model.layers.0: expected cpu, disk, cuda"),
+    (
+        "device-map-target",
+        study_with(device_map={"model.layers.0": "gpu"}),
+        [],
+        "device_map.model.layers.0: expected cpu, disk, cuda",
+    ),
     ("device-and-map", study_with(device="cpu", device_map="auto"), [], "device_map: the study also sets device"),
     ("max-memory-no-map", study_with(max_memory={"cpu": "1GiB"}), [], "max_memory: only used with a device_map"),
-    ("max-memory-size", study_with(device_map="auto", max_memory={"cpu": "lots"}), [],
-     "max_memory.cpu: expected bytes or a size"),
+    (
+        "max-memory-size",
+        study_with(device_map="auto", max_memory={"cpu": "lots"}),
+        [],
+        "max_memory.cpu: expected bytes or a size",
+    ),
     ("cache-memory", study_with(cache={"memory": "gpu"}), [], "cache.memory: expected one of device, cpu, none"),
     ("cache-key", study_with(cache={"folder": "x"}), [], "cache.folder: unknown key"),
     ("cache-twice", study_with(cache={"memory": "cpu"}, cache_dir="x"), [], "cache_dir: the study also has a cache:"),
-    ("calibration-streamed", study_with(method="svdllm", calibration={"text": {"path": WIKI, "field": "page"},
-                                                                     "streamed": "yes"}), [],
-     "calibration.streamed: expected true or false"),
+    (
+        "calibration-streamed",
+        study_with(method="svdllm", calibration={"text": {"path": WIKI, "field": "page"}, "streamed": "yes"}),
+        [],
+        "calibration.streamed: expected true or false",
+    ),
     ("limit", study_with(evaluation__limit=0), [], "evaluation.limit: expected an integer >= 1"),
     ("tasks-string", study_with(evaluation__tasks="piqa"), [], "evaluation.tasks: expected a list"),
     ("unknown-task", study_with(evaluation__tasks=["helaswag"]), [], "evaluation.tasks[0]: unknown task 'helaswag'"),
     ("data-dir", study_with(evaluation__data_dir="/nonexistent/bench"), [], "evaluation.data_dir: no such folder"),
     ("eval-unknown-key", study_with(evaluation__limt=5), [], "evaluation.limt: unknown key"),
-    ("ppl-text-missing", study_with(evaluation__perplexity={"text": {"path": "/nonexistent.jsonl"}}), [],
-     "evaluation.perplexity.text.path: no such file"),
-    ("ppl-window", study_with(evaluation__perplexity={"text": {"path": WIKI, "field": "page"}, "window": 1}), [],
-     "evaluation.perplexity.window"),
+    (
+        "ppl-text-missing",
+        study_with(evaluation__perplexity={"text": {"path": "/nonexistent.jsonl"}}),
+        [],
+        "evaluation.perplexity.text.path: no such file",
+    ),
+    (
+        "ppl-window",
+        study_with(evaluation__perplexity={"text": {"path": WIKI, "field": "page"}, "window": 1}),
+        [],
+        "evaluation.perplexity.window",
+    ),
     ("heal-no-text", study_with(heal={"steps": 3}), [], "heal.text: required"),
-    ("heal-key", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "stpes": 3}), [],
-     "heal.stpes: unknown key"),
-    ("heal-lr", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "lr": 0}), [],
-     "heal.lr: must be in (0, 1]"),
-    ("heal-overlap", study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [0, 12]}},
-                                evaluation__perplexity={"text": {"path": WIKI, "field": "page", "rows": [0, 6]}}), [],
-     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.perplexity.text (rows 0:6)"),
+    (
+        "heal-key",
+        study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "stpes": 3}),
+        [],
+        "heal.stpes: unknown key",
+    ),
+    (
+        "heal-lr",
+        study_with(heal={"text": {"path": WIKI, "field": "page", "rows": [12, 40]}, "lr": 0}),
+        [],
+        "heal.lr: must be in (0, 1]",
+    ),
+    (
+        "heal-overlap",
+        study_with(
+            heal={"text": {"path": WIKI, "field": "page", "rows": [0, 12]}},
+            evaluation__perplexity={"text": {"path": WIKI, "field": "page", "rows": [0, 6]}},
+        ),
+        [],
+        "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.perplexity.text (rows 0:6)",
+    ),
     ("space-missing-file", study_with(space="nowhere.yaml"), [], "space: file not found"),
     ("space-rank-zero", study_with(space__ranks=[0, "dense"]), [], "space.ranks[0]"),
     ("space-rank-word", study_with(space__ranks=["full"]), [], "space.ranks[0]"),
     ("space-group", study_with(space__group="row"), [], "space.group"),
     ("space-max-layers", study_with(space__rules={"max_layers": 0}), [], "space.rules.max_layers"),
-    ("space-rule-for-type", study_with(space__group="type", space__rules={"no_adjacent": True}), [],
-     "space.rules.no_adjacent"),
+    (
+        "space-rule-for-type",
+        study_with(space__group="type", space__rules={"no_adjacent": True}),
+        [],
+        "space.rules.no_adjacent",
+    ),
     ("space-type", study_with(space__types=["qq"]), [], "space.types[0]"),
     ("storage-not-url", study_with(storage="not a url"), [], "storage: 'not a url' is not a URL"),
-    ("storage-unreachable", STUDY, ["--storage", "postgresql+psycopg2://u@127.0.0.1:9/x?connect_timeout=2"],
-     "storage: cannot open"),
+    (
+        "storage-unreachable",
+        STUDY,
+        ["--storage", "postgresql+psycopg2://u@127.0.0.1:9/x?connect_timeout=2"],
+        "storage: cannot open",
+    ),
     ("storage-driver", STUDY, ["--storage", "mysql+nosuchdriver://u@127.0.0.1/x"], "storage: cannot open"),
 ]
 
 
 def tree(folder):
     """Every file under ``folder`` with a hash of its bytes."""
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(argv, capsys, folder):
@@ -144,12 +207,15 @@ def test_status_of_a_study_never_run(tmp_path, capsys):
     assert run_cli(["status", str(path)], capsys, tmp_path).startswith("storage: no study database")
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('{"format": 1, "model": {"name": "x"', "config: "),                 # truncated JSON
-    ("[1, 2]", "config: expected a JSON object"),
-    ('{"format": 99}', "config.format: 99 is not a dse rank config format"),
-    ('{"format": 1, "model": {}}', "config.model."),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"format": 1, "model": {"name": "x"', "config: "),  # truncated JSON
+        ("[1, 2]", "config: expected a JSON object"),
+        ('{"format": 99}', "config.format: 99 is not a dse rank config format"),
+        ('{"format": 1, "model": {}}', "config.model."),
+    ],
+)
 def test_bad_rank_config(tmp_path, capsys, content, expected):
     path = tmp_path / "config.json"
     path.write_text(content)
@@ -175,12 +241,18 @@ HEAL_CASES = [
     ("batch", ["--batch", "0"], "heal.batch: expected an integer >= 1"),
     ("format", ["--format", "merged"], "format: a heal writes a low-rank format (dse, transformers), not merged"),
     ("rows", ["--rows", "3"], "--rows: expected FIRST:END row numbers, got '3'"),
-    ("overlap", ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"],
-     "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.text (rows 6:12)"),
+    (
+        "overlap",
+        ["--field", "page", "--rows", "0:12", "--eval-rows", "6:12"],
+        "heal.text: rows 0:12 of wikitext2_raw_test_pages.jsonl overlap evaluation.text (rows 6:12)",
+    ),
     ("text-missing", ["--text", "/nonexistent.jsonl"], "heal.text.path: no such file"),
     ("text-short", ["--field", "page", "--rows", "0:1", "--seq-len", "4096"], "heal.seq_len: the text has"),
-    ("text-one-batch", ["--field", "page", "--rows", "0:1", "--seq-len", "1024", "--batch", "64"],
-     "heal.batch: the text gives"),
+    (
+        "text-one-batch",
+        ["--field", "page", "--rows", "0:1", "--seq-len", "1024", "--batch", "64"],
+        "heal.batch: the text gives",
+    ),
 ]
 
 
@@ -190,6 +262,7 @@ def heal_config(tmp_path_factory):
     from helpers import save_tiny_rank_config
 
     return save_tiny_rank_config(tmp_path_factory.mktemp("heal-bad"))
+
 
 @pytest.mark.parametrize("name, options, expected", HEAL_CASES, ids=[c[0] for c in HEAL_CASES])
 def test_bad_heal(tmp_path, capsys, heal_config, name, options, expected):

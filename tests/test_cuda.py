@@ -8,15 +8,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
+from helpers import full_rank_plan, token_ids
 
-from dse.decompose import (Calibration, FactorCache, METHODS, collect_calibration, collect_stats, decompose_,
-                           factor_forms, make_config, restore_, uniform_plan)
+from dse.decompose import (
+    METHODS,
+    Calibration,
+    FactorCache,
+    collect_calibration,
+    collect_stats,
+    decompose_,
+    factor_forms,
+    make_config,
+    restore_,
+    uniform_plan,
+)
 from dse.evaluate import perplexity
 from dse.model import find_projections
 from dse.space import Budget, allocate, importance
-
-from conftest import make_tiny
-from helpers import full_rank_plan, token_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -65,8 +74,9 @@ def test_allocation_on_cuda():
     assert all(np.isfinite(v).all() and (v >= 0).all() for v in importances.values())
     budget = Budget(ratio=0.3).kept(table, 0)
     ranks = allocate(table, importances, budget, dict.fromkeys(table, 1.0))
-    used = sum(r * (table[n].out_features + table[n].in_features) for n, r in ranks.items()) + \
-        sum(p.out_features * p.in_features for n, p in table.items() if n not in ranks)
+    used = sum(r * (table[n].out_features + table[n].in_features) for n, r in ranks.items()) + sum(
+        p.out_features * p.in_features for n, p in table.items() if n not in ranks
+    )
     assert used <= budget
 
 
@@ -78,7 +88,7 @@ def test_latency_table_and_speed_on_cuda(dtype):
 
     model = cuda_model(dtype)
     table = find_projections(model)
-    lt = measure_table(model, table, Workload(prompt=16), repeats=2, cold_bytes=2 ** 24)
+    lt = measure_table(model, table, Workload(prompt=16), repeats=2, cold_bytes=2**24)
     assert lt.environment["device"] == torch.cuda.get_device_name() and lt.environment["dtype"] == str(dtype)[6:]
     assert lt.predict(Plan({}), table)["predicted_decode_ms"] > 0
     report = measure_speed(model, None, SpeedConfig(prompt=16, batch=2, new_tokens=4, repeats=2))

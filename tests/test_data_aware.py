@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny, model_output
+from helpers import CharTokenizer as Tok
+from helpers import char_spec
 
 from dse.core.errors import PlanError
-from dse.decompose import (Calibration, CalibrationSpec, InputStats, Plan, calibrate, collect_stats, decompose_,
-                           get_method, make_config, restore_, uniform_plan)
+from dse.decompose import (
+    Calibration,
+    CalibrationSpec,
+    InputStats,
+    Plan,
+    calibrate,
+    collect_stats,
+    decompose_,
+    get_method,
+    make_config,
+    restore_,
+    uniform_plan,
+)
 from dse.model import TextSource, find_projections
-
-from conftest import make_tiny, model_output
-from helpers import CharTokenizer as Tok, char_spec
 
 DATA_AWARE = ("asvd", "svdllm")
 
@@ -55,8 +66,9 @@ def test_full_rank_is_exact(method, weight, inputs):
 def test_identity_statistics_reduce_to_svd(method, weight):
     identity = InputStats(torch.ones(16, dtype=torch.float64), torch.eye(16, dtype=torch.float64), 16)
     for rank in (1, 5, 12):
-        torch.testing.assert_close(factor_product(method, weight, rank, identity),
-                                   factor_product("svd", weight, rank), rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            factor_product(method, weight, rank, identity), factor_product("svd", weight, rank), rtol=0, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("rows", [24, 10], ids=["tall", "wide"])  # both eigenproblem sides
@@ -76,8 +88,11 @@ def test_svdllm_error_is_the_tail_of_its_singular_values(rows, inputs):
 @pytest.mark.parametrize("method", DATA_AWARE)
 @pytest.mark.parametrize("case", ["few_tokens", "zero_channel", "all_zero"])
 def test_degenerate_statistics_give_finite_factors(method, case, weight, inputs):
-    x = {"few_tokens": inputs[:5], "all_zero": torch.zeros(8, 16, dtype=torch.float64),
-         "zero_channel": inputs.clone().index_fill_(1, torch.tensor([3, 7]), 0.0)}[case]
+    x = {
+        "few_tokens": inputs[:5],
+        "all_zero": torch.zeros(8, 16, dtype=torch.float64),
+        "zero_channel": inputs.clone().index_fill_(1, torch.tensor([3, 7]), 0.0),
+    }[case]
     stats = stats_of(x)
     form = get_method(method).factorize(weight, make_config(method), stats)
     for t in (form.U, form.S, form.Vh):
@@ -101,8 +116,9 @@ def test_svdllm_survives_an_indefinite_second_moment(rows):
     assert (form.S[:-1] >= form.S[1:]).all()  # descending
     # the result is that of the positive part, up to the size of the negative one (1e-3)
     clamped = InputStats(stats.abs_mean, xtx.clamp(min=0), 100)
-    torch.testing.assert_close(factor_product("svdllm", weight, 5, stats),
-                               factor_product("svdllm", weight, 5, clamped), rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        factor_product("svdllm", weight, 5, stats), factor_product("svdllm", weight, 5, clamped), rtol=0, atol=1e-3
+    )
 
 
 def test_options_change_the_cache_key():
@@ -181,11 +197,14 @@ def test_full_rank_decomposition_keeps_the_model():
     torch.testing.assert_close(model_output(model, ids), dense, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("n_samples", 0, "calibration.n_samples: expected an integer >= 1, got 0"),
-    ("seq_len", 1.5, "calibration.seq_len: expected an integer >= 2"),
-    ("seed", -1, "calibration.seed: expected an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("n_samples", 0, "calibration.n_samples: expected an integer >= 1, got 0"),
+        ("seq_len", 1.5, "calibration.seq_len: expected an integer >= 2"),
+        ("seed", -1, "calibration.seed: expected an integer >= 0"),
+    ],
+)
 def test_bad_spec_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         CalibrationSpec(TextSource(path="x.txt"), **{field: value})
@@ -193,8 +212,10 @@ def test_bad_spec_names_the_field(field, value, message):
 
 def test_spec_from_dict(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"page": "a b c"}\n')
-    spec = CalibrationSpec.from_dict({"text": {"path": "p.jsonl", "field": "page", "rows": [40, 62]},
-                                      "n_samples": 8, "seq_len": 64, "seed": 3}, base=tmp_path)
+    spec = CalibrationSpec.from_dict(
+        {"text": {"path": "p.jsonl", "field": "page", "rows": [40, 62]}, "n_samples": 8, "seq_len": 64, "seed": 3},
+        base=tmp_path,
+    )
     assert spec == CalibrationSpec(TextSource(path=str(tmp_path / "p.jsonl"), field="page", rows=(40, 62)), 8, 64, 3)
     assert CalibrationSpec.from_dict(spec.to_dict()) == spec  # as exported configs store it
     with pytest.raises(ValueError, match="calibration.samples: unknown key"):
@@ -235,8 +256,11 @@ def test_smollm2_calibration_shares_stats(smollm2, benchmarks_dir):
     assert len(cal.stats) == 4 * 30
     for layer in range(30):
         pre = f"model.layers.{layer}."
-        for shared, owner in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.v_proj", "self_attn.q_proj"),
-                              ("mlp.up_proj", "mlp.gate_proj")):
+        for shared, owner in (
+            ("self_attn.k_proj", "self_attn.q_proj"),
+            ("self_attn.v_proj", "self_attn.q_proj"),
+            ("mlp.up_proj", "mlp.gate_proj"),
+        ):
             assert cal.aliases[pre + shared] == pre + owner
     for name in table:
         assert cal.stats_for(name).tokens == 128

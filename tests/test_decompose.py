@@ -16,7 +16,7 @@ from conftest import FAMILIES, make_tiny, model_output
 from helpers import assert_unchanged, calibration_for, full_rank_plan, random_plan, rel_err, snapshot, token_ids
 
 from dse.core.errors import PlanError
-from dse.decompose import FactorCache, LowRankLinear, METHODS, Plan, decompose_, decomposed, is_decomposed, restore_
+from dse.decompose import METHODS, FactorCache, LowRankLinear, Plan, decompose_, decomposed, is_decomposed, restore_
 from dse.model import find_projections
 
 FULL_RANK_RTOL = 1e-4
@@ -25,6 +25,7 @@ PLAIN_METHODS = [n for n in METHODS if not METHODS[n].config_cls.needs_calibrati
 
 
 # --- tiny models: every family × every method ---------------------------------------------------
+
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -75,8 +76,9 @@ def test_random_plans_restore_bit_exact_and_reuse_the_cache(family, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("family, method", [(f, "svd") for f in FAMILIES]
-                         + [("llama", m) for m in METHOD_NAMES if m != "svd"])
+@pytest.mark.parametrize(
+    "family, method", [(f, "svd") for f in FAMILIES] + [("llama", m) for m in METHOD_NAMES if m != "svd"]
+)
 def test_dtype_is_kept(family, method, dtype):
     model = make_tiny(family, dtype=dtype)
     table = find_projections(model)
@@ -98,12 +100,12 @@ def test_device_is_kept(device):
     model = make_tiny("llama").to(device)
     table = find_projections(model)
     decompose_(model, full_rank_plan(table, "svd"))
-    assert all(f.device.type == device for m in model.modules() if isinstance(m, LowRankLinear)
-               for f in m.factors)
+    assert all(f.device.type == device for m in model.modules() if isinstance(m, LowRankLinear) for f in m.factors)
     assert model_output(model, token_ids().to(device)).device.type == device
 
 
 # --- state errors ---------------------------------------------------------------------------
+
 
 def test_decompose_twice_raises_and_keeps_the_first_decomposition():
     model = make_tiny("llama")
@@ -151,6 +153,7 @@ def test_data_aware_method_without_calibration_is_a_plan_error(method):
 
 
 # --- factor cache on disk -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", PLAIN_METHODS)
 def test_disk_cache_is_reused_by_a_second_cache_object(tmp_path, method):
@@ -221,6 +224,7 @@ def test_weights_changed_in_place_are_factorized_again():
 
 # --- the real SmolLM2 --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2_cache():
     """One factor cache shared by the SmolLM2 tests of this file (each weight factorized once)."""
@@ -230,8 +234,9 @@ def smollm2_cache():
 @pytest.mark.slow
 def test_smollm2_full_rank_reproduces_logits(smollm2, smollm2_cache):
     model, tokenizer = smollm2
-    ids = tokenizer("The capital of France is Paris. Low-rank factors of a weight matrix",
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        "The capital of France is Paris. Low-rank factors of a weight matrix", return_tensors="pt"
+    ).input_ids
     ref = model_output(model, ids)
     table = find_projections(model)
     assert len(table) == 210

@@ -27,8 +27,9 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
         resolve_device("cuda")
 
 
-@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                         ("float16", torch.float16)])
+@pytest.mark.parametrize(
+    "name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]
+)
 def test_dtypes_resolve(name, dtype):
     assert resolve_dtype(name) is dtype and resolve_dtype(dtype) is dtype
 

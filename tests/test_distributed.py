@@ -16,6 +16,7 @@ import uuid
 import optuna
 import pytest
 import yaml
+from conftest import BENCHMARKS
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -24,22 +25,32 @@ from dse.study.config import load_study_config
 from dse.study.runner import open_study
 from dse.study.storage import make_storage
 
-from conftest import BENCHMARKS
-
 PG_URL = os.environ.get("DSE_TEST_POSTGRES_URL")
 
 
 def write_study(tmp_path, model_dir, name, n_trials):
     study = {
-        "name": name, "model": str(model_dir),
+        "name": name,
+        "model": str(model_dir),
         # 3^28 plans: a random sampler repeats one only by accident, which the test would catch
         "space": {"name": "tiny", "model": str(model_dir), "ranks": [4, 2, "dense"], "group": "module"},
-        "evaluation": {"tasks": [], "perplexity": {
-            "text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
-                     "rows": [0, 2]},
-            "window": 128, "max_tokens": 512}},
-        "objectives": ["perplexity", "params"], "sampler": "random", "n_trials": n_trials,
-        "heartbeat_s": 1, "grace_s": 4,
+        "evaluation": {
+            "tasks": [],
+            "perplexity": {
+                "text": {
+                    "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                    "field": "page",
+                    "rows": [0, 2],
+                },
+                "window": 128,
+                "max_tokens": 512,
+            },
+        },
+        "objectives": ["perplexity", "params"],
+        "sampler": "random",
+        "n_trials": n_trials,
+        "heartbeat_s": 1,
+        "grace_s": 4,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -133,8 +144,11 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
     # the killed worker's trial failed and was retried once, as a new trial with the same choices
     # (the kill may land while the plan is being sampled: the retry completes the choices made)
     assert held <= {t.number for t in failed} <= running_before
-    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in trials
-               if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None}
+    retried = {
+        RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t
+        for t in trials
+        if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None
+    }
     for f in failed:
         assert f.number in retried and f.params.items() <= retried[f.number].params.items()
     # no plan evaluated twice by accident: the evaluated plans are distinct (a plan proposed again
@@ -181,8 +195,16 @@ def test_workers_opening_a_new_postgres_database_together():
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     url = f"{PG_URL.rsplit('/', 1)[0]}/{name}"
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, url], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_TOGETHER, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     try:
         assert all(p.stdout.readline().strip() == "ready" for p in procs)  # every one imported, none opened
         for p in procs:
@@ -214,10 +236,14 @@ def test_a_lost_schema_race_is_tried_again(monkeypatch):
             if len(calls) <= len(errors):
                 raise errors[len(calls) - 1]
             return "storage"
+
         return make
 
-    race = IntegrityError("CREATE TABLE studies", {}, Exception('duplicate key value violates unique constraint '
-                                                                 '"pg_type_typname_nsp_index"'))
+    race = IntegrityError(
+        "CREATE TABLE studies",
+        {},
+        Exception('duplicate key value violates unique constraint "pg_type_typname_nsp_index"'),
+    )
     exists = ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
     monkeypatch.setattr("dse.study.storage.time.sleep", lambda s: None)
     monkeypatch.setattr(optuna.storages, "RDBStorage", storage([race, exists]))

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import BENCHMARKS, make_tiny
+
 from dse import decompose_, find_projections, restore_, uniform_plan
 from dse.cli import main
 from dse.evaluate import EvalConfig, Evaluator, TextSet, pseudo_perplexity, sentence_embeddings
@@ -27,16 +27,23 @@ def save_tiny_bert(folder, kind: str):
 
     model = make_tiny(kind)
     model.save_pretrained(folder)
-    words = sorted({w.strip(".,?!'\"").lower() for line in (BENCHMARKS / "piqa/piqa_valid.jsonl").open()
-                    for w in yaml.safe_load(line)["goal"].split()} - {""})
+    words = sorted(
+        {
+            w.strip(".,?!'\"").lower()
+            for line in (BENCHMARKS / "piqa/piqa_valid.jsonl").open()
+            for w in yaml.safe_load(line)["goal"].split()
+        }
+        - {""}
+    )
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words[: model.config.vocab_size - 5]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("kind, cls, layers", [("bert", "BertModel", "encoder.layer"),
-                                                ("bert_mlm", "BertForMaskedLM", "bert.encoder.layer")])
+@pytest.mark.parametrize(
+    "kind, cls, layers", [("bert", "BertModel", "encoder.layer"), ("bert_mlm", "BertForMaskedLM", "bert.encoder.layer")]
+)
 def test_encoder_loads_with_its_own_head(tmp_path, kind, cls, layers):
     model, tokenizer = load_model(str(save_tiny_bert(tmp_path, kind)))
     assert type(model).__name__ == cls
@@ -69,13 +76,18 @@ def test_encoder_measures_by_hand(tmp_path):
     raw = [t.strip() for t in texts.text.read().split("\n\n")][:5]
     cut = [tokenizer.decode(tokenizer(t, truncation=True, max_length=12).input_ids[1:-1]) for t in raw]
     assert pseudo_perplexity(model, batches, tokenizer.mask_token_id, rows=3) == pytest.approx(
-        _naive_pseudo_perplexity(model, tokenizer, cut), rel=1e-6)  # float32 forwards, batched or not
+        _naive_pseudo_perplexity(model, tokenizer, cut), rel=1e-6
+    )  # float32 forwards, batched or not
     one = tokenizer(raw[0], truncation=True, max_length=12, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**one, output_hidden_states=True).hidden_states[-1][0].double()
     assert torch.allclose(sentence_embeddings(model, batches)[0], hidden.mean(0), atol=1e-6)  # padding ignored
-    config = EvalConfig.from_dict({"similarity": {"text": PIQA, "n_texts": 8},
-                                   "pseudo_perplexity": {"text": PIQA, "n_texts": 4, "max_tokens": 12}})
+    config = EvalConfig.from_dict(
+        {
+            "similarity": {"text": PIQA, "n_texts": 8},
+            "pseudo_perplexity": {"text": PIQA, "n_texts": 4, "max_tokens": 12},
+        }
+    )
     assert config.tasks == []
     evaluator = Evaluator(model, tokenizer, config)
     dense = evaluator.run(progress=False)
@@ -96,9 +108,16 @@ def test_encoder_refuses_causal_measures_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^evaluation.pseudo_perplexity: needs a masked-LM checkpoint"):
         Evaluator(model, tokenizer, EvalConfig.from_dict({"pseudo_perplexity": {"text": PIQA}}))
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({"name": "bert", "model": str(folder),
-                                     "space": {"name": "s", "model": str(folder), "ranks": [2, "dense"]},
-                                     "evaluation": {"data_dir": str(BENCHMARKS)}}))  # default tasks
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bert",
+                "model": str(folder),
+                "space": {"name": "s", "model": str(folder), "ranks": [2, "dense"]},
+                "evaluation": {"data_dir": str(BENCHMARKS)},
+            }
+        )
+    )  # default tasks
     assert main(["run", str(study), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("dse: error: evaluation.tasks: the model is an encoder (BertModel)") and "\n" not in err
@@ -108,12 +127,21 @@ def test_encoder_refuses_causal_measures_in_one_line(tmp_path, capsys):
 def test_encoder_study_export_apply_reload(tmp_path, objective, capsys):
     folder = save_tiny_bert(tmp_path / "bert", "bert_mlm")
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "bert", "model": str(folder), "family": "bert",
-        "space": {"name": "s", "model": str(folder), "ranks": [2, 8, "dense"], "group": "layer"},
-        "evaluation": {objective: {"text": PIQA, "n_texts": 6, "max_tokens": 12}},
-        "objectives": [objective, "params"], "sampler": "random", "n_trials": 4,
-        "baselines": ["dense", {"uniform": 2}]}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bert",
+                "model": str(folder),
+                "family": "bert",
+                "space": {"name": "s", "model": str(folder), "ranks": [2, 8, "dense"], "group": "layer"},
+                "evaluation": {objective: {"text": PIQA, "n_texts": 6, "max_tokens": 12}},
+                "objectives": [objective, "params"],
+                "sampler": "random",
+                "n_trials": 4,
+                "baselines": ["dense", {"uniform": 2}],
+            }
+        )
+    )
     assert main(["run", str(study), "--quiet"]) == 0
     assert main(["export", str(study), "--out", str(tmp_path / "config.json"), "--max-params", "0.99"]) == 0
     config = yaml.safe_load((tmp_path / "config.json").read_text())
@@ -139,12 +167,20 @@ def test_minilm_sentence_embeddings_study(tmp_path):
     model, tokenizer = load_model("minilm-l6")
     assert type(model).__name__ == "BertModel" and len(find_projections(model)) == 6 * 6
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "minilm", "model": "minilm-l6",
-        "space": {"name": "s", "model": "minilm-l6", "ranks": [0.5, 0.25, "dense"], "group": "layer"},
-        "evaluation": {"similarity": {"text": {**PIQA, "rows": [0, 64]}, "n_texts": 64}},
-        "objectives": ["similarity", "params"], "sampler": "random", "n_trials": 3,
-        "baselines": ["dense", {"uniform": 0.5}]}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "minilm",
+                "model": "minilm-l6",
+                "space": {"name": "s", "model": "minilm-l6", "ranks": [0.5, 0.25, "dense"], "group": "layer"},
+                "evaluation": {"similarity": {"text": {**PIQA, "rows": [0, 64]}, "n_texts": 64}},
+                "objectives": ["similarity", "params"],
+                "sampler": "random",
+                "n_trials": 3,
+                "baselines": ["dense", {"uniform": 0.5}],
+            }
+        )
+    )
     from dse.study.config import load_study_config
     from dse.study.runner import run_study
     from dse.study.worker import Worker
@@ -155,5 +191,7 @@ def test_minilm_sentence_embeddings_study(tmp_path):
     done = {TrialRecord.of(t).baseline: TrialRecord.of(t).metrics for t in result.trials if t.state.name == "COMPLETE"}
     assert done["dense"]["embedding_similarity"] == pytest.approx(1.0, abs=1e-9)
     assert 0.0 < done["uniform-0.5"]["embedding_similarity"] < 0.999
-    print(f"minilm-l6: uniform half rank keeps {done['uniform-0.5']['params_ratio']:.3f} of the parameters, "
-          f"cosine {done['uniform-0.5']['embedding_similarity']:.4f}")
+    print(
+        f"minilm-l6: uniform half rank keeps {done['uniform-0.5']['params_ratio']:.3f} of the parameters, "
+        f"cosine {done['uniform-0.5']['embedding_similarity']:.4f}"
+    )

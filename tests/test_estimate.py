@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BENCHMARKS
+
 from dse.cli import main
 from dse.study.config import load_study_config, study_config_from_dict
 from dse.study.estimate import estimate, size
@@ -65,12 +65,20 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
 
     model, tokenizer = smollm2
     text = {"path": WIKI, "field": "page"}
-    data = {"name": "estimate-check", "model": "smollm2-135m", "space": str(ROOT / "spaces" / "smollm2-layer-ranks.yaml"),
-            "method": "svdllm", "calibration": {"text": {**text, "rows": [40, 62]}, "n_samples": 8, "seq_len": 128},
-            "evaluation": {"tasks": [], "perplexity": {"text": {**text, "rows": [0, 6]}, "window": 512,
-                                                       "max_tokens": 2048}},
-            "objectives": ["perplexity", "params"], "baselines": ["dense", {"ratio": 0.1}],
-            "cache": {"dir": str(tmp_path / "cache")}}
+    data = {
+        "name": "estimate-check",
+        "model": "smollm2-135m",
+        "space": str(ROOT / "spaces" / "smollm2-layer-ranks.yaml"),
+        "method": "svdllm",
+        "calibration": {"text": {**text, "rows": [40, 62]}, "n_samples": 8, "seq_len": 128},
+        "evaluation": {
+            "tasks": [],
+            "perplexity": {"text": {**text, "rows": [0, 6]}, "window": 512, "max_tokens": 2048},
+        },
+        "objectives": ["perplexity", "params"],
+        "baselines": ["dense", {"ratio": 0.1}],
+        "cache": {"dir": str(tmp_path / "cache")},
+    }
     config = study_config_from_dict(data)
     est = estimate(config)
     table = find_projections(model)
@@ -78,15 +86,23 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
     at_once = calibrate(model, tokenizer, spec, progress=False)
     cache = FactorCache(config.cache_dir)
     streamed_spec = CalibrationSpec(spec.text, spec.n_samples, spec.seq_len, spec.seed, streamed=True)
-    streamed = calibrate(model, tokenizer, streamed_spec, cache_dir=config.cache_dir, progress=False,
-                         on_layer=lambda names, cal: factor_forms(model, names, config.method, cache=cache, calibration=cal))
-    forms_on_disk = sum(f.stat().st_size for f in Path(config.cache_dir).rglob("*.pt")
-                        if not f.parent.name.startswith("calibration-"))
+    streamed = calibrate(
+        model,
+        tokenizer,
+        streamed_spec,
+        cache_dir=config.cache_dir,
+        progress=False,
+        on_layer=lambda names, cal: factor_forms(model, names, config.method, cache=cache, calibration=cal),
+    )
+    forms_on_disk = sum(
+        f.stat().st_size for f in Path(config.cache_dir).rglob("*.pt") if not f.parent.name.startswith("calibration-")
+    )
     plan = config.baselines[1].plan(table, config.method)  # the ratio-0.1 cut: the study's largest plan
     decompose_(model, plan, cache=cache, calibration=streamed)
     try:
-        factors = sum(f.numel() * f.element_size() for m in model.modules() if isinstance(m, LowRankLinear)
-                      for f in m.factors)
+        factors = sum(
+            f.numel() * f.element_size() for m in model.modules() if isinstance(m, LowRankLinear) for f in m.factors
+        )
         evaluator = Evaluator(model, tokenizer, config.evaluation)
         _reset_peak()
         before = _vm("VmRSS")
@@ -94,10 +110,15 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
         working = _vm("VmHWM") - before
     finally:
         restore_(model)
-    measured = {"model weights": model_bytes(model), "calibration at once": at_once.peak_bytes,
-                "calibration streamed": streamed.peak_bytes, "calibration statistics on disk": streamed.store.nbytes(),
-                "factor cache (memory: device)": cache.nbytes(), "factor cache on disk": forms_on_disk,
-                "one trial": factors + working}
+    measured = {
+        "model weights": model_bytes(model),
+        "calibration at once": at_once.peak_bytes,
+        "calibration streamed": streamed.peak_bytes,
+        "calibration statistics on disk": streamed.store.nbytes(),
+        "factor cache (memory: device)": cache.nbytes(),
+        "factor cache on disk": forms_on_disk,
+        "one trial": factors + working,
+    }
     print("\n| | estimated | measured |\n|---|---|---|")  # shown with pytest -s (docs/cluster.md)
     for what, value in measured.items():
         line = est.line(what)
@@ -106,14 +127,24 @@ def test_smollm2_figures_match_measurements(smollm2, benchmarks_dir, tmp_path):
     assert torch.equal(streamed.stats_for(next(iter(table))).xtx, at_once.stats_for(next(iter(table))).xtx.float())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"evaluation": {"tasks": ["piqaa"], "data_dir": str(BENCHMARKS)}, "objectives": ["accuracy", "params"]},
-     r"evaluation\.tasks\[0\]: unknown task 'piqaa'"),
-    ({"baselines": [{"layers": [3, 40]}]}, r"baselines\.layers: layer 40 does not exist \(the model has 32\)"),
-    ({"calibration": {"text": {"path": WIKI, "field": "text"}}}, r"calibration\.text\.field: rows have no field 'text'"),
-    ({"evaluation": {"tasks": [], "perplexity": {"text": {"path": "/no/such.txt"}}}},
-     r"evaluation\.perplexity\.text\.path: no such file '/no/such.txt'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"evaluation": {"tasks": ["piqaa"], "data_dir": str(BENCHMARKS)}, "objectives": ["accuracy", "params"]},
+            r"evaluation\.tasks\[0\]: unknown task 'piqaa'",
+        ),
+        ({"baselines": [{"layers": [3, 40]}]}, r"baselines\.layers: layer 40 does not exist \(the model has 32\)"),
+        (
+            {"calibration": {"text": {"path": WIKI, "field": "text"}}},
+            r"calibration\.text\.field: rows have no field 'text'",
+        ),
+        (
+            {"evaluation": {"tasks": [], "perplexity": {"text": {"path": "/no/such.txt"}}}},
+            r"evaluation\.perplexity\.text\.path: no such file '/no/such.txt'",
+        ),
+    ],
+)
 def test_estimate_refuses_what_run_refuses(change, message, tmp_path, capsys):
     """What would stop ``dse run`` once the model is loaded stops ``dse estimate`` too (one line)."""
     if not BENCHMARKS.is_dir():

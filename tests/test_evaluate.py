@@ -2,35 +2,51 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-
 from conftest import make_tiny
-from dse.evaluate import EvalConfig, Evaluator, PerplexityConfig, prompt_ids, tokens_per_second
-from dse.evaluate import BENCHMARK_FILES, check_tasks, load_tasks
+
+from dse.evaluate import (
+    BENCHMARK_FILES,
+    EvalConfig,
+    Evaluator,
+    PerplexityConfig,
+    check_tasks,
+    load_tasks,
+    prompt_ids,
+    tokens_per_second,
+)
 
 
 def _wikitext(benchmarks_dir, max_tokens=4096):
-    return {"text": {"path": str(benchmarks_dir / "wikitext" / "wikitext2_raw_test_pages.jsonl"),
-                     "field": "page", "rows": [0, 6]}, "window": 512, "max_tokens": max_tokens}
+    return {
+        "text": {
+            "path": str(benchmarks_dir / "wikitext" / "wikitext2_raw_test_pages.jsonl"),
+            "field": "page",
+            "rows": [0, 6],
+        },
+        "window": 512,
+        "max_tokens": max_tokens,
+    }
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(tasks="piqa"), "evaluation.tasks: expected a list"),
-    (dict(tasks=["piqa", "piqa"]), "evaluation.tasks: 'piqa' is listed twice"),
-    (dict(limit=0), "evaluation.limit: expected an integer >= 1, got 0"),
-    (dict(batch_size=2.5), "evaluation.batch_size: expected an integer >= 1"),
-    (dict(data_dir="/no/such/folder"), "evaluation.data_dir: no such folder"),
-    (dict(metrics={"boolq": "acc"}), "evaluation.metrics.boolq: not one of evaluation.tasks"),
-    (dict(tasks=["piqa"], metrics={"piqa": "f1"}), "evaluation.metrics.piqa: must be one of acc, acc_norm"),
-    (dict(latency="yes"), "evaluation.latency: expected true or false"),
-    (dict(tasks=[]), "evaluation: nothing to measure"),
-    (dict(perplexity={"window": 512}), "evaluation.perplexity.text"),
-    (dict(perplexity={"text": {"path": "/no/file.jsonl"}}), "evaluation.perplexity.text.path: no such file"),
-    (dict(perplexity={"text": {"path": "x", "colour": 1}}), "evaluation.perplexity.text.colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tasks="piqa"), "evaluation.tasks: expected a list"),
+        (dict(tasks=["piqa", "piqa"]), "evaluation.tasks: 'piqa' is listed twice"),
+        (dict(limit=0), "evaluation.limit: expected an integer >= 1, got 0"),
+        (dict(batch_size=2.5), "evaluation.batch_size: expected an integer >= 1"),
+        (dict(data_dir="/no/such/folder"), "evaluation.data_dir: no such folder"),
+        (dict(metrics={"boolq": "acc"}), "evaluation.metrics.boolq: not one of evaluation.tasks"),
+        (dict(tasks=["piqa"], metrics={"piqa": "f1"}), "evaluation.metrics.piqa: must be one of acc, acc_norm"),
+        (dict(latency="yes"), "evaluation.latency: expected true or false"),
+        (dict(tasks=[]), "evaluation: nothing to measure"),
+        (dict(perplexity={"window": 512}), "evaluation.perplexity.text"),
+        (dict(perplexity={"text": {"path": "/no/file.jsonl"}}), "evaluation.perplexity.text.path: no such file"),
+        (dict(perplexity={"text": {"path": "x", "colour": 1}}), "evaluation.perplexity.text.colour: unknown key"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         EvalConfig(**kwargs)
@@ -46,12 +62,16 @@ def test_from_dict(benchmarks_dir):
     config = EvalConfig.from_dict({"tasks": ["piqa"], "limit": 5, "perplexity": _wikitext(benchmarks_dir)})
     assert isinstance(config.perplexity, PerplexityConfig)
     assert config.perplexity.text.rows == (0, 6)
-    assert PerplexityConfig.from_dict({**_wikitext(benchmarks_dir), "text": config.perplexity.text.to_dict()}) \
+    assert (
+        PerplexityConfig.from_dict({**_wikitext(benchmarks_dir), "text": config.perplexity.text.to_dict()})
         == config.perplexity
+    )
 
 
 def test_unknown_task_and_missing_local_copy(tmp_path, benchmarks_dir):
-    with pytest.raises(ValueError, match=r"evaluation.tasks\[0\]: unknown task 'helaswag' \(did you mean 'hellaswag'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"evaluation.tasks\[0\]: unknown task 'helaswag' \(did you mean 'hellaswag'\?\)"
+    ):
         EvalConfig(tasks=["helaswag"]).check_tasks()
     with pytest.raises(ValueError, match=f"evaluation.data_dir: no local copy of task 'piqa' in {tmp_path}"):
         check_tasks(["piqa"], tmp_path)
@@ -96,8 +116,9 @@ def test_run_sees_in_place_decomposition_on_tiny_model(benchmarks_dir):
     from dse import decompose_, find_projections, restore_, uniform_plan
 
     model = make_tiny("llama")
-    config = EvalConfig(tasks=[], perplexity={**_wikitext(benchmarks_dir), "window": 64, "max_tokens": 256},
-                        latency=True)
+    config = EvalConfig(
+        tasks=[], perplexity={**_wikitext(benchmarks_dir), "window": 64, "max_tokens": 256}, latency=True
+    )
     evaluator = Evaluator(model, CharTokenizer(), config)
     assert evaluator.windows.shape == (4, 64)
     first = evaluator.run(progress=False)
@@ -128,8 +149,13 @@ def test_smollm2_runs_are_repeatable_and_see_in_place_decomposition(smollm2, ben
     from dse import decompose_, find_projections, restore_, uniform_plan
 
     model, tokenizer = smollm2
-    config = EvalConfig(tasks=["piqa", "winogrande"], limit=8, batch_size=8, data_dir=str(benchmarks_dir),
-                        perplexity=_wikitext(benchmarks_dir, max_tokens=512))
+    config = EvalConfig(
+        tasks=["piqa", "winogrande"],
+        limit=8,
+        batch_size=8,
+        data_dir=str(benchmarks_dir),
+        perplexity=_wikitext(benchmarks_dir, max_tokens=512),
+    )
     evaluator = Evaluator(model, tokenizer, config)
     assert evaluator.metrics == {"piqa": "acc_norm", "winogrande": "acc"}
     first = evaluator.run(progress=False)
@@ -137,8 +163,9 @@ def test_smollm2_runs_are_repeatable_and_see_in_place_decomposition(smollm2, ben
     assert all(0 <= first[k] <= 1 for k in ("acc/piqa", "acc/winogrande", "accuracy"))
     assert first["accuracy"] == pytest.approx((first["acc/piqa"] + first["acc/winogrande"]) / 2)
     second = evaluator.run(progress=False)
-    assert {k: v for k, v in second.items() if k != "eval_seconds"} == \
-           {k: v for k, v in first.items() if k != "eval_seconds"}
+    assert {k: v for k, v in second.items() if k != "eval_seconds"} == {
+        k: v for k, v in first.items() if k != "eval_seconds"
+    }
 
     decompose_(model, uniform_plan(find_projections(model), 8))
     try:

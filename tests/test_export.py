@@ -12,7 +12,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-
 from conftest import FAMILIES, make_tiny
 from helpers import build_study
 
@@ -43,8 +42,8 @@ def test_walk_study_to_compressed_model(walked, capsys):
 
     import dse
     from dse.results.compressed import WEIGHTS_FILE, load_compressed
-    from dse.results.rankconfig import load_config_file
     from dse.results.front import pareto_front
+    from dse.results.rankconfig import load_config_file
 
     root, study, model = walked
     yaml = root / "tiny.yaml"
@@ -111,12 +110,12 @@ def test_select_trial_rules(walked):
 
 
 def test_config_for_another_model_is_refused(walked, tmp_path):
-    from dse.model import find_projections
     from dse.decompose import model_fingerprint
+    from dse.model import find_projections
     from dse.results.compressed import apply_config
     from dse.results.export import ExportError, rank_config
-    from dse.results.rankconfig import load_config_file
     from dse.results.front import front_trials
+    from dse.results.rankconfig import load_config_file
 
     _, study, _ = walked
     config = rank_config(study, front_trials(study)[0])
@@ -135,8 +134,8 @@ def test_config_for_another_model_is_refused(walked, tmp_path):
 
 def test_truncated_or_foreign_json_is_a_clear_error(walked, tmp_path):
     from dse.results.export import ExportError, rank_config
-    from dse.results.rankconfig import load_config_file
     from dse.results.front import front_trials
+    from dse.results.rankconfig import load_config_file
 
     _, study, _ = walked
     text = json.dumps(rank_config(study, front_trials(study)[0]).to_dict())
@@ -185,13 +184,11 @@ def test_smollm2_export_apply_load_compressed(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import dse
+    from dse.decompose import model_fingerprint, plan_size, uniform_plan
     from dse.model import find_projections
-    from dse.decompose import model_fingerprint
     from dse.results.compressed import WEIGHTS_FILE, apply_config, load_compressed
     from dse.results.export import RankConfig
     from dse.results.rankconfig import load_config_file
-    from dse.decompose import uniform_plan
-    from dse.decompose import plan_size
 
     model, tokenizer = smollm2
     table = find_projections(model)
@@ -231,6 +228,7 @@ def test_smollm2_export_apply_load_compressed(smollm2, tmp_path):
 def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
     """An exported svdllm config carries its calibration spec; apply recalibrates from it."""
     from conftest import BENCHMARKS
+
     from dse.decompose import CalibrationSpec, calibrate, decompose_, model_fingerprint, restore_, uniform_plan
     from dse.model import TextSource, find_projections, load_model
     from dse.results.compressed import apply_config, load_compressed
@@ -240,11 +238,19 @@ def test_data_aware_config_rebuilds_its_calibration(tiny_llama_dir, tmp_path):
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     model, tokenizer = load_model(str(tiny_llama_dir))
     table = find_projections(model)
-    spec = CalibrationSpec(TextSource(path=str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                      field="page", rows=(40, 42)), n_samples=4, seq_len=32, seed=3)
-    config = RankConfig(str(tiny_llama_dir), model_fingerprint(model, table), "float32",
-                        uniform_plan(table, rank=4, method="svdllm"),
-                        calibration=json.loads(json.dumps(spec.to_dict())))
+    spec = CalibrationSpec(
+        TextSource(path=str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), field="page", rows=(40, 42)),
+        n_samples=4,
+        seq_len=32,
+        seed=3,
+    )
+    config = RankConfig(
+        str(tiny_llama_dir),
+        model_fingerprint(model, table),
+        "float32",
+        uniform_plan(table, rank=4, method="svdllm"),
+        calibration=json.loads(json.dumps(spec.to_dict())),
+    )
     config = RankConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # through JSON, as exported
 
     apply_config(config, tmp_path / "out")

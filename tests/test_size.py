@@ -13,8 +13,15 @@ from dse.decompose import METHODS, Plan, decompose_, plan_size, restore_
 from dse.model import find_projections, model_bytes, param_count
 
 # SmolLM2-135M projection shapes (out, in): hidden 576, 3 kv heads of 64, MLP 1536.
-SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
-                  "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+SMOLLM2_SHAPES = {
+    "q": (576, 576),
+    "k": (192, 576),
+    "v": (192, 576),
+    "o": (576, 576),
+    "gate": (1536, 576),
+    "up": (1536, 576),
+    "down": (576, 1536),
+}
 
 
 def assert_prediction_matches(model, plan, calibration=None) -> None:
@@ -29,7 +36,8 @@ def assert_prediction_matches(model, plan, calibration=None) -> None:
     finally:
         restore_(model)
     assert report.params_before - report.params_after == sum(
-        p.out_features * p.in_features for n, p in table.items() if n in plan.ranks) - plan.params(table)
+        p.out_features * p.in_features for n, p in table.items() if n in plan.ranks
+    ) - plan.params(table)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -15,11 +15,25 @@ from dse.model.shapes import projection_table
 from dse.space import DENSE, Space, SpaceError, format_counts, load_space, resolve_rank
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
-SMOLLM2 = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
-               num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+SMOLLM2 = dict(
+    model_type="llama",
+    num_hidden_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+)
 # 6 layers; full ranks: q, o, gate, up, down 32; k, v 16.
-TINY = dict(model_type="llama", num_hidden_layers=6, hidden_size=32, intermediate_size=48,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+TINY = dict(
+    model_type="llama",
+    num_hidden_layers=6,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -35,6 +49,7 @@ def tiny_space(**fields) -> Space:
 
 # --- closed forms, written independently of dse.space ------------------------------------------
 
+
 def layer_subsets(L: int, sizes=None, no_adjacent=False) -> list:
     """N(L, i): subsets of i of L consecutive layers (no two neighbours under no_adjacent)."""
     top = L if sizes is None else min(sizes, L)
@@ -46,36 +61,36 @@ def closed_form(group, L, T, c, dense, max_layers=None, no_adjacent=False) -> in
     if group == "shared":
         return c
     if group == "type":
-        return c ** T
-    D, E = {"module": (c ** T - dense, dense), "layer": (c - dense, dense), "layer_x_type": (1, 1)}[group]
-    total = sum(n * D ** i * E ** (L - i) for i, n in enumerate(layer_subsets(L, max_layers, no_adjacent)))
-    return total * (2 ** T * c if group == "layer_x_type" else 1)
+        return c**T
+    D, E = {"module": (c**T - dense, dense), "layer": (c - dense, dense), "layer_x_type": (1, 1)}[group]
+    total = sum(n * D**i * E ** (L - i) for i, n in enumerate(layer_subsets(L, max_layers, no_adjacent)))
+    return total * (2**T * c if group == "layer_x_type" else 1)
 
 
 def subsets_counts(L: int, T: int = 7, skip=0, max_layers=None, no_adjacent=False) -> list:
     """Rows of a rank-1 layer_x_type space over L layers (skip: first and last layers dense)."""
-    rows = [2 ** L * 2 ** T]
+    rows = [2**L * 2**T]
     inner = L - 2 * skip
     if skip:
-        rows.append(2 ** inner * 2 ** T)
+        rows.append(2**inner * 2**T)
     if max_layers:
-        rows.append(sum(layer_subsets(inner, max_layers)) * 2 ** T)
+        rows.append(sum(layer_subsets(inner, max_layers)) * 2**T)
     if no_adjacent:
-        rows.append(sum(layer_subsets(inner, max_layers, True)) * 2 ** T)
-    subsets = rows[-1] // 2 ** T
-    return rows + [1 + (subsets - 1) * (2 ** T - 1)]
+        rows.append(sum(layer_subsets(inner, max_layers, True)) * 2**T)
+    subsets = rows[-1] // 2**T
+    return rows + [1 + (subsets - 1) * (2**T - 1)]
 
 
 EXPECTED = {
     "llama2-7b-subsets": subsets_counts(32),
     "llama2-7b-subsets-inner": subsets_counts(32, skip=1),
     "llama2-7b-rank1-pruned": subsets_counts(32, skip=1, max_layers=3, no_adjacent=True),
-    "llama2-7b-layer-ranks": [5 ** 32],
-    "llama2-70b-layer-ranks": [5 ** 80],
+    "llama2-7b-layer-ranks": [5**32],
+    "llama2-70b-layer-ranks": [5**80],
     "smollm2-subsets": subsets_counts(30),
     "smollm2-rank1-pruned": subsets_counts(30, skip=1, max_layers=3, no_adjacent=True),
-    "smollm2-layer-ranks": [5 ** 30],
-    "smollm2-quick": [4 ** 6],  # 6 layers, each at 0.25, 0.1 or 0.05 of full rank, or dense
+    "smollm2-layer-ranks": [5**30],
+    "smollm2-quick": [4**6],  # 6 layers, each at 0.25, 0.1 or 0.05 of full rank, or dense
 }
 
 
@@ -103,9 +118,9 @@ def test_shipped_space_counts(name):
 
 def test_thesis_exponents():
     """2^39 for Llama-2-7B's 32 x 7 switches; 2^37 with first and last layer dense, and for SmolLM2."""
-    assert EXPECTED["llama2-7b-subsets"][0] == 2 ** 39
-    assert EXPECTED["llama2-7b-subsets-inner"][1] == 2 ** 37
-    assert EXPECTED["smollm2-subsets"][0] == 2 ** 37
+    assert EXPECTED["llama2-7b-subsets"][0] == 2**39
+    assert EXPECTED["llama2-7b-subsets-inner"][1] == 2**37
+    assert EXPECTED["smollm2-subsets"][0] == 2**37
 
 
 def test_format_counts_prints_exact_and_log2():
@@ -113,8 +128,8 @@ def test_format_counts_prints_exact_and_log2():
     text = format_counts(space, space.table())
     lines = text.splitlines()
     assert lines[0].startswith("space llama2-7b-subsets-inner: 30 layers x 7 types (210 modules)")
-    assert lines[2].split()[-2:] == ["39.00", str(2 ** 39)]
-    assert lines[3].startswith("skip_first 1, skip_last 1") and lines[3].split()[-2:] == ["37.00", str(2 ** 37)]
+    assert lines[2].split()[-2:] == ["39.00", str(2**39)]
+    assert lines[3].startswith("skip_first 1, skip_last 1") and lines[3].split()[-2:] == ["37.00", str(2**37)]
     assert lines[4].startswith("distinct plans")
 
 
@@ -154,8 +169,9 @@ def enumerate_space(space: Space, table, limit: int):
 def test_small_space_counts_match_closed_form_and_enumeration(tiny, fields, L, T):
     space = tiny_space(**fields)
     rules = space.rules
-    expected = closed_form(space.group, L, T, len(space.ranks), int(DENSE in space.labels),
-                           rules.max_layers, rules.no_adjacent)
+    expected = closed_form(
+        space.group, L, T, len(space.ranks), int(DENSE in space.labels), rules.max_layers, rules.no_adjacent
+    )
     rows = dict(space.counts(tiny))
     assert [n for label, n in space.counts(tiny) if label != "distinct plans"][-1] == expected
     trials, plans = enumerate_space(space, tiny, expected + 10)
@@ -166,24 +182,36 @@ def test_small_space_counts_match_closed_form_and_enumeration(tiny, fields, L, T
 
 
 def test_no_rules_row_is_the_unpruned_count(tiny):
-    space = tiny_space(group="module", ranks=[1, DENSE], types=["q"],
-                       rules={"skip_first": 1, "skip_last": 1, "max_layers": 2, "no_adjacent": True})
+    space = tiny_space(
+        group="module",
+        ranks=[1, DENSE],
+        types=["q"],
+        rules={"skip_first": 1, "skip_last": 1, "max_layers": 2, "no_adjacent": True},
+    )
     labels, counts = zip(*space.counts(tiny))
     assert labels == ("no rules", "skip_first 1, skip_last 1", "max_layers 2", "no_adjacent")
     inner = 4  # layers 1..4
-    assert counts == (2 ** 6, 2 ** inner, sum(layer_subsets(inner, 2)), sum(layer_subsets(inner, 2, True)))
+    assert counts == (2**6, 2**inner, sum(layer_subsets(inner, 2)), sum(layer_subsets(inner, 2, True)))
 
 
 # --- sampling respects every rule --------------------------------------------------------------
 
 PROPERTY_SPACES = [
-    dict(group="module", ranks=[2, 0.5, 0.75, DENSE],
-         rules={"skip_first": 1, "no_adjacent": True, "max_layers": 2, "align": 4}),
+    dict(
+        group="module",
+        ranks=[2, 0.5, 0.75, DENSE],
+        rules={"skip_first": 1, "no_adjacent": True, "max_layers": 2, "align": 4},
+    ),
     dict(group="layer", ranks=[1, 0.25, 0.5, DENSE], rules={"skip_last": 2, "max_layers": 3}),
     dict(group="type", ranks=[0.25, 0.5, DENSE], types=["q", "v", "gate", "down"], rules={"skip_first": 2}),
     dict(group="shared", ranks=[3, 0.5, DENSE], layers=[1, 3, 4], rules={"align": 2}),
-    dict(group="layer_x_type", ranks=[1, 0.5], types=["q", "k", "gate", "down"], layers={"from": 1, "to": 5},
-         rules={"no_adjacent": True}),
+    dict(
+        group="layer_x_type",
+        ranks=[1, 0.5],
+        types=["q", "k", "gate", "down"],
+        layers={"from": 1, "to": 5},
+        rules={"no_adjacent": True},
+    ),
 ]
 
 
@@ -207,8 +235,12 @@ def check_plan(space: Space, table, plan, params) -> None:
         assert p.full_rank < rules.align or rank % rules.align == 0
         index[name] = resolved.index(rank)
     selected = [n for n, p in table.items() if p.layer in layers and p.type in types]
-    unit_of = {"layer": lambda p: p.layer, "type": lambda p: p.type, "shared": lambda p: 0,
-               "layer_x_type": lambda p: 0}.get(space.group)
+    unit_of = {
+        "layer": lambda p: p.layer,
+        "type": lambda p: p.type,
+        "shared": lambda p: 0,
+        "layer_x_type": lambda p: 0,
+    }.get(space.group)
     if unit_of:  # modules of one unit share one choice
         units = {}
         for name in plan.ranks:
@@ -227,8 +259,10 @@ def check_plan(space: Space, table, plan, params) -> None:
 def test_sampled_plans_respect_every_rule(tiny, fields, sampler):
     space = tiny_space(**fields)
     for seed in range(3):
-        make = {"random": optuna.samplers.RandomSampler,
-                "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)}[sampler]
+        make = {
+            "random": optuna.samplers.RandomSampler,
+            "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        }[sampler]
         study = optuna.create_study(sampler=make(seed=seed))
         for _ in range(25):
             trial = study.ask()
@@ -251,13 +285,16 @@ def test_dense_layers_after_a_decomposed_one_ask_nothing(tiny):
         space.plan_from_params({**params, "L0": 1}, tiny)
 
 
-@pytest.mark.parametrize("fields, choice, layers", [
-    (dict(group="layer", ranks=[1, 0.5, DENSE], rules={"no_adjacent": True}), "0.5", [0, 2, 4]),
-    (dict(group="module", ranks=[1, DENSE], rules={"skip_first": 1, "max_layers": 2}), 1, [1, 2]),
-    (dict(group="layer_x_type", ranks=[1, 0.25], rules={"skip_last": 1}), "0.25", [0, 1, 2, 3, 4]),
-    (dict(group="layer_x_type", ranks=[1, 0.25]), DENSE, []),
-    (dict(group="type", ranks=[0.25, DENSE]), DENSE, []),
-])
+@pytest.mark.parametrize(
+    "fields, choice, layers",
+    [
+        (dict(group="layer", ranks=[1, 0.5, DENSE], rules={"no_adjacent": True}), "0.5", [0, 2, 4]),
+        (dict(group="module", ranks=[1, DENSE], rules={"skip_first": 1, "max_layers": 2}), 1, [1, 2]),
+        (dict(group="layer_x_type", ranks=[1, 0.25], rules={"skip_last": 1}), "0.25", [0, 1, 2, 3, 4]),
+        (dict(group="layer_x_type", ranks=[1, 0.25]), DENSE, []),
+        (dict(group="type", ranks=[0.25, DENSE]), DENSE, []),
+    ],
+)
 def test_baseline_params_enqueue(tiny, fields, choice, layers):
     space = tiny_space(**fields)
     params = space.baseline_params(choice, tiny)
@@ -269,57 +306,77 @@ def test_baseline_params_enqueue(tiny, fields, choice, layers):
     assert sorted({tiny[n].layer for n in plan.ranks}) == layers
     if layers:
         j = space.labels.index(str(choice))
-        assert plan.ranks == {n: resolve_rank(space.ranks[j], p.full_rank) for n, p in tiny.items()
-                              if p.layer in layers}
+        assert plan.ranks == {
+            n: resolve_rank(space.ranks[j], p.full_rank) for n, p in tiny.items() if p.layer in layers
+        }
 
 
 # --- ranks ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("choice, full, align, rank", [
-    (1, 576, 1, 1), (0.1, 576, 1, 58), (0.05, 576, 1, 29), (0.05, 192, 1, 10), (0.5, 193, 1, 97),
-    (0.1, 576, 8, 56), (0.05, 4096, 8, 208), (1, 192, 8, 8), (1000, 192, 1, 192), (1000, 190, 8, 184),
-    (0.999, 7, 1, 7), (1, 4, 8, 4), (12, 64, 8, 16), (DENSE, 64, 1, None),
-])
+
+@pytest.mark.parametrize(
+    "choice, full, align, rank",
+    [
+        (1, 576, 1, 1),
+        (0.1, 576, 1, 58),
+        (0.05, 576, 1, 29),
+        (0.05, 192, 1, 10),
+        (0.5, 193, 1, 97),
+        (0.1, 576, 8, 56),
+        (0.05, 4096, 8, 208),
+        (1, 192, 8, 8),
+        (1000, 192, 1, 192),
+        (1000, 190, 8, 184),
+        (0.999, 7, 1, 7),
+        (1, 4, 8, 4),
+        (12, 64, 8, 16),
+        (DENSE, 64, 1, None),
+    ],
+)
 def test_resolve_rank(choice, full, align, rank):
     assert resolve_rank(choice, full, align) == rank
 
 
 # --- bad input -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(foo=1), "space.foo: unknown key"),
-    (dict(name=""), "space.name: expected a non-empty string"),
-    (dict(model_config=None), "space.model: give model"),
-    (dict(model_config={"hidden_size": 4}), "space.model_config: expected a mapping with a model_type"),
-    (dict(ranks=[1, 0.5, 1.5]), "space.ranks[2]: expected an int >= 1"),
-    (dict(ranks=[1, "full"]), "space.ranks[1]: expected an int >= 1"),
-    (dict(ranks=[True]), "space.ranks[0]: expected"),
-    (dict(ranks=[0]), "space.ranks[0]: expected"),
-    (dict(ranks=[1, 1]), "space.ranks[1]: 1 is listed twice"),
-    (dict(ranks=[]), "space.ranks: expected a non-empty list"),
-    (dict(ranks=[DENSE]), "space.ranks: needs a rank besides 'dense'"),
-    (dict(group="blocks"), "space.group: unknown group 'blocks'; known: layer, layer_x_type, module, shared, type"),
-    (dict(group="layers"), "space.group: unknown group 'layers' (did you mean 'layer'?)"),
-    (dict(group="layer_x_type"), "space.ranks[1]: group layer_x_type leaves modules dense"),
-    (dict(rules={"max_layers": 0}), "space.rules.max_layers: expected an integer >= 1, got 0"),
-    (dict(rules={"skip_first": -1}), "space.rules.skip_first: expected an integer >= 0, got -1"),
-    (dict(rules={"align": 0}), "space.rules.align: expected an integer >= 1, got 0"),
-    (dict(rules={"bogus": 1}), "space.rules.bogus: unknown key"),
-    (dict(rules={"no_adjacent": "yes"}), "space.rules.no_adjacent: expected true or false"),
-    (dict(rules=[1]), "space.rules: expected a mapping"),
-    (dict(group="type", rules={"no_adjacent": True}), "space.rules.no_adjacent: applies to groups module, layer"),
-    (dict(group="shared", rules={"max_layers": 2}), "space.rules.max_layers: applies to groups"),
-    (dict(ranks=[1], rules={"max_layers": 2}), "space.rules.max_layers: needs 'dense' among space.ranks"),
-    (dict(layers=[0, 0]), "space.layers[1]: layer 0 is listed twice"),
-    (dict(layers=[-1]), "space.layers[0]: expected an integer >= 0, got -1"),
-    (dict(layers={"from": 3, "to": 1}), "space.layers.to: 1 is below from 3"),
-    (dict(layers={"from": 1}), "space.layers.to: missing"),
-    (dict(layers={"from": 1, "to": 2, "step": 1}), "space.layers.step: unknown key"),
-    (dict(layers="some"), "space.layers: expected 'all'"),
-    (dict(types=["q", "qq"]), "space.types[1]: 'qq' is not a tensor type"),
-    (dict(types=["q", "q"]), "space.types[1]: q is listed twice"),
-    (dict(method="svd"), "space.method: unknown key"),
-])
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(foo=1), "space.foo: unknown key"),
+        (dict(name=""), "space.name: expected a non-empty string"),
+        (dict(model_config=None), "space.model: give model"),
+        (dict(model_config={"hidden_size": 4}), "space.model_config: expected a mapping with a model_type"),
+        (dict(ranks=[1, 0.5, 1.5]), "space.ranks[2]: expected an int >= 1"),
+        (dict(ranks=[1, "full"]), "space.ranks[1]: expected an int >= 1"),
+        (dict(ranks=[True]), "space.ranks[0]: expected"),
+        (dict(ranks=[0]), "space.ranks[0]: expected"),
+        (dict(ranks=[1, 1]), "space.ranks[1]: 1 is listed twice"),
+        (dict(ranks=[]), "space.ranks: expected a non-empty list"),
+        (dict(ranks=[DENSE]), "space.ranks: needs a rank besides 'dense'"),
+        (dict(group="blocks"), "space.group: unknown group 'blocks'; known: layer, layer_x_type, module, shared, type"),
+        (dict(group="layers"), "space.group: unknown group 'layers' (did you mean 'layer'?)"),
+        (dict(group="layer_x_type"), "space.ranks[1]: group layer_x_type leaves modules dense"),
+        (dict(rules={"max_layers": 0}), "space.rules.max_layers: expected an integer >= 1, got 0"),
+        (dict(rules={"skip_first": -1}), "space.rules.skip_first: expected an integer >= 0, got -1"),
+        (dict(rules={"align": 0}), "space.rules.align: expected an integer >= 1, got 0"),
+        (dict(rules={"bogus": 1}), "space.rules.bogus: unknown key"),
+        (dict(rules={"no_adjacent": "yes"}), "space.rules.no_adjacent: expected true or false"),
+        (dict(rules=[1]), "space.rules: expected a mapping"),
+        (dict(group="type", rules={"no_adjacent": True}), "space.rules.no_adjacent: applies to groups module, layer"),
+        (dict(group="shared", rules={"max_layers": 2}), "space.rules.max_layers: applies to groups"),
+        (dict(ranks=[1], rules={"max_layers": 2}), "space.rules.max_layers: needs 'dense' among space.ranks"),
+        (dict(layers=[0, 0]), "space.layers[1]: layer 0 is listed twice"),
+        (dict(layers=[-1]), "space.layers[0]: expected an integer >= 0, got -1"),
+        (dict(layers={"from": 3, "to": 1}), "space.layers.to: 1 is below from 3"),
+        (dict(layers={"from": 1}), "space.layers.to: missing"),
+        (dict(layers={"from": 1, "to": 2, "step": 1}), "space.layers.step: unknown key"),
+        (dict(layers="some"), "space.layers: expected 'all'"),
+        (dict(types=["q", "qq"]), "space.types[1]: 'qq' is not a tensor type"),
+        (dict(types=["q", "q"]), "space.types[1]: q is listed twice"),
+        (dict(method="svd"), "space.method: unknown key"),
+    ],
+)
 def test_bad_fields_name_the_field(fields, message):
     data = {"name": "t", "model_config": TINY, "ranks": [1, DENSE], **fields}
     with pytest.raises(SpaceError) as err:
@@ -327,15 +384,23 @@ def test_bad_fields_name_the_field(fields, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(layers=[0, 9]), "space.layers[1]: layer 9 does not exist (the model has 6, 0..5)"),
-    (dict(layers={"from": 2, "to": 8}), "space.layers: layer 6 does not exist"),
-    (dict(types=["qkv"]), "space.types[0]: this model has no 'qkv' projections"),
-    (dict(ranks=[1, 2], rules={"align": 4}),
-     "space.ranks[1]: resolves to rank 4 like space.ranks[0] on model.layers.0"),
-    (dict(ranks=[100, 200]), "space.ranks[1]: resolves to rank 32 like space.ranks[0]"),
-    (dict(ranks=[1], rules={"skip_first": 3, "skip_last": 3}), "space.rules: skip_first 3 and skip_last 3 leave none"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(layers=[0, 9]), "space.layers[1]: layer 9 does not exist (the model has 6, 0..5)"),
+        (dict(layers={"from": 2, "to": 8}), "space.layers: layer 6 does not exist"),
+        (dict(types=["qkv"]), "space.types[0]: this model has no 'qkv' projections"),
+        (
+            dict(ranks=[1, 2], rules={"align": 4}),
+            "space.ranks[1]: resolves to rank 4 like space.ranks[0] on model.layers.0",
+        ),
+        (dict(ranks=[100, 200]), "space.ranks[1]: resolves to rank 32 like space.ranks[0]"),
+        (
+            dict(ranks=[1], rules={"skip_first": 3, "skip_last": 3}),
+            "space.rules: skip_first 3 and skip_last 3 leave none",
+        ),
+    ],
+)
 def test_bad_fields_for_the_model_name_the_field(tiny, fields, message):
     space = tiny_space(**{"ranks": [1, DENSE], **fields})
     with pytest.raises(SpaceError) as err:

@@ -34,8 +34,15 @@ def test_measure_speed_reports_every_figure(tiny_llama_dir):
     report = measure_speed(model, tokenizer, SpeedConfig(prompt=8, batch=2, new_tokens=3, repeats=2), label="tiny")
     row = report.row()
     assert report.weight_bytes == model_bytes(model) and report.threads == torch.get_num_threads()
-    for key in ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_batch_tokens_per_s",
-                "host_peak_bytes", "attained_bandwidth", "decode_ms_per_token"):
+    for key in (
+        "prefill_tokens_per_s",
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "decode_batch_tokens_per_s",
+        "host_peak_bytes",
+        "attained_bandwidth",
+        "decode_ms_per_token",
+    ):
         assert row[key] > 0, key
     assert row["workload_batch"] == 2 and set(report.spreads) == {"prefill", "ttft", "decode", "decode_batch"}
     assert report.attained_bandwidth == pytest.approx(report.weight_bytes * report.decode_tokens_per_s)
@@ -71,8 +78,22 @@ def tiny_config(tiny_llama_dir, tmp_path):
 
 def test_speed_of_a_config_against_dense(tiny_config, tmp_path, capsys):
     config, model, table = tiny_config
-    assert main(["speed", str(tmp_path / "config.json"), "--against", "dense", "--json", str(tmp_path / "s.json"),
-                 "--csv", str(tmp_path / "s.csv"), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "speed",
+                str(tmp_path / "config.json"),
+                "--against",
+                "dense",
+                "--json",
+                str(tmp_path / "s.json"),
+                "--csv",
+                str(tmp_path / "s.csv"),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ratio" in out and "decode tokens/s, batch 1" in out and "threads" in out
     rows = json.loads((tmp_path / "s.json").read_text())
@@ -81,7 +102,7 @@ def test_speed_of_a_config_against_dense(tiny_config, tmp_path, capsys):
     assert rows[1]["weight_bytes"] == model_bytes(model)
     assert (tmp_path / "s.csv").read_text().count("\n") == 3
     # the table shows GB/s where JSON and CSV keep bytes/s
-    line = next(l for l in out.splitlines() if l.startswith("decode bandwidth, GB/s"))
+    line = next(row for row in out.splitlines() if row.startswith("decode bandwidth, GB/s"))
     shown = [float(v) for v in line.split()[3:5]]
     assert shown == pytest.approx([r["attained_bandwidth"] / 1e9 for r in rows], abs=0.006)
 

@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_tiny
-from dse.decompose import (METHODS, Calibration, StatsStore, calibrate, collect_calibration,
-                           collect_stats, decompose_, factor_forms, restore_, uniform_plan)
+from helpers import CharTokenizer as Tok
+from helpers import char_spec as _spec
+from helpers import rel_err, token_ids
+
+from dse.decompose import (
+    METHODS,
+    Calibration,
+    StatsStore,
+    calibrate,
+    collect_calibration,
+    collect_stats,
+    decompose_,
+    factor_forms,
+    restore_,
+    uniform_plan,
+)
 from dse.decompose.calibration import _stream
 from dse.decompose.stats import pack_symmetric, unpack_symmetric
 from dse.model import find_projections
-from helpers import CharTokenizer as Tok, char_spec as _spec, rel_err, token_ids
 
 DATA_AWARE = [m for m in METHODS if METHODS[m].config_cls.needs_calibration]
 
@@ -35,6 +47,7 @@ def test_streamed_statistics_equal_the_statistics_at_once(family):
     def on_layer(names, cal):
         layers.append(names)
         held.update({n: cal.stats_for(n).xtx.clone() for n in names if n in cal.stats})
+
     cal = streamed(model, ids, on_layer)
     assert layers == [[n for n, p in table.items() if p.layer == i] for i in range(len(layers))]
     assert cal.aliases == aliases and not cal.stats  # every statistic released to the store
@@ -101,17 +114,32 @@ def test_factors_from_the_float32_store_match(method):
 
 def test_a_worker_factorizes_inside_the_layer_loop(tmp_path, tiny_llama_dir):
     from conftest import BENCHMARKS
+    from helpers import write_study
+
     from dse.study.config import load_study_config
     from dse.study.worker import Worker
-    from helpers import write_study
 
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    calibration = {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
-                            "rows": [40, 41]}, "n_samples": 4, "seq_len": 32, "streamed": True}
-    path = write_study(tmp_path, tiny_llama_dir, method="svdllm", calibration=calibration,
-                       cache={"memory": "cpu"}, evaluation={"tasks": [], "latency": True},
-                       objectives=["latency", "params"])
+    calibration = {
+        "text": {
+            "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+            "field": "page",
+            "rows": [40, 41],
+        },
+        "n_samples": 4,
+        "seq_len": 32,
+        "streamed": True,
+    }
+    path = write_study(
+        tmp_path,
+        tiny_llama_dir,
+        method="svdllm",
+        calibration=calibration,
+        cache={"memory": "cpu"},
+        evaluation={"tasks": [], "latency": True},
+        objectives=["latency", "params"],
+    )
     worker = Worker.from_config(load_study_config(path), progress=False)
     assert worker.cache.misses == len(worker.table) == len(worker.cache)  # every form made in the loop
     assert not worker.calibration.stats and worker.calibration.store is not None

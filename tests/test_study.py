@@ -7,16 +7,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import BENCHMARKS
+from helpers import write_study
 from optuna.trial import TrialState
 
 from dse.cli import main
+from dse.results.record import TrialRecord
 from dse.study.config import ConfigError, load_study_config
 from dse.study.runner import finished_trials, open_study, run_study
 from dse.study.worker import Worker
-from dse.results.record import TrialRecord
-
-from conftest import BENCHMARKS
-from helpers import write_study
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +35,11 @@ def test_a_trial_writes_its_record_in_one_storage_call(worker, tmp_path, tiny_ll
     shared database, not one per metric."""
     writes = []
     real = optuna.storages.RDBStorage.set_trial_user_attr
-    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_user_attr",
-                        lambda self, trial_id, key, value: writes.append((trial_id, key)) or real(self, trial_id, key,
-                                                                                                  value))
+    monkeypatch.setattr(
+        optuna.storages.RDBStorage,
+        "set_trial_user_attr",
+        lambda self, trial_id, key, value: writes.append((trial_id, key)) or real(self, trial_id, key, value),
+    )
     study = run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=4), worker=worker, progress=False)
     per_trial = {t._trial_id: [k for i, k in writes if i == t._trial_id] for t in study.trials}
     assert len(per_trial) == 4 and all(keys == ["worker", TrialRecord.ATTRIBUTE] for keys in per_trial.values())
@@ -69,8 +70,15 @@ def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
     assert uniform["n_modules"] == len(worker.table) and uniform["params_ratio"] < 1.0
     for t in trials:
         a = TrialRecord.of(t)
-        assert a.plan is not None and {"params", "bytes", "compression", "flops_per_token", "acc/piqa", "perplexity",
-                                       "eval_seconds"} <= set(a.metrics)
+        assert a.plan is not None and {
+            "params",
+            "bytes",
+            "compression",
+            "flops_per_token",
+            "acc/piqa",
+            "perplexity",
+            "eval_seconds",
+        } <= set(a.metrics)
         assert t.values == [a["accuracy"], a["params_ratio"]]
         assert math.isclose(a["compression"], 1 - a["params_ratio"])
     # the model is dense again after the study, bit for bit
@@ -133,16 +141,19 @@ def test_cli_run_and_status(tmp_path, tiny_llama_dir, capsys):
     assert finished_trials(study) == 1
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"sampler": "tpee"}, "sampler"),
-    ({"objectives": ["accuracy", "size"]}, "objectives[1]"),
-    ({"n_trials": 0}, "n_trials"),
-    ({"bogus": 1}, "bogus"),
-    ({"constraints": {"max_params": 1.5}}, "constraints.max_params"),
-    ({"baselines": [{"uniform": -1}]}, "baselines[0]"),
-    ({"method": "nope"}, "method"),
-    ({"dtype": "float8"}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"sampler": "tpee"}, "sampler"),
+        ({"objectives": ["accuracy", "size"]}, "objectives[1]"),
+        ({"n_trials": 0}, "n_trials"),
+        ({"bogus": 1}, "bogus"),
+        ({"constraints": {"max_params": 1.5}}, "constraints.max_params"),
+        ({"baselines": [{"uniform": -1}]}, "baselines[0]"),
+        ({"method": "nope"}, "method"),
+        ({"dtype": "float8"}, "dtype"),
+    ],
+)
 def test_bad_study_names_the_field(tmp_path, tiny_llama_dir, change, field):
     path = write_study(tmp_path, tiny_llama_dir, **change)
     with pytest.raises(ConfigError) as e:
@@ -163,8 +174,9 @@ def test_a_repeated_plan_is_not_evaluated_again(worker, tmp_path, tiny_llama_dir
     assert all(t.values == first.values for t in rest)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_shipped_studies_load(path):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")

@@ -9,24 +9,31 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_study
 
 from dse.cli import main
 from dse.core.errors import TaskNotFoundError
 from dse.evaluate import EvalConfig, Evaluator, check_tasks, load_tasks, local_copy
 from dse.results.record import TrialRecord
-from helpers import write_study
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENBOOKQA = [  # rows in the hub's layout (allenai/openbookqa, main), made up for the test
-    {"id": f"q{i}", "question_stem": stem, "answerKey": key,
-     "choices": {"text": choices, "label": ["A", "B", "C", "D"]}}
-    for i, (stem, choices, key) in enumerate([
-        ("The sun is a", ["star", "planet", "moon", "comet"], "A"),
-        ("Water freezes at", ["100 C", "0 C", "50 C", "10 C"], "B"),
-        ("Plants make food by", ["eating", "sleeping", "photosynthesis", "running"], "C"),
-        ("A magnet attracts", ["wood", "glass", "paper", "iron"], "D"),
-        ("Ice is a", ["solid", "gas", "plasma", "liquid"], "A"),
-    ])]
+    {
+        "id": f"q{i}",
+        "question_stem": stem,
+        "answerKey": key,
+        "choices": {"text": choices, "label": ["A", "B", "C", "D"]},
+    }
+    for i, (stem, choices, key) in enumerate(
+        [
+            ("The sun is a", ["star", "planet", "moon", "comet"], "A"),
+            ("Water freezes at", ["100 C", "0 C", "50 C", "10 C"], "B"),
+            ("Plants make food by", ["eating", "sleeping", "photosynthesis", "running"], "C"),
+            ("A magnet attracts", ["wood", "glass", "paper", "iron"], "D"),
+            ("Ice is a", ["solid", "gas", "plasma", "liquid"], "A"),
+        ]
+    )
+]
 
 
 def test_groups_and_tags_stand_for_their_tasks(benchmarks_dir, tmp_path):
@@ -44,9 +51,12 @@ def test_unreachable_dataset_is_one_line_before_the_study(offline, tiny_llama_di
     with pytest.raises(TaskNotFoundError) as err:
         check_tasks(["openbookqa"])
     message = str(err.value)
-    assert message.startswith("evaluation.tasks[0]: the dataset of task 'openbookqa' (allenai/openbookqa) "
-                              "cannot be loaded (")
-    assert message.endswith("give a local copy: evaluation.data_dir with openbookqa/<split>.jsonl, fields as on the hub")
+    assert message.startswith(
+        "evaluation.tasks[0]: the dataset of task 'openbookqa' (allenai/openbookqa) cannot be loaded ("
+    )
+    assert message.endswith(
+        "give a local copy: evaluation.data_dir with openbookqa/<split>.jsonl, fields as on the hub"
+    )
     assert "\n" not in message
     study = write_study(tmp_path, tiny_llama_dir, evaluation={"tasks": ["openbookqa"], "limit": 2})
     assert main(["run", str(study), "--quiet"]) == 2
@@ -93,9 +103,19 @@ def test_custom_task_yaml_runs_in_a_study(tiny_llama_dir, tmp_path, benchmarks_d
     from dse.study.config import load_study_config
     from dse.study.runner import run_study
 
-    path = write_study(tmp_path, tiny_llama_dir, n_trials=2, baselines=["dense"],
-                       evaluation={"tasks": ["piqa_qa", "piqa"], "limit": 4, "batch_size": 4,
-                                   "data_dir": str(benchmarks_dir), "include_path": str(ROOT / "tasks")})
+    path = write_study(
+        tmp_path,
+        tiny_llama_dir,
+        n_trials=2,
+        baselines=["dense"],
+        evaluation={
+            "tasks": ["piqa_qa", "piqa"],
+            "limit": 4,
+            "batch_size": 4,
+            "data_dir": str(benchmarks_dir),
+            "include_path": str(ROOT / "tasks"),
+        },
+    )
     study = run_study(load_study_config(path), progress=False)
     trials = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(trials) == 2

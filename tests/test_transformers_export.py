@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from dse.core.errors import ExportError
 from dse.decompose import model_fingerprint, plan_size, uniform_plan
 from dse.model import find_projections
@@ -46,8 +46,12 @@ def load_without_dse(folder, ids, tmp_path) -> dict:
     """Load ``folder`` with plain transformers in a fresh interpreter where dse cannot be imported:
     its logits and greedy continuation of ``ids``, its class, and whether dse was loaded."""
     torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSE, str(folder), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_DSE, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
 
@@ -91,5 +95,8 @@ def test_unknown_format_is_one_line(tmp_path, capsys):
 
     config.save(tmp_path / "c.json")
     assert main(["apply", str(tmp_path / "c.json"), "--out", str(tmp_path / "o"), "--format", "tranformers"]) == 2
-    assert capsys.readouterr().err.strip().startswith(
-        "dse: error: format: unknown format 'tranformers' (did you mean 'transformers'?)")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("dse: error: format: unknown format 'tranformers' (did you mean 'transformers'?)")
+    )

@@ -12,15 +12,26 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from conftest import BENCHMARKS, make_tiny
+from helpers import CharTokenizer, char_spec, token_ids, write_study
+
 from dse.core.errors import ConfigError, ModelError, PlanError
-from dse.decompose import (InputStats, ProjectionStats, calibrate, collect_calibration, collect_stats,
-                           decompose_, factor_forms, get_method, make_config, restore_, uniform_plan)
+from dse.decompose import (
+    InputStats,
+    ProjectionStats,
+    calibrate,
+    collect_calibration,
+    collect_stats,
+    decompose_,
+    factor_forms,
+    get_method,
+    make_config,
+    restore_,
+    uniform_plan,
+)
 from dse.model import find_projections, load_model
 from dse.study.config import load_study_config
 from dse.study.estimate import estimate
-from helpers import CharTokenizer, char_spec, token_ids, write_study
 
 SHAPES = [(24, 16), (16, 24), (12, 12)]
 
@@ -28,8 +39,9 @@ SHAPES = [(24, 16), (16, 24), (12, 12)]
 def moment(dim: int, tokens: int, seed: int) -> torch.Tensor:
     """``ZᵀZ / tokens`` of correlated, unevenly scaled rows (as activations and gradients are)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(tokens, dim, generator=g, dtype=torch.float64) @ torch.randn(dim, dim, generator=g,
-                                                                                    dtype=torch.float64)
+    z = torch.randn(tokens, dim, generator=g, dtype=torch.float64) @ torch.randn(
+        dim, dim, generator=g, dtype=torch.float64
+    )
     z = z * torch.logspace(0, -1, dim, dtype=torch.float64)
     return z.T @ z / tokens
 
@@ -99,8 +111,12 @@ def truncated_svd(W, r):
 
 def svdllm_truncation(W, C, r):
     method = get_method("svdllm")
-    factors = method.truncate(method.factorize(W, make_config("svdllm", {"jitter": 1e-12}),
-                                               InputStats(torch.ones(C.shape[0], dtype=torch.float64), C, 1)), r)
+    factors = method.truncate(
+        method.factorize(
+            W, make_config("svdllm", {"jitter": 1e-12}), InputStats(torch.ones(C.shape[0], dtype=torch.float64), C, 1)
+        ),
+        r,
+    )
     return factors[1] @ factors[0]
 
 
@@ -110,8 +126,12 @@ def test_identity_moments_give_svd_and_an_identity_gradient_moment_gives_svdllm(
     for r in (1, 5, 13):
         identity = two_sided(torch.eye(20, dtype=torch.float64), torch.eye(14, dtype=torch.float64))
         torch.testing.assert_close(truncated(W, identity, r), truncated_svd(W, r), rtol=0, atol=1e-10)
-        torch.testing.assert_close(truncated(W, two_sided(torch.eye(20, dtype=torch.float64), C), r, jitter=1e-12),
-                                   svdllm_truncation(W, C, r), rtol=0, atol=1e-8)
+        torch.testing.assert_close(
+            truncated(W, two_sided(torch.eye(20, dtype=torch.float64), C), r, jitter=1e-12),
+            svdllm_truncation(W, C, r),
+            rtol=0,
+            atol=1e-8,
+        )
 
 
 @pytest.mark.parametrize("case", ["few_tokens", "dead_channel", "indefinite"])
@@ -130,12 +150,15 @@ def test_degenerate_moments_are_regularized_and_said_so(case):
     torch.testing.assert_close((form.U * form.S) @ form.Vh, W, rtol=0, atol=1e-6)  # still exact at full rank
 
 
-@pytest.mark.parametrize("which, bad, message", [
-    ("grad", "zero", r"^calibration: the output-gradient moment of p is zero \(nothing reached it"),
-    ("input", "zero", r"^calibration: the input moment of p is zero"),
-    ("grad", "nan", r"^calibration: the output-gradient moment of p has non-finite entries"),
-    ("input", "inf", r"^calibration: the input moment of p has non-finite entries"),
-])
+@pytest.mark.parametrize(
+    "which, bad, message",
+    [
+        ("grad", "zero", r"^calibration: the output-gradient moment of p is zero \(nothing reached it"),
+        ("input", "zero", r"^calibration: the input moment of p is zero"),
+        ("grad", "nan", r"^calibration: the output-gradient moment of p has non-finite entries"),
+        ("input", "inf", r"^calibration: the input moment of p has non-finite entries"),
+    ],
+)
 def test_bad_statistics_are_one_line_errors(which, bad, message):
     G, C = moment(12, 100, 13), moment(8, 100, 14)
     target = G if which == "grad" else C
@@ -156,6 +179,7 @@ def test_jitter_is_checked(jitter):
 
 # --- the output-gradient moments of calibration -------------------------------------------------
 
+
 def test_grad_moments_match_autograd():
     model = make_tiny("llama")
     ids = token_ids(batch=4, length=12, seed=3)
@@ -170,10 +194,12 @@ def test_grad_moments_match_autograd():
             def hook(module, args, output):
                 output.retain_grad()
                 outputs[name] = output
+
             return hook
+
         handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in table]
-        embeds = model.get_input_embeddings()(ids[start:start + 2]).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, labels=ids[start:start + 2]).loss.backward()
+        embeds = model.get_input_embeddings()(ids[start : start + 2]).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids[start : start + 2]).loss.backward()
         for h in handles:
             h.remove()
         for n, out in outputs.items():
@@ -191,8 +217,11 @@ def test_grad_moments_match_autograd():
 
 
 def test_a_model_without_a_loss_is_a_one_line_error():
-    with pytest.raises(ModelError, match=r"^calibration: gradients need a model that returns a language-modeling "
-                                         r"loss; BertModel returns none$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^calibration: gradients need a model that returns a language-modeling "
+        r"loss; BertModel returns none$",
+    ):
         collect_calibration(make_tiny("bert"), token_ids(), grad_moments=True)
 
 
@@ -205,8 +234,16 @@ def test_streamed_moments_equal_the_moments_at_once_and_the_store_keeps_them(tmp
 
     def on_layer(names, cal):  # the walk factorizes each layer with its moments still in memory
         seen.update(factor_forms(model, names, config, calibration=cal))
-    streamed = calibrate(model, tok, char_spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
-                         on_layer=on_layer, progress=False)
+
+    streamed = calibrate(
+        model,
+        tok,
+        char_spec(tmp_path, True),
+        cache_dir=tmp_path / "cache",
+        grad_moments=True,
+        on_layer=on_layer,
+        progress=False,
+    )
     assert streamed.key == at_once.key and set(seen) == set(table)
     assert not streamed.grad_moments and streamed.has_grad_moments()  # released to the store, layer by layer
     for name in table:
@@ -219,8 +256,9 @@ def test_streamed_moments_equal_the_moments_at_once_and_the_store_keeps_them(tmp
         r = table[name].full_rank // 2
         products = [(f.U[:, :r] * f.S[:r]) @ f.Vh[:r] for f in (seen[name], form)]
         torch.testing.assert_close(products[0], products[1], rtol=0, atol=1e-4 * products[1].abs().max().item())
-    again = calibrate(model, tok, char_spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True,
-                      progress=False)
+    again = calibrate(
+        model, tok, char_spec(tmp_path, True), cache_dir=tmp_path / "cache", grad_moments=True, progress=False
+    )
     assert again.has_grad_moments() and not again.grad_moments  # read back from the store, not gathered again
 
 
@@ -257,8 +295,15 @@ def test_estimate_counts_the_moments():
 def test_estimate_matches_a_tiny_calibration(tmp_path, tiny_llama_dir):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    calibration = {"text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page",
-                            "rows": [40, 41]}, "n_samples": 4, "seq_len": 32}
+    calibration = {
+        "text": {
+            "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+            "field": "page",
+            "rows": [40, 41],
+        },
+        "n_samples": 4,
+        "seq_len": 32,
+    }
     config = load_study_config(write_study(tmp_path, tiny_llama_dir, method="twosided", calibration=calibration))
     est = estimate(config)
     model, tokenizer = load_model(str(tiny_llama_dir))

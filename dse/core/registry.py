@@ -32,8 +32,7 @@ class Registry(Generic[T]):
         self._units: Dict[str, T] = {}
         self._help: Dict[str, str] = {}
 
-    def register(self, name: str, unit: Optional[T] = None, *, help: Optional[str] = None,
-                 replace: bool = False):
+    def register(self, name: str, unit: Optional[T] = None, *, help: Optional[str] = None, replace: bool = False):
         """Register ``unit`` under ``name`` and return it; without ``unit``, a decorator.
 
         ``help`` defaults to the first line of the unit's docstring (a function or class), or of an

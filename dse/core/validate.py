@@ -82,13 +82,20 @@ def integer(value, where: str, minimum: Optional[int] = None, error: type = Conf
     return value
 
 
-def number(value, where: str, low: float = -INF, high: float = INF, *, open_low: bool = False,
-           open_high: bool = False, error: type = ConfigError) -> float:
+def number(
+    value,
+    where: str,
+    low: float = -INF,
+    high: float = INF,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    error: type = ConfigError,
+) -> float:
     """A finite or infinite number in the interval from ``low`` to ``high`` (ends closed unless open)."""
     if not is_number(value):
         raise error(f"{where}: expected a number, got {_shown(value)}")
-    if math.isnan(value) or value < low or value > high or (open_low and value == low) or \
-            (open_high and value == high):
+    if math.isnan(value) or value < low or value > high or (open_low and value == low) or (open_high and value == high):
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
         raise error(f"{where}: must be in {interval}, got {value:g}")
     return float(value)

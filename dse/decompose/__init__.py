@@ -24,11 +24,21 @@ from .calibration import Calibration, CalibrationSpec, calibrate, collect_calibr
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
 from .heal import HealConfig, HealReport, add_lora, heal_, heal_memory, low_rank_modules, remove_lora
 from .lowrank import LowRankLinear
-from .methods import (METHODS, Method, MethodConfig, Rank, SVDForm, as_config, as_pair, get_method, make_config,
-                      register_method)
+from .methods import (
+    METHODS,
+    Method,
+    MethodConfig,
+    Rank,
+    SVDForm,
+    as_config,
+    as_pair,
+    get_method,
+    make_config,
+    register_method,
+)
 from .plan import PLAN_FORMAT, Plan, uniform_plan
-from .stats import InputStats, ProjectionStats, StatsStore
 from .size import SizeReport, plan_size
+from .stats import InputStats, ProjectionStats, StatsStore
 from .surgery import decompose_, decomposed, dense_modules, factor_forms, is_decomposed, restore_, swap_module
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
 from .twosided import TwoSidedConfig, twosided_factorize
@@ -39,11 +49,56 @@ register_method(ASVDConfig, asvd_factorize, truncate_two)
 register_method(SVDLLMConfig, svdllm_factorize, truncate_two)
 register_method(TwoSidedConfig, twosided_factorize, truncate_two)
 
-__all__ = ["ASVDConfig", "Calibration", "CalibrationSpec", "FactorCache", "HealConfig", "HealReport", "InputStats",
-           "LowRankLinear", "MEMORY", "METHODS", "Method", "MethodConfig", "PLAN_FORMAT", "Plan", "ProjectionStats",
-           "Rank", "SVDConfig", "SVDForm", "SVDLLMConfig", "SizeReport", "StatsStore", "Tucker2Config",
-           "TwoSidedConfig", "add_lora", "as_config", "as_pair", "calibrate", "check_memory", "collect_calibration",
-           "collect_stats", "decompose_", "decomposed", "dense_modules", "factor_forms", "get_method", "heal_",
-           "heal_memory", "is_decomposed", "low_rank_modules", "make_config", "model_fingerprint", "plan_size",
-           "register_method", "remove_lora", "restore_", "svd_form", "swap_module", "truncate_three", "truncate_two",
-           "twosided_factorize", "uniform_plan"]
+__all__ = [
+    "ASVDConfig",
+    "Calibration",
+    "CalibrationSpec",
+    "FactorCache",
+    "HealConfig",
+    "HealReport",
+    "InputStats",
+    "LowRankLinear",
+    "MEMORY",
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "PLAN_FORMAT",
+    "Plan",
+    "ProjectionStats",
+    "Rank",
+    "SVDConfig",
+    "SVDForm",
+    "SVDLLMConfig",
+    "SizeReport",
+    "StatsStore",
+    "Tucker2Config",
+    "TwoSidedConfig",
+    "add_lora",
+    "as_config",
+    "as_pair",
+    "calibrate",
+    "check_memory",
+    "collect_calibration",
+    "collect_stats",
+    "decompose_",
+    "decomposed",
+    "dense_modules",
+    "factor_forms",
+    "get_method",
+    "heal_",
+    "heal_memory",
+    "is_decomposed",
+    "low_rank_modules",
+    "make_config",
+    "model_fingerprint",
+    "plan_size",
+    "register_method",
+    "remove_lora",
+    "restore_",
+    "svd_form",
+    "swap_module",
+    "truncate_three",
+    "truncate_two",
+    "twosided_factorize",
+    "uniform_plan",
+]

@@ -128,4 +128,3 @@ class FactorCache:
         if self.memory != "none":
             self._mem[key] = form
         return form
-

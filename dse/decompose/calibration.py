@@ -85,11 +85,12 @@ class CalibrationSpec:
         """``(n_samples, seq_len)`` token ids: windows at random starts in the text's token stream."""
         ids = token_ids(tokenizer, self.text.read())
         if ids.numel() < self.seq_len:
-            raise ConfigError(f"calibration.seq_len: the text has {ids.numel()} tokens, "
-                              f"fewer than one window of {self.seq_len}")
+            raise ConfigError(
+                f"calibration.seq_len: the text has {ids.numel()} tokens, fewer than one window of {self.seq_len}"
+            )
         gen = torch.Generator().manual_seed(self.seed)
         starts = torch.randint(0, ids.numel() - self.seq_len + 1, (self.n_samples,), generator=gen)
-        return torch.stack([ids[s:s + self.seq_len] for s in starts.tolist()])
+        return torch.stack([ids[s : s + self.seq_len] for s in starts.tolist()])
 
 
 @dataclass
@@ -126,16 +127,19 @@ class Calibration:
         elif self.store is not None and self.store.has(owner):
             inputs = self.store.read(owner)
         else:
-            raise KeyError(f"calibration: no statistics for module {name!r} "
-                           "(was the calibration computed on this model?)")
+            raise KeyError(
+                f"calibration: no statistics for module {name!r} (was the calibration computed on this model?)"
+            )
         if not grad_moment:
             return inputs
         if name in self.grad_moments:
             return ProjectionStats(inputs, self.grad_moments[name], name)
         if self.store is not None and self.store.has_grad_moment(name):
             return ProjectionStats(inputs, self.store.read_grad_moment(name), name)
-        raise KeyError(f"calibration: no output-gradient moment for module {name!r} "
-                       "(was the calibration computed with grad_moments=True?)")
+        raise KeyError(
+            f"calibration: no output-gradient moment for module {name!r} "
+            "(was the calibration computed with grad_moments=True?)"
+        )
 
     def has_grad_moments(self) -> bool:
         """Whether the output-gradient moments were gathered (in memory, or complete in the store)."""
@@ -209,6 +213,7 @@ class _InputRecorder:
             self.seen += 1
             if self.seen == self.stop_after:
                 raise _StopForward
+
         return record
 
 
@@ -229,6 +234,7 @@ class _GradRecorder:
             if name not in self.sums:
                 self.sums[name] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
             add_gram(self.sums[name], g)
+
         return record
 
 
@@ -246,8 +252,10 @@ def _forward(model: nn.Module, ids: torch.Tensor, gradients: bool) -> None:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         loss = getattr(model(inputs_embeds=embeds, labels=ids), "loss", None)
         if loss is None:
-            raise ModelError(f"calibration: gradients need a model that returns a language-modeling loss; "
-                             f"{type(model).__name__} returns none")
+            raise ModelError(
+                f"calibration: gradients need a model that returns a language-modeling loss; "
+                f"{type(model).__name__} returns none"
+            )
         loss.backward()
 
 
@@ -258,19 +266,36 @@ def _check_dense(model: nn.Module) -> None:
         raise RuntimeError("calibration: model is decomposed; calibrate the dense model (dse.restore_ first)")
 
 
-def collect_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, gradients: bool = False,
-                  inputs: bool = True, progress: bool = False, table=None
-                  ) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
+def collect_stats(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    gradients: bool = False,
+    inputs: bool = True,
+    progress: bool = False,
+    table=None,
+) -> tuple[Dict[str, InputStats], Dict[str, str], Dict[str, torch.Tensor]]:
     """``(stats, aliases, grads)`` of every projection of ``table`` (default: the model's family's)
     over ``windows`` (one pass; see :func:`collect_calibration`, which takes the same arguments)."""
-    cal = collect_calibration(model, windows, batch_size=batch_size, gradients=gradients, inputs=inputs,
-                              progress=progress, table=table)
+    cal = collect_calibration(
+        model, windows, batch_size=batch_size, gradients=gradients, inputs=inputs, progress=progress, table=table
+    )
     return cal.stats, cal.aliases, cal.grads
 
 
-def collect_calibration(model: nn.Module, windows: torch.Tensor, key: str = "", *, batch_size: int = 8,
-                        gradients: bool = False, grad_moments: bool = False, inputs: bool = True,
-                        progress: bool = False, table=None) -> Calibration:
+def collect_calibration(
+    model: nn.Module,
+    windows: torch.Tensor,
+    key: str = "",
+    *,
+    batch_size: int = 8,
+    gradients: bool = False,
+    grad_moments: bool = False,
+    inputs: bool = True,
+    progress: bool = False,
+    table=None,
+) -> Calibration:
     """The :class:`Calibration` (held in memory, named ``key``) of every projection of ``table``
     (default: the model's family's) over ``windows``, in one pass. Without gradients the forward
     pass stops after the last projection and ``grads`` is empty; with ``gradients`` the next-token
@@ -290,10 +315,9 @@ def collect_calibration(model: nn.Module, windows: torch.Tensor, key: str = "", 
     try:
         for p in trainable:
             p.requires_grad_(False)
-        for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress,
-                          leave=False):
+        for start in tqdm(range(0, len(windows), batch_size), desc="calibrate", disable=not progress, leave=False):
             recorder.new_batch()
-            _forward(model, windows[start:start + batch_size].to(device), gradients)
+            _forward(model, windows[start : start + batch_size].to(device), gradients)
     finally:
         for handle in handles:
             handle.remove()
@@ -330,8 +354,10 @@ class _LayerCall(nn.Module):
 
     def forward(self, *args, **kwargs):
         if not args:
-            raise ModelError("calibration.streamed: the model calls its layers without positional hidden states; "
-                             "calibrate with streamed: false")
+            raise ModelError(
+                "calibration.streamed: the model calls its layers without positional hidden states; "
+                "calibrate with streamed: false"
+            )
         if self.first_inputs is not None:
             self.first_inputs.append(args[0])
         self.calls.append((args[1:], kwargs))
@@ -353,7 +379,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, bat
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):
                 try:
-                    model(windows[start:start + batch_size].to(device), use_cache=False)
+                    model(windows[start : start + batch_size].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
@@ -372,11 +398,19 @@ OnLayer = Callable[[List[str], "Calibration"], None]
 def _layers(model: nn.Module, table) -> nn.ModuleList:
     """The module list that holds the layers of ``table`` (``model.layers.0.mlp.up_proj``: ``model.layers``)."""
     first = next(iter(table.values()))
-    return model.get_submodule(first.name[:first.name.index(f".{first.layer}.")])
+    return model.get_submodule(first.name[: first.name.index(f".{first.layer}.")])
 
 
-def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_size: int,
-            on_layer: Optional[OnLayer], progress: bool, table=None) -> None:
+def _stream(
+    model: nn.Module,
+    windows: torch.Tensor,
+    cal: Calibration,
+    *,
+    batch_size: int,
+    on_layer: Optional[OnLayer],
+    progress: bool,
+    table=None,
+) -> None:
     """Gather ``cal``'s statistics layer by layer into ``cal.store`` (see the module doc); the
     output-gradient moments ``cal`` holds (gathered before) go to the store layer by layer."""
     moments = bool(cal.grad_moments)
@@ -412,9 +446,19 @@ def _stream(model: nn.Module, windows: torch.Tensor, cal: Calibration, *, batch_
     cal.store.write_index(cal.key, cal.aliases, grad_moments=moments)
 
 
-def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Optional[str | Path] = None,
-              *, gradients: bool = False, grad_moments: bool = False, batch_size: int = 8,
-              on_layer: Optional[OnLayer] = None, progress: bool = True, table=None) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    spec: CalibrationSpec,
+    cache_dir: Optional[str | Path] = None,
+    *,
+    gradients: bool = False,
+    grad_moments: bool = False,
+    batch_size: int = 8,
+    on_layer: Optional[OnLayer] = None,
+    progress: bool = True,
+    table=None,
+) -> Calibration:
     """Input statistics (with ``gradients``, mean squared output gradients; with ``grad_moments``,
     output-gradient second moments) of the projections of ``table`` (default: the model's
     family's) over ``spec``'s windows, in a store in ``cache_dir`` (reused when complete; what it
@@ -432,8 +476,18 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
     cal = Calibration.load(where) if where is not None else None
 
     def gradients_only() -> Calibration:
-        return collect_calibration(model, windows, key, batch_size=batch_size, gradients=True,
-                                   grad_moments=grad_moments, inputs=False, progress=progress, table=table)
+        return collect_calibration(
+            model,
+            windows,
+            key,
+            batch_size=batch_size,
+            gradients=True,
+            grad_moments=grad_moments,
+            inputs=False,
+            progress=progress,
+            table=table,
+        )
+
     if cal is None and spec.streamed:
         cal = Calibration(key, {}, store=StatsStore(where) if where is not None else StatsStore.temporary())
         if grad_moments:  # before the walk, so that on_layer has them
@@ -441,8 +495,16 @@ def calibrate(model: nn.Module, tokenizer, spec: CalibrationSpec, cache_dir: Opt
             cal.grads, cal.grad_moments, cal.peak_bytes = got.grads, got.grad_moments, got.peak_bytes
         _stream(model, windows, cal, batch_size=batch_size, on_layer=on_layer, progress=progress, table=table)
     elif cal is None:
-        cal = collect_calibration(model, windows, key, batch_size=batch_size, gradients=gradients,
-                                  grad_moments=grad_moments, progress=progress, table=table)
+        cal = collect_calibration(
+            model,
+            windows,
+            key,
+            batch_size=batch_size,
+            gradients=gradients,
+            grad_moments=grad_moments,
+            progress=progress,
+            table=table,
+        )
         if where is not None:
             cal.store = cal.save(where)
     if (gradients and not cal.grads) or (grad_moments and not cal.has_grad_moments()):

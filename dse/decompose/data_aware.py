@@ -21,6 +21,7 @@ import torch
 
 from .methods import MethodConfig, SVDForm
 
+
 @dataclass(frozen=True)
 class ASVDConfig(MethodConfig):
     """Activation-aware SVD: scale input channels by ``s = (mean |x|) ** alpha`` before the SVD.
@@ -92,4 +93,3 @@ def svdllm_factorize(weight: torch.Tensor, config: SVDLLMConfig, stats) -> SVDFo
     if m > n:
         U = U / safe[None, :]
     return SVDForm(U, S, (U.T @ weight) / safe[:, None])
-

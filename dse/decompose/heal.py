@@ -33,8 +33,12 @@ from .methods import as_pair, get_method
 from .plan import Plan
 from .surgery import dense_modules, is_decomposed, swap_module
 
-CHOICES = {"schedule": ("constant", "cosine"), "train": ("factors", "lora"), "loss": ("lm", "distill"),
-           "freeze": ("none", "sequential")}
+CHOICES = {
+    "schedule": ("constant", "cosine"),
+    "train": ("factors", "lora"),
+    "loss": ("lm", "distill"),
+    "freeze": ("none", "sequential"),
+}
 DEFAULT_STEPS = 100
 ADAPTER = "heal"
 CHECKPOINT_FILE = "heal.pt"
@@ -156,12 +160,14 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
     hf = model.config
     norms = sum(p.numel() for _, p in _norms(model)) if config.norms else 0
     if config.train == "factors":
-        trained = 4 * (sum(method.params(r, table[n].out_features, table[n].in_features)
-                           for n, r in plan.ranks.items()) + norms)
+        trained = 4 * (
+            sum(method.params(r, table[n].out_features, table[n].in_features) for n, r in plan.ranks.items()) + norms
+        )
     else:
         inner = {n: sum(as_pair(r)) if method.pair_ranks else r for n, r in plan.ranks.items()}
-        adapters = sum(config.lora_rank * (table[n].in_features + table[n].out_features + 2 * inner[n])
-                       for n in plan.ranks)
+        adapters = sum(
+            config.lora_rank * (table[n].in_features + table[n].out_features + 2 * inner[n]) for n in plan.ranks
+        )
         trained = 4 * (adapters + norms)
     s, h, heads = config.seq_len, hf.hidden_size, hf.num_attention_heads
     scores = 5 * heads * s * s if getattr(hf, "_attn_implementation", "eager") == "eager" else 0
@@ -169,8 +175,7 @@ def heal_memory(model: nn.Module, table: Mapping, plan: Plan, config: HealConfig
     layers = hf.num_hidden_layers
     activations = layers * config.batch * s * h * b + layer if config.recompute else layers * layer
     per_logit = b + 12 + (b + 4 if config.loss == "distill" else 0)
-    return {"trained": trained * b, "activations": activations,
-            "logits": config.batch * s * hf.vocab_size * per_logit}
+    return {"trained": trained * b, "activations": activations, "logits": config.batch * s * hf.vocab_size * per_logit}
 
 
 def _norms(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
@@ -291,6 +296,7 @@ def _recompute(model: nn.Module, on: bool) -> None:
 def _dense_teacher(model: nn.Module, params: Dict[str, nn.Parameter], saved: Dict[str, torch.Tensor]) -> Callable:
     """Logits of the dense model the decomposed ``model`` came from: its original modules swapped
     in, and the starting values of whatever else trains."""
+
     def logits(ids: torch.Tensor) -> torch.Tensor:
         current = {n: params[n].data for n in saved}
         try:
@@ -303,6 +309,7 @@ def _dense_teacher(model: nn.Module, params: Dict[str, nn.Parameter], saved: Dic
             for n, value in current.items():
                 params[n].data = value
             model.train()
+
     return logits
 
 
@@ -310,9 +317,12 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logits: Optional[torc
     logits = logits.float()
     if teacher_logits is None:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(logits.device))
-    return F.kl_div(F.log_softmax(logits, -1).flatten(0, 1),
-                    F.log_softmax(teacher_logits.float().to(logits.device), -1).flatten(0, 1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(logits, -1).flatten(0, 1),
+        F.log_softmax(teacher_logits.float().to(logits.device), -1).flatten(0, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def _batch(windows: torch.Tensor, config: HealConfig, step: int) -> torch.Tensor:
@@ -320,7 +330,7 @@ def _batch(windows: torch.Tensor, config: HealConfig, step: int) -> torch.Tensor
     per_epoch = len(windows) // config.batch
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-    return windows[order[i * config.batch:(i + 1) * config.batch]]
+    return windows[order[i * config.batch : (i + 1) * config.batch]]
 
 
 def _peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
@@ -334,9 +344,17 @@ def _peak_memory(device: torch.device) -> Tuple[Optional[int], str]:
         return None, ""
 
 
-def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teacher: Optional[Callable] = None,
-          checkpoint_dir=None, checkpoint_every: int = 50, progress: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> HealReport:
+def heal_(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: HealConfig,
+    *,
+    teacher: Optional[Callable] = None,
+    checkpoint_dir=None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> HealReport:
     """Fine-tune the decomposed ``model`` in place on ``windows`` (``(n, config.seq_len)`` token ids)
     by ``config``; return what was done.
 
@@ -346,22 +364,28 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
     is called after each step. Any exception leaves the model as it was.
     """
     if not is_causal_lm(model):
-        raise ModelError(f"model: healing trains next-token prediction; {type(model).__name__} is not a causal "
-                         "language model")
+        raise ModelError(
+            f"model: healing trains next-token prediction; {type(model).__name__} is not a causal language model"
+        )
     if config.recompute and not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"heal.recompute: {type(model).__name__} does not support activation checkpointing")
     modules = low_rank_modules(model)
     if not modules:
         raise ModelError("model: has no low-rank modules to heal (decompose it first)")
     if windows.dim() != 2 or windows.shape[1] != config.seq_len:
-        raise ConfigError(f"heal.seq_len: expected windows of {config.seq_len} tokens, "
-                          f"got shape {tuple(windows.shape)}")
+        raise ConfigError(
+            f"heal.seq_len: expected windows of {config.seq_len} tokens, got shape {tuple(windows.shape)}"
+        )
     if len(windows) < config.batch:
-        raise ConfigError(f"heal.batch: the text gives {len(windows)} windows of {config.seq_len} tokens, "
-                          f"fewer than one batch of {config.batch}")
+        raise ConfigError(
+            f"heal.batch: the text gives {len(windows)} windows of {config.seq_len} tokens, "
+            f"fewer than one batch of {config.batch}"
+        )
     if config.loss == "distill" and teacher is None and not is_decomposed(model):
-        raise ConfigError("heal.loss: distill needs the dense model's logits: decompose the model with "
-                          "dse.decompose_ (its originals are the teacher) or pass teacher=")
+        raise ConfigError(
+            "heal.loss: distill needs the dense model's logits: decompose the model with "
+            "dse.decompose_ (its originals are the teacher) or pass teacher="
+        )
     integer(checkpoint_every, "checkpoint_every", minimum=1)
     total, device = config.total_steps, input_device(model)
     slots = max(len(m.factors) for m in modules.values())
@@ -390,8 +414,10 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
                     target = teacher(ids)
             loss = _loss(model(ids, use_cache=False).logits, ids, target)
             if not torch.isfinite(loss):
-                raise HealError(f"heal: the loss became {loss.item()} at step {step}; the model is left as it "
-                                "was (try a lower heal.lr)")
+                raise HealError(
+                    f"heal: the loss became {loss.item()} at step {step}; the model is left as it "
+                    "was (try a lower heal.lr)"
+                )
             loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], config.grad_clip)
@@ -413,10 +439,15 @@ def heal_(model: nn.Module, windows: torch.Tensor, config: HealConfig, *, teache
 
 
 def _save(path: Path, run: dict, params, optimizer, scheduler, report: HealReport) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "run": run,
-             "params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-             "report": {k: v for k, v in asdict(report).items() if k not in ("peak_memory", "peak_memory_of")}}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "run": run,
+        "params": {n: p.detach().cpu() for n, p in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "report": {k: v for k, v in asdict(report).items() if k not in ("peak_memory", "peak_memory_of")},
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -424,10 +455,14 @@ def _save(path: Path, run: dict, params, optimizer, scheduler, report: HealRepor
 def _resume(path: Path, run: dict, params, optimizer, scheduler) -> HealReport:
     """Load the checkpoint at ``path`` into the trained tensors and the optimizer; its report."""
     state = torch.load(path, weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("run") != run \
-            or set(state.get("params", {})) != set(params):
-        raise ConfigError(f"checkpoint_dir: {path} holds a heal of another recipe, text or model; remove it or "
-                          "choose another folder")
+    if (
+        state.get("format") != CHECKPOINT_FORMAT
+        or state.get("run") != run
+        or set(state.get("params", {})) != set(params)
+    ):
+        raise ConfigError(
+            f"checkpoint_dir: {path} holds a heal of another recipe, text or model; remove it or choose another folder"
+        )
     with torch.no_grad():
         for n, value in state["params"].items():
             params[n].copy_(value)
@@ -437,4 +472,3 @@ def _resume(path: Path, run: dict, params, optimizer, scheduler) -> HealReport:
     report = HealReport(**state["report"])
     report.resumed_from = report.steps
     return report
-

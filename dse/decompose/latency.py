@@ -84,8 +84,12 @@ class TableSpec:
 def environment(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
     """What a table's timings depend on besides the model: device, dtype, torch version, threads."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})"
-    return {"device": name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "threads": threads()}
+    return {
+        "device": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "threads": threads(),
+    }
 
 
 @dataclass
@@ -133,10 +137,10 @@ class LatencyTable:
 
     environment: Dict[str, object]
     workload: Workload
-    model: str                       # the model's shape key (:func:`shape_key`)
-    rest: Dict[str, float]           # ms per phase of everything but the projections
+    model: str  # the model's shape key (:func:`shape_key`)
+    rest: Dict[str, float]  # ms per phase of everything but the projections
     shapes: Dict[str, ShapeCost] = field(default_factory=dict)
-    seconds: float = 0.0             # how long measuring took
+    seconds: float = 0.0  # how long measuring took
 
     def consistent(self) -> bool:
         """False when the projections alone were measured slower than the whole model (a negative
@@ -156,8 +160,10 @@ class LatencyTable:
         ``batch`` sequences, one token each) and of one prefill (``predicted_prefill_ms``) under ``plan``."""
         if get_method(plan.method).pair_ranks:
             raise PlanError(f"plan.method: latency tables model two factors; {plan.method} has three")
-        out = {phase: self.rest[phase] + sum(self.module_ms(p, plan.ranks.get(n), phase) for n, p in table.items())
-               for phase in PHASES}
+        out = {
+            phase: self.rest[phase] + sum(self.module_ms(p, plan.ranks.get(n), phase) for n, p in table.items())
+            for phase in PHASES
+        }
         return {"predicted_decode_ms": out["decode"], "predicted_prefill_ms": out["prefill"]}
 
     def faster_plan(self, plan: Plan, table: Mapping, align: bool = False) -> Plan:
@@ -175,9 +181,15 @@ class LatencyTable:
     # --- files ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"format": TABLE_FORMAT, "environment": self.environment, "workload": asdict(self.workload),
-                "model": self.model, "rest": self.rest, "seconds": self.seconds,
-                "shapes": {k: asdict(v) for k, v in self.shapes.items()}}
+        return {
+            "format": TABLE_FORMAT,
+            "environment": self.environment,
+            "workload": asdict(self.workload),
+            "model": self.model,
+            "rest": self.rest,
+            "seconds": self.seconds,
+            "shapes": {k: asdict(v) for k, v in self.shapes.items()},
+        }
 
     def save(self, path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
@@ -188,18 +200,28 @@ class LatencyTable:
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise ConfigError(f"latency_table.path: {path} is not a dse latency table (format {TABLE_FORMAT})")
         check_keys(data, ("format", "environment", "workload", "model", "rest", "seconds", "shapes"), "latency_table")
-        return cls(data["environment"], Workload(**data["workload"]), data["model"], data["rest"],
-                   {k: ShapeCost(**v) for k, v in data["shapes"].items()}, data.get("seconds", 0.0))
+        return cls(
+            data["environment"],
+            Workload(**data["workload"]),
+            data["model"],
+            data["rest"],
+            {k: ShapeCost(**v) for k, v in data["shapes"].items()},
+            data.get("seconds", 0.0),
+        )
 
     def check(self, environment_now: Mapping, workload: Workload, model_key: str) -> None:
         """Refuse a table measured for another device, dtype, torch, thread count, workload or model."""
         for key, value in environment_now.items():
             if self.environment.get(key) != value:
-                raise ConfigError(f"latency_table.{key}: the table was measured with {key} "
-                                  f"{self.environment.get(key)!r}, this run has {value!r}; measure a new one")
+                raise ConfigError(
+                    f"latency_table.{key}: the table was measured with {key} "
+                    f"{self.environment.get(key)!r}, this run has {value!r}; measure a new one"
+                )
         if self.workload != workload:
-            raise ConfigError(f"latency_table.workload: the table times {asdict(self.workload)}, the study "
-                              f"asks for {asdict(workload)}")
+            raise ConfigError(
+                f"latency_table.workload: the table times {asdict(self.workload)}, the study "
+                f"asks for {asdict(workload)}"
+            )
         if self.model != model_key:
             raise ConfigError("latency_table.model: the table was measured for a model of other shapes")
 
@@ -211,13 +233,20 @@ def _shape_name(out_features: int, in_features: int) -> str:
 def shape_key(model, table: Mapping) -> str:
     """A hash of the model's class, config and projection shapes: what the ``rest`` depends on."""
     config = getattr(model, "config", None)
-    text = json.dumps({"class": type(model).__name__, "config": config.to_dict() if config is not None else None,
-                       "shapes": [(n, p.out_features, p.in_features) for n, p in table.items()]},
-                      sort_keys=True, default=str)
+    text = json.dumps(
+        {
+            "class": type(model).__name__,
+            "config": config.to_dict() if config is not None else None,
+            "shapes": [(n, p.out_features, p.in_features) for n, p in table.items()],
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --- measuring ---------------------------------------------------------------------------------
+
 
 def rank_grid(full: int) -> List[int]:
     """Ranks a shape is timed at: 1, 8, 16, then steps of 32 up to the full rank (always included)."""
@@ -250,26 +279,37 @@ def _copies(shapes: Sequence[Tuple[int, int]], buffer: torch.Tensor) -> List[Lis
     for _ in range(count):
         chain = []
         for a, b in shapes:
-            chain.append(flat[offset:offset + a * b].view(a, b))
+            chain.append(flat[offset : offset + a * b].view(a, b))
             offset += a * b
         chains.append(chain)
     return chains
 
 
-def measure_shape(out_features: int, in_features: int, workload: Workload, device, dtype, *,
-                  cold_bytes: int = 256 * 2 ** 20, repeats: int = 3) -> ShapeCost:
+def measure_shape(
+    out_features: int,
+    in_features: int,
+    workload: Workload,
+    device,
+    dtype,
+    *,
+    cold_bytes: int = 256 * 2**20,
+    repeats: int = 3,
+) -> ShapeCost:
     """Time one shape dense and at every rank of :func:`rank_grid`, in each phase."""
     full = min(out_features, in_features)
     ranks = rank_grid(full)
     element = torch.finfo(dtype).bits // 8
-    buffers = {"decode": _buffer(cold_bytes // element, device, dtype),  # weights stream from memory
-               "prefill": _buffer(0, device, dtype)}                     # compute bound: two copies do
+    buffers = {
+        "decode": _buffer(cold_bytes // element, device, dtype),  # weights stream from memory
+        "prefill": _buffer(0, device, dtype),
+    }  # compute bound: two copies do
     dense, lowrank = {}, {}
     for phase in PHASES:
         x = torch.randn(workload.tokens(phase), in_features, device=device, dtype=dtype)
         dense[phase] = _chain_ms(_copies([(out_features, in_features)], buffers[phase]), x, repeats)
-        lowrank[phase] = [_chain_ms(_copies([(r, in_features), (out_features, r)], buffers[phase]), x, repeats)
-                          for r in ranks]
+        lowrank[phase] = [
+            _chain_ms(_copies([(r, in_features), (out_features, r)], buffers[phase]), x, repeats) for r in ranks
+        ]
     step = _fast_step(out_features, in_features, workload, buffers["prefill"], repeats)
     return ShapeCost(out_features, in_features, ranks, dense, lowrank, step)
 
@@ -302,22 +342,34 @@ def _model_ms(model, workload: Workload, vocab: int, repeats: int) -> Dict[str, 
     one = torch.randint(0, vocab, (workload.batch, workload.prompt), generator=gen).to(device)
     many = torch.randint(0, vocab, (workload.prefill_batch, workload.prompt), generator=gen).to(device)
     steps = 8
-    step = timed(lambda out: decode(model, out, steps), device, repeats=repeats, warmup=1,
-                 setup=lambda: prefill(model, one)).low / steps
+    step = (
+        timed(
+            lambda out: decode(model, out, steps), device, repeats=repeats, warmup=1, setup=lambda: prefill(model, one)
+        ).low
+        / steps
+    )
     fill = timed(lambda: prefill(model, many), device, repeats=repeats, warmup=1).low
     return {"decode": 1000.0 * step, "prefill": 1000.0 * fill}
 
 
-def measure_table(model, table: Mapping, workload: Workload = Workload(), *, repeats: int = 3,
-                  cold_bytes: int = 256 * 2 ** 20, progress: bool = False) -> LatencyTable:
+def measure_table(
+    model,
+    table: Mapping,
+    workload: Workload = Workload(),
+    *,
+    repeats: int = 3,
+    cold_bytes: int = 256 * 2**20,
+    progress: bool = False,
+) -> LatencyTable:
     """Measure the :class:`LatencyTable` of ``model`` (dense, as it is) on its device and dtype."""
     start = time.perf_counter()
     device = input_device(model)
     dtype = next(model.parameters()).dtype
     distinct = dict.fromkeys((p.out_features, p.in_features) for p in table.values())
-    shapes = {_shape_name(*shape): measure_shape(*shape, workload, device, dtype, cold_bytes=cold_bytes,
-                                                 repeats=repeats)
-              for shape in tqdm(distinct, desc="latency table", unit="shape", disable=not progress, leave=False)}
+    shapes = {
+        _shape_name(*shape): measure_shape(*shape, workload, device, dtype, cold_bytes=cold_bytes, repeats=repeats)
+        for shape in tqdm(distinct, desc="latency table", unit="shape", disable=not progress, leave=False)
+    }
     sync(device)
     whole = _model_ms(model, workload, model.config.vocab_size, repeats)
     lt = LatencyTable(environment(device, dtype), workload, shape_key(model, table), {}, shapes)
@@ -326,8 +378,9 @@ def measure_table(model, table: Mapping, workload: Workload = Workload(), *, rep
     return lt
 
 
-def latency_table(model, table: Mapping, spec: TableSpec = TableSpec(), cache_dir=None, *,
-                  progress: bool = False) -> LatencyTable:
+def latency_table(
+    model, table: Mapping, spec: TableSpec = TableSpec(), cache_dir=None, *, progress: bool = False
+) -> LatencyTable:
     """The latency table of ``model`` for ``spec``: the file ``spec.path`` (checked against this run),
     else a cached one in ``cache_dir`` for this environment, else measured now and cached once it is
     :meth:`~LatencyTable.consistent` (up to :data:`MEASURE_ATTEMPTS` measurements)."""
@@ -351,6 +404,8 @@ def latency_table(model, table: Mapping, spec: TableSpec = TableSpec(), cache_di
             if path is not None:
                 lt.save(path)
             return lt
-    warnings.warn(f"latency table: measured {MEASURE_ATTEMPTS} times, the projections alone were slower than the "
-                  f"whole model each time (rest {lt.rest}): the machine is busy; the table is used but not cached")
+    warnings.warn(
+        f"latency table: measured {MEASURE_ATTEMPTS} times, the projections alone were slower than the "
+        f"whole model each time (rest {lt.rest}): the machine is busy; the table is used but not cached"
+    )
     return lt

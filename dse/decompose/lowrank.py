@@ -19,8 +19,7 @@ class LowRankLinear(nn.Module):
     ``Conv1D``) so that :meth:`to_dense` gives back the same kind of module.
     """
 
-    def __init__(self, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
-                 transposed: bool = False):
+    def __init__(self, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, transposed: bool = False):
         super().__init__()
         if not 2 <= len(factors) <= 3:
             raise ValueError(f"LowRankLinear takes 2 or 3 factors, got {len(factors)}")
@@ -57,8 +56,9 @@ class LowRankLinear(nn.Module):
         factors = [f.to(device=device, dtype=weight.dtype).contiguous() for f in factors]
         out_f, in_f = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         if factors[0].shape[1] != in_f or factors[-1].shape[0] != out_f:
-            raise ValueError(f"factors map {factors[0].shape[1]} -> {factors[-1].shape[0]}, "
-                             f"module maps {in_f} -> {out_f}")
+            raise ValueError(
+                f"factors map {factors[0].shape[1]} -> {factors[-1].shape[0]}, module maps {in_f} -> {out_f}"
+            )
         with module_tensors(module):
             bias = None if module.bias is None else module.bias.data
         return cls(factors, bias, transposed)
@@ -79,8 +79,9 @@ class LowRankLinear(nn.Module):
             dense = Conv1D(self.out_features, self.in_features)
             dense.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
         else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                              device=w.device, dtype=w.dtype)
+            dense = nn.Linear(
+                self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+            )
             dense.weight = nn.Parameter(w, requires_grad=False)
         if self.bias is not None:
             dense.bias = nn.Parameter(self.bias.data.clone(), requires_grad=False)

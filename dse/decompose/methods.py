@@ -51,8 +51,7 @@ class MethodConfig:
 
     def changed_options(self) -> Dict[str, Any]:
         """The options that differ from their defaults, as a plan file records them."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
 
 Factorize = Callable[[torch.Tensor, MethodConfig, Optional[Any]], SVDForm]
@@ -96,8 +95,7 @@ class Method:
 METHODS: Registry[Method] = Registry("method")
 
 
-def register_method(config_cls: type, factorize: Factorize, truncate: Truncate,
-                    pair_ranks: bool = False) -> Method:
+def register_method(config_cls: type, factorize: Factorize, truncate: Truncate, pair_ranks: bool = False) -> Method:
     """Register a method under ``config_cls.name``: its options are the config's fields."""
     return METHODS.register(config_cls.name, Method(config_cls, factorize, truncate, pair_ranks))
 
@@ -115,8 +113,9 @@ def as_config(method: Union[str, MethodConfig]) -> MethodConfig:
     return method if isinstance(method, MethodConfig) else make_config(method)
 
 
-def make_config(name: str, options: Optional[Mapping[str, Any]] = None, *, where: str = "method",
-                error: type = ConfigError) -> MethodConfig:
+def make_config(
+    name: str, options: Optional[Mapping[str, Any]] = None, *, where: str = "method", error: type = ConfigError
+) -> MethodConfig:
     """The config of method ``name`` with ``options``; an unknown method or option is an ``error``
     naming the field (``method`` / ``method_options.<option>``; ``where`` replaces ``method``)."""
     try:
@@ -128,7 +127,9 @@ def make_config(name: str, options: Optional[Mapping[str, Any]] = None, *, where
     unknown = sorted(set(options) - known)
     opts_where = where.rpartition(".")[0] + ".method_options" if "." in where else "method_options"
     if unknown:
-        raise error(f"{opts_where}.{unknown[0]}: {name} has no such option (known: {', '.join(sorted(known)) or 'none'})")
+        raise error(
+            f"{opts_where}.{unknown[0]}: {name} has no such option (known: {', '.join(sorted(known)) or 'none'})"
+        )
     try:
         return cls(**options)
     except (TypeError, ValueError) as e:

@@ -28,10 +28,15 @@ class Plan:
     options given (those a plan file records).
     """
 
-    def __init__(self, ranks: Optional[Mapping[str, Rank]] = None, method: Union[str, MethodConfig] = "svd",
-                 method_options: Optional[Mapping[str, Any]] = None):
-        self.ranks: Dict[str, Rank] = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                       for k, v in (ranks or {}).items()}
+    def __init__(
+        self,
+        ranks: Optional[Mapping[str, Rank]] = None,
+        method: Union[str, MethodConfig] = "svd",
+        method_options: Optional[Mapping[str, Any]] = None,
+    ):
+        self.ranks: Dict[str, Rank] = {
+            k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in (ranks or {}).items()
+        }
         if isinstance(method, MethodConfig):
             if method_options:
                 raise ValueError("Plan: give the options in the method config, not as method_options")
@@ -56,8 +61,12 @@ class Plan:
         return Plan(ranks, self.config)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"format": PLAN_FORMAT, "method": self.method, "method_options": dict(self.method_options),
-                "ranks": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ranks.items()}}
+        return {
+            "format": PLAN_FORMAT,
+            "method": self.method,
+            "method_options": dict(self.method_options),
+            "ranks": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.ranks.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -114,7 +123,7 @@ class Plan:
                     raise PlanError(f"{where}: method {self.method} takes one rank, got a pair {list(rank)}")
                 if len(rank) != 2:
                     raise PlanError(f"{where}: a rank pair is [r_out, r_in], got {list(rank)}")
-            for r in (rank if isinstance(rank, tuple) else (rank,)):
+            for r in rank if isinstance(rank, tuple) else (rank,):
                 if isinstance(r, bool) or not isinstance(r, int):
                     raise PlanError(f"{where}: rank must be an integer, got {r!r}")
                 if r <= 0:
@@ -136,12 +145,21 @@ class Plan:
         if not self.ranks:
             return "dense"
         rs = sorted({as_pair(r)[0] for r in self.ranks.values()})
-        return (f"{len(self.ranks)} module{'s' if len(self.ranks) > 1 else ''}, {self.method}, rank {rs[0]}"
-                + (f"..{rs[-1]}" if len(rs) > 1 else ""))
+        return f"{len(self.ranks)} module{'s' if len(self.ranks) > 1 else ''}, {self.method}, rank {rs[0]}" + (
+            f"..{rs[-1]}" if len(rs) > 1 else ""
+        )
 
 
-def uniform_plan(table: Mapping, rank=None, *, ratio: Optional[float] = None,
-                 method: Union[str, MethodConfig] = "svd", method_options=None, types=None, layers=None) -> Plan:
+def uniform_plan(
+    table: Mapping,
+    rank=None,
+    *,
+    ratio: Optional[float] = None,
+    method: Union[str, MethodConfig] = "svd",
+    method_options=None,
+    types=None,
+    layers=None,
+) -> Plan:
     """Every selected module at one rank, or at the rank that removes ``ratio`` of its parameters.
 
     With ``ratio=R`` the rank is the method's :meth:`~dse.decompose.methods.Method.ratio_rank`:

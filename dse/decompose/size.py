@@ -33,10 +33,16 @@ class SizeReport:
         return 1.0 - self.params_ratio
 
     def as_dict(self) -> Dict[str, float]:
-        return {"params": self.params_after, "params_base": self.params_before,
-                "params_ratio": self.params_ratio, "compression": self.compression,
-                "bytes": self.bytes_after, "bytes_base": self.bytes_before,
-                "flops_per_token": self.flops_after, "flops_per_token_base": self.flops_before}
+        return {
+            "params": self.params_after,
+            "params_base": self.params_before,
+            "params_ratio": self.params_ratio,
+            "compression": self.compression,
+            "bytes": self.bytes_after,
+            "bytes_base": self.bytes_before,
+            "flops_per_token": self.flops_after,
+            "flops_per_token_base": self.flops_before,
+        }
 
 
 def plan_size(model: nn.Module, plan: Plan, table: Mapping) -> SizeReport:
@@ -55,4 +61,6 @@ def plan_size(model: nn.Module, plan: Plan, table: Mapping) -> SizeReport:
         removed_bytes += cut * model.get_submodule(name).weight.element_size()
     dense = sum(p.dense_params for p in table.values())
     before_p, before_b = param_count(model), model_bytes(model)
-    return SizeReport(before_p, before_p - removed, before_b, before_b - removed_bytes, 2 * dense, 2 * (dense - removed))
+    return SizeReport(
+        before_p, before_p - removed, before_b, before_b - removed_bytes, 2 * dense, 2 * (dense - removed)
+    )

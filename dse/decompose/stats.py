@@ -56,8 +56,9 @@ class InputStats:
 
     @classmethod
     def zeros(cls, n: int, device=None) -> "InputStats":
-        return cls(torch.zeros(n, dtype=torch.float64, device=device),
-                   torch.zeros(n, n, dtype=torch.float64, device=device))
+        return cls(
+            torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, n, dtype=torch.float64, device=device)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -107,7 +108,7 @@ def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
     out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
     start = 0
     for i in range(n):
-        row = packed[start:start + n - i]
+        row = packed[start : start + n - i]
         out[i, i:] = row
         out[i:, i] = row
         start += n - i
@@ -139,8 +140,12 @@ class StatsStore:
         return self._file(owner).exists()
 
     def write(self, owner: str, stats: InputStats) -> None:
-        data = {"abs_mean": stats.abs_mean.float().cpu(), "xtx": pack_symmetric(stats.xtx).float().cpu(),
-                "n": stats.xtx.shape[0], "tokens": stats.tokens}
+        data = {
+            "abs_mean": stats.abs_mean.float().cpu(),
+            "xtx": pack_symmetric(stats.xtx).float().cpu(),
+            "n": stats.xtx.shape[0],
+            "tokens": stats.tokens,
+        }
         with atomic_path(self._file(owner)) as tmp:
             torch.save(data, tmp)
 

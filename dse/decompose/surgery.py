@@ -35,9 +35,16 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = None,
-               calibration=None, family: Optional[str] = None, table: Optional[Mapping] = None,
-               progress: bool = False) -> nn.Module:
+def decompose_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    cache: Optional[FactorCache] = None,
+    calibration=None,
+    family: Optional[str] = None,
+    table: Optional[Mapping] = None,
+    progress: bool = False,
+) -> nn.Module:
     """Replace every module named in ``plan`` by its low-rank factorization, in place.
 
     ``cache`` reuses factorizations across calls (a fresh in-memory cache is used if omitted);
@@ -53,17 +60,25 @@ def decompose_(model: nn.Module, plan: Plan, *, cache: Optional[FactorCache] = N
     config = plan.config
     method = get_method(plan.method)
     if config.needs_calibration and calibration is None:
-        raise PlanError(f"plan.method: {plan.method} needs calibration statistics "
-                        "(pass calibration=dse.calibrate(...), or set calibration: in the study)")
+        raise PlanError(
+            f"plan.method: {plan.method} needs calibration statistics "
+            "(pass calibration=dse.calibrate(...), or set calibration: in the study)"
+        )
     if config.needs_grad_moments and not calibration.has_grad_moments():
-        raise PlanError(f"plan.method: {plan.method} needs output-gradient moments; calibrate with "
-                        "dse.calibrate(..., grad_moments=True) (a study does so for this method)")
-    forms = () if not plan.ranks else iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration,
-                                                 table=table, progress=progress)
+        raise PlanError(
+            f"plan.method: {plan.method} needs output-gradient moments; calibrate with "
+            "dse.calibrate(..., grad_moments=True) (a study does so for this method)"
+        )
+    forms = (
+        ()
+        if not plan.ranks
+        else iter_forms(model, plan.ranks, config, cache=cache, calibration=calibration, table=table, progress=progress)
+    )
     # each form is truncated as it comes: a cache that keeps none holds one full form at a time
-    built: Dict[str, nn.Module] = {name: LowRankLinear.from_linear(model.get_submodule(name),
-                                                                   method.truncate(form, plan.ranks[name]))
-                                   for name, form in forms}
+    built: Dict[str, nn.Module] = {
+        name: LowRankLinear.from_linear(model.get_submodule(name), method.truncate(form, plan.ranks[name]))
+        for name, form in forms
+    }
     setattr(model, _ORIGINALS, {name: swap_module(model, name, new) for name, new in built.items()})
     return model
 
@@ -79,9 +94,16 @@ def decomposed(model: nn.Module, plan: Plan, **kw) -> Iterator[nn.Module]:
         restore_(model)
 
 
-def iter_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *,
-               cache: Optional[FactorCache] = None, calibration=None, table: Optional[Mapping] = None,
-               progress: bool = False) -> Iterator[Tuple[str, SVDForm]]:
+def iter_forms(
+    model: nn.Module,
+    names: Iterable[str],
+    config: MethodConfig,
+    *,
+    cache: Optional[FactorCache] = None,
+    calibration=None,
+    table: Optional[Mapping] = None,
+    progress: bool = False,
+) -> Iterator[Tuple[str, SVDForm]]:
     """``(name, SVD form)`` of each named projection under ``config``, from ``cache`` or factorized
     now, one at a time. Data-aware configs need ``calibration``; its key is part of the cache key."""
     table = table if table is not None else find_projections(model)

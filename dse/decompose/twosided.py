@@ -62,19 +62,25 @@ def scaled(moment: torch.Tensor, what: str) -> torch.Tensor:
     optimum; this keeps both factors of a form at the weight's scale however small the loss
     gradients are); a one-line ``ConfigError`` naming ``what`` if it is non-finite or zero."""
     if not torch.isfinite(moment).all():
-        raise ConfigError(f"calibration: the {what} has non-finite entries (an overflow?); calibrate the "
-                          "model in float32")
+        raise ConfigError(
+            f"calibration: the {what} has non-finite entries (an overflow?); calibrate the model in float32"
+        )
     scale = moment.diagonal().mean()
     if scale <= 0:
-        raise ConfigError(f"calibration: the {what} is zero (nothing reached it in calibration); "
-                          "calibrate on other text, or leave the projection out of the plan")
+        raise ConfigError(
+            f"calibration: the {what} is zero (nothing reached it in calibration); "
+            "calibrate on other text, or leave the projection out of the plan"
+        )
     return (moment + moment.T) / (2 * scale)
 
 
 def _say_regularized() -> None:  # one message for all, so that Python shows it once
-    warnings.warn("twosided: some second moments are rank-deficient or ill-conditioned (smallest eigenvalue "
-                  "below the ridge jitter * mean(diag)); they are regularized by the ridge", RuntimeWarning,
-                  stacklevel=4)
+    warnings.warn(
+        "twosided: some second moments are rank-deficient or ill-conditioned (smallest eigenvalue "
+        "below the ridge jitter * mean(diag)); they are regularized by the ridge",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def ridged(moment: torch.Tensor, jitter: float) -> torch.Tensor:

@@ -19,50 +19,131 @@ from .evaluator import Evaluator
 from .latency import prompt_ids, tokens_per_second
 from .objectives import OBJECTIVES, Objective, derive_metrics, register_objective
 from .perplexity import perplexity
-from .staged import EarlyStop, staged_run
 from .sources import BENCHMARK_FILES, TASK_SOURCES, LocalCopy, benchmarks_source, local_copy
+from .staged import EarlyStop, staged_run
 from .tasks import check_tasks, convention_source, expand_tasks, load_tasks
 
-register_objective(Objective(
-    "accuracy", attribute="accuracy", direction="maximize", label="mean accuracy (fraction correct)",
-    header="accuracy", fmt="{:.4f}", reference=0.0,
-    requires=lambda evaluation: None if evaluation.tasks else "evaluation.tasks",
-    help="mean accuracy over the evaluation tasks"))
-register_objective(Objective(
-    "params", attribute="params_ratio", direction="minimize", label="parameters (% of the undecomposed model)",
-    header="params", fmt="{:.4f}", reference=1.0, size=True,
-    help="parameters kept, as a fraction of the undecomposed model"))
-register_objective(Objective(
-    "perplexity", attribute="perplexity", direction="minimize", label="perplexity", header="perplexity",
-    fmt="{:.2f}", requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
-    help="perplexity of the evaluation text"))
-register_objective(Objective(
-    "latency", attribute="predicted_decode_ms", direction="minimize",
-    label="predicted decode latency (ms per step)", header="pred. ms", fmt="{:.2f}",
-    help="decode milliseconds per step predicted by the study's latency table (free, noise-free)"))
-register_objective(Objective(
-    "latency_measured", attribute="latency_ms_per_token", direction="minimize", label="measured latency (ms per token)",
-    header="ms/token", fmt="{:.2f}", requires=lambda evaluation: None if evaluation.latency else "evaluation.latency",
-    derive=lambda m: 1000.0 / m["latency_tokens_per_s"] if finite(m.get("latency_tokens_per_s"))
-    and m["latency_tokens_per_s"] > 0 else None,
-    help="decode milliseconds per token, timed per trial"))
+register_objective(
+    Objective(
+        "accuracy",
+        attribute="accuracy",
+        direction="maximize",
+        label="mean accuracy (fraction correct)",
+        header="accuracy",
+        fmt="{:.4f}",
+        reference=0.0,
+        requires=lambda evaluation: None if evaluation.tasks else "evaluation.tasks",
+        help="mean accuracy over the evaluation tasks",
+    )
+)
+register_objective(
+    Objective(
+        "params",
+        attribute="params_ratio",
+        direction="minimize",
+        label="parameters (% of the undecomposed model)",
+        header="params",
+        fmt="{:.4f}",
+        reference=1.0,
+        size=True,
+        help="parameters kept, as a fraction of the undecomposed model",
+    )
+)
+register_objective(
+    Objective(
+        "perplexity",
+        attribute="perplexity",
+        direction="minimize",
+        label="perplexity",
+        header="perplexity",
+        fmt="{:.2f}",
+        requires=lambda evaluation: None if evaluation.perplexity else "evaluation.perplexity",
+        help="perplexity of the evaluation text",
+    )
+)
+register_objective(
+    Objective(
+        "latency",
+        attribute="predicted_decode_ms",
+        direction="minimize",
+        label="predicted decode latency (ms per step)",
+        header="pred. ms",
+        fmt="{:.2f}",
+        help="decode milliseconds per step predicted by the study's latency table (free, noise-free)",
+    )
+)
+register_objective(
+    Objective(
+        "latency_measured",
+        attribute="latency_ms_per_token",
+        direction="minimize",
+        label="measured latency (ms per token)",
+        header="ms/token",
+        fmt="{:.2f}",
+        requires=lambda evaluation: None if evaluation.latency else "evaluation.latency",
+        derive=lambda m: (
+            1000.0 / m["latency_tokens_per_s"]
+            if finite(m.get("latency_tokens_per_s")) and m["latency_tokens_per_s"] > 0
+            else None
+        ),
+        help="decode milliseconds per token, timed per trial",
+    )
+)
 
-register_objective(Objective(
-    "similarity", attribute="embedding_similarity", direction="maximize",
-    label="embedding similarity (mean cosine to the dense model)", header="cos sim", fmt="{:.4f}", reference=0.0,
-    requires=lambda evaluation: None if evaluation.similarity else "evaluation.similarity",
-    help="sentence embeddings' mean cosine similarity to the dense model's (encoders)"))
-register_objective(Objective(
-    "pseudo_perplexity", attribute="pseudo_perplexity", direction="minimize", label="pseudo-perplexity (masked tokens)",
-    header="pseudo-ppl", fmt="{:.2f}",
-    requires=lambda evaluation: None if evaluation.pseudo_perplexity else "evaluation.pseudo_perplexity",
-    help="pseudo-perplexity of a masked-LM checkpoint, each token masked in turn"))
+register_objective(
+    Objective(
+        "similarity",
+        attribute="embedding_similarity",
+        direction="maximize",
+        label="embedding similarity (mean cosine to the dense model)",
+        header="cos sim",
+        fmt="{:.4f}",
+        reference=0.0,
+        requires=lambda evaluation: None if evaluation.similarity else "evaluation.similarity",
+        help="sentence embeddings' mean cosine similarity to the dense model's (encoders)",
+    )
+)
+register_objective(
+    Objective(
+        "pseudo_perplexity",
+        attribute="pseudo_perplexity",
+        direction="minimize",
+        label="pseudo-perplexity (masked tokens)",
+        header="pseudo-ppl",
+        fmt="{:.2f}",
+        requires=lambda evaluation: None if evaluation.pseudo_perplexity else "evaluation.pseudo_perplexity",
+        help="pseudo-perplexity of a masked-LM checkpoint, each token masked in turn",
+    )
+)
 
 TASK_SOURCES.register("benchmarks", benchmarks_source)
 TASK_SOURCES.register("convention", convention_source)
 
-__all__ = ["BENCHMARK_FILES", "METRICS", "OBJECTIVES", "TASK_SOURCES", "EarlyStop", "EvalConfig", "Evaluator",
-           "LocalCopy", "Objective", "PerplexityConfig", "TextSet", "benchmarks_source", "check_tasks",
-           "convention_source", "derive_metrics", "embedding_similarity", "expand_tasks", "load_tasks", "local_copy",
-           "perplexity", "prompt_ids", "pseudo_perplexity", "register_objective", "sentence_embeddings", "staged_run",
-           "tokens_per_second"]
+__all__ = [
+    "BENCHMARK_FILES",
+    "METRICS",
+    "OBJECTIVES",
+    "TASK_SOURCES",
+    "EarlyStop",
+    "EvalConfig",
+    "Evaluator",
+    "LocalCopy",
+    "Objective",
+    "PerplexityConfig",
+    "TextSet",
+    "benchmarks_source",
+    "check_tasks",
+    "convention_source",
+    "derive_metrics",
+    "embedding_similarity",
+    "expand_tasks",
+    "load_tasks",
+    "local_copy",
+    "perplexity",
+    "prompt_ids",
+    "pseudo_perplexity",
+    "register_objective",
+    "sentence_embeddings",
+    "staged_run",
+    "tokens_per_second",
+]

@@ -101,8 +101,9 @@ class EvalConfig:
             if metric not in METRICS:
                 raise ConfigError(f"evaluation.metrics.{task}: must be one of {', '.join(METRICS)}, got {metric!r}")
         if not (self.tasks or self.perplexity or self.latency or self.similarity or self.pseudo_perplexity):
-            raise ConfigError("evaluation: nothing to measure (no tasks, perplexity, latency, similarity or "
-                              "pseudo_perplexity)")
+            raise ConfigError(
+                "evaluation: nothing to measure (no tasks, perplexity, latency, similarity or pseudo_perplexity)"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None) -> "EvalConfig":

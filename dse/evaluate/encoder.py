@@ -50,9 +50,19 @@ class TextSet:
         texts = [t.strip() for t in self.text.read().split(self.text.separator) if t.strip()][: self.n_texts]
         if not texts:
             raise ConfigError(f"{self.where}.text: no text found")
-        return [dict(tokenizer(texts[i:i + self.batch_size], truncation=True, max_length=self.max_tokens,
-                               padding=True, return_tensors="pt", return_special_tokens_mask=True))
-                for i in range(0, len(texts), self.batch_size)]
+        return [
+            dict(
+                tokenizer(
+                    texts[i : i + self.batch_size],
+                    truncation=True,
+                    max_length=self.max_tokens,
+                    padding=True,
+                    return_tensors="pt",
+                    return_special_tokens_mask=True,
+                )
+            )
+            for i in range(0, len(texts), self.batch_size)
+        ]
 
 
 @torch.no_grad()
@@ -61,8 +71,11 @@ def sentence_embeddings(model, batches: List[dict]) -> torch.Tensor:
     out = []
     for batch in batches:
         mask = batch["attention_mask"].to(input_device(model))
-        hidden = model(input_ids=batch["input_ids"].to(mask.device), attention_mask=mask,
-                       output_hidden_states=True).hidden_states[-1].double()
+        hidden = (
+            model(input_ids=batch["input_ids"].to(mask.device), attention_mask=mask, output_hidden_states=True)
+            .hidden_states[-1]
+            .double()
+        )
         weights = mask.unsqueeze(-1).double()
         out.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
     return torch.cat(out)
@@ -86,8 +99,9 @@ def pseudo_perplexity(model, batches: List[dict], mask_id: int, rows: int = 64) 
             for chunk in positions.split(rows):
                 masked = ids.repeat(len(chunk), 1)
                 masked[torch.arange(len(chunk)), chunk] = mask_id
-                logits = model(input_ids=masked.to(device),
-                               attention_mask=attention.repeat(len(chunk), 1).to(device)).logits
+                logits = model(
+                    input_ids=masked.to(device), attention_mask=attention.repeat(len(chunk), 1).to(device)
+                ).logits
                 picked = logits[torch.arange(len(chunk), device=device), chunk.to(device)]
                 logp = torch.log_softmax(picked.double(), dim=-1)
                 total -= float(logp.gather(1, ids[chunk].to(device).unsqueeze(1)).sum())

@@ -36,8 +36,10 @@ def _chosen_metric(task_name: str, available, chosen: Optional[str]) -> str:
     if chosen is None:
         chosen = next((m for m in ("acc_norm", "acc") if m in available), None)
         if chosen is None:
-            raise ConfigError(f"evaluation.tasks: task {task_name!r} reports neither acc nor acc_norm "
-                              f"(it reports {', '.join(available)})")
+            raise ConfigError(
+                f"evaluation.tasks: task {task_name!r} reports neither acc nor acc_norm "
+                f"(it reports {', '.join(available)})"
+            )
     if chosen not in available:
         raise ConfigError(f"evaluation.metrics.{task_name}: the task reports {', '.join(available)}, not {chosen}")
     return chosen
@@ -80,8 +82,7 @@ def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
         def generate_until(self, requests, disable_tqdm: bool = not verbose):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-    lm = InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size,
-                    max_length=config.max_length)
+    lm = InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, max_length=config.max_length)
     lm._device = input_device(model)  # HFLM takes the first parameter's, which may be offloaded (meta)
     return lm
 
@@ -92,12 +93,15 @@ def _check_model(model, tokenizer, config: EvalConfig) -> None:
     if not is_causal_lm(model):
         for key, on in (("tasks", config.tasks), ("perplexity", config.perplexity), ("latency", config.latency)):
             if on:
-                raise ConfigError(f"evaluation.{key}: the model is an encoder ({kind}), and lm-eval tasks, "
-                                  "perplexity and latency need a causal LM; measure it with evaluation.similarity "
-                                  "(or evaluation.pseudo_perplexity for a masked-LM checkpoint) and tasks: []")
+                raise ConfigError(
+                    f"evaluation.{key}: the model is an encoder ({kind}), and lm-eval tasks, "
+                    "perplexity and latency need a causal LM; measure it with evaluation.similarity "
+                    "(or evaluation.pseudo_perplexity for a masked-LM checkpoint) and tasks: []"
+                )
     if config.pseudo_perplexity and (not is_masked_lm(model) or tokenizer.mask_token_id is None):
-        raise ConfigError(f"evaluation.pseudo_perplexity: needs a masked-LM checkpoint with a mask token; "
-                          f"the model is {kind}")
+        raise ConfigError(
+            f"evaluation.pseudo_perplexity: needs a masked-LM checkpoint with a mask token; the model is {kind}"
+        )
 
 
 class Evaluator:
@@ -112,8 +116,10 @@ class Evaluator:
         _check_model(model, tokenizer, config)
         with _quiet(verbose):
             self.tasks = load_tasks(config.tasks, config.data_dir, config.include_path)
-            self.metrics = {name: _chosen_metric(name, list(task.aggregation()), config.metrics.get(name))
-                            for name, task in self.tasks.items()}
+            self.metrics = {
+                name: _chosen_metric(name, list(task.aggregation()), config.metrics.get(name))
+                for name, task in self.tasks.items()
+            }
             self.lm = _lm(model, tokenizer, config, verbose) if self.tasks else None
         ppl = config.perplexity
         self.windows = token_windows(tokenizer, ppl.text.read(), ppl.window, ppl.max_tokens) if ppl else None
@@ -150,13 +156,15 @@ class Evaluator:
         score = accuracy or self.accuracy
         measures = [(f"acc/{name}", partial(score, name)) for name in self.tasks]
         if self.windows is not None:
-            measures.append(("perplexity", partial(perplexity, self.model, self.windows,
-                                                   self.config.perplexity.batch_size)))
+            measures.append(
+                ("perplexity", partial(perplexity, self.model, self.windows, self.config.perplexity.batch_size))
+            )
         if self.prompt is not None:
             measures.append(("latency_tokens_per_s", partial(tokens_per_second, self.model, self.prompt)))
         if self.similarity is not None:
-            measures.append(("embedding_similarity", partial(embedding_similarity, self.model, self.similarity,
-                                                             self.reference)))
+            measures.append(
+                ("embedding_similarity", partial(embedding_similarity, self.model, self.similarity, self.reference))
+            )
         if self.masked is not None:
             measures.append(("pseudo_perplexity", partial(pseudo_perplexity, self.model, self.masked, self.mask_id)))
         start = time.perf_counter()

@@ -12,10 +12,12 @@ import torch
 from ..model import input_device, token_ids
 from ..model.timing import decode, prefill, timed
 
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-          "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
-          "Within fifty years printers worked in more than two hundred cities across Europe, and the "
-          "number of books grew from thousands of handwritten copies to millions of printed ones.")
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+    "Within fifty years printers worked in more than two hundred cities across Europe, and the "
+    "number of books grew from thousands of handwritten copies to millions of printed ones."
+)
 
 
 def prompt_ids(tokenizer, length: int = 64, batch: int = 1, vocab: int = 0) -> torch.Tensor:
@@ -28,13 +30,13 @@ def prompt_ids(tokenizer, length: int = 64, batch: int = 1, vocab: int = 0) -> t
     return ids.unsqueeze(0).repeat(batch, 1)
 
 
-def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3,
-                      warmup: int = 1) -> float:
+def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3, warmup: int = 1) -> float:
     """Median over ``repeats`` runs of greedy ``new_tokens``-token generation from ``prompt``."""
     if new_tokens < 1 or repeats < 1:
         raise ValueError(f"latency: new_tokens and repeats must be >= 1, got {new_tokens}, {repeats}")
     device = input_device(model)
     prompt = prompt.to(device)
-    timing = timed(lambda: decode(model, prefill(model, prompt), new_tokens - 1), device, repeats=repeats,
-                   warmup=warmup)
+    timing = timed(
+        lambda: decode(model, prefill(model, prompt), new_tokens - 1), device, repeats=repeats, warmup=warmup
+    )
     return new_tokens / timing.median

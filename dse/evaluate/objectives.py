@@ -78,4 +78,3 @@ def derive_metrics(metrics: Mapping[str, float]) -> dict:
             if value is not None:
                 out[objective.attribute] = value
     return out
-

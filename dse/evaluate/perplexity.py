@@ -18,7 +18,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     device = input_device(model)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
         labels = batch[:, 1:].to(logits.device)  # a spread model returns logits where its head is
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")

@@ -61,6 +61,8 @@ def local_copy(name: str, data_dir) -> Optional[tuple]:
         if path.is_file():
             return path, copy.split
     if candidates:
-        raise TaskNotFoundError(f"evaluation.data_dir: no local copy of task {name!r} in {data_dir} "
-                                f"(expected {' or '.join(c.file for c in candidates)}, or {name}/<split>.jsonl)")
+        raise TaskNotFoundError(
+            f"evaluation.data_dir: no local copy of task {name!r} in {data_dir} "
+            f"(expected {' or '.join(c.file for c in candidates)}, or {name}/<split>.jsonl)"
+        )
     return None

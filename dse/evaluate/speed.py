@@ -28,8 +28,17 @@ import torch
 
 from ..core.validate import boolean, integer
 from ..model import input_device, model_bytes
-from ..model.timing import (CompiledDecode, Timing, cpu_name, decode, peak_memory, prefill, reset_peak_memory,
-                            threads, timed)
+from ..model.timing import (
+    CompiledDecode,
+    Timing,
+    cpu_name,
+    decode,
+    peak_memory,
+    prefill,
+    reset_peak_memory,
+    threads,
+    timed,
+)
 from .latency import prompt_ids
 
 
@@ -109,15 +118,21 @@ def measure_speed(model, tokenizer, config: SpeedConfig = SpeedConfig(), label: 
     memory = peak_memory(device)
     dtype = next(model.parameters()).dtype
     return SpeedReport(
-        label=label, weight_bytes=model_bytes(model),
+        label=label,
+        weight_bytes=model_bytes(model),
         prefill_tokens_per_s=config.batch * config.prompt / runs["prefill"].median,
         ttft_ms=1000.0 * runs["ttft"].median,
         decode_tokens_per_s=config.new_tokens / runs["decode"].median,
         decode_batch_tokens_per_s=config.batch * config.new_tokens / runs["decode_batch"].median,
-        host_peak_bytes=memory["host_peak_bytes"], device_peak_bytes=memory.get("device_peak_bytes", 0),
+        host_peak_bytes=memory["host_peak_bytes"],
+        device_peak_bytes=memory.get("device_peak_bytes", 0),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
-        dtype=str(dtype).removeprefix("torch."), threads=threads(), config=config,
-        spreads={name: t.spread for name, t in runs.items()}, compile_seconds=compile_one + compile_batch)
+        dtype=str(dtype).removeprefix("torch."),
+        threads=threads(),
+        config=config,
+        spreads={name: t.spread for name, t in runs.items()},
+        compile_seconds=compile_one + compile_batch,
+    )
 
 
 def _decode_timing(model, ids: torch.Tensor, config: SpeedConfig) -> Tuple[Timing, float]:
@@ -128,15 +143,16 @@ def _decode_timing(model, ids: torch.Tensor, config: SpeedConfig) -> Tuple[Timin
     if config.compile:
         compiled = CompiledDecode(model, config.prompt + config.new_tokens)
         fill, steps = compiled.prefill, compiled.decode
-        compile_seconds = timed(lambda out: steps(out, 1), device, repeats=1, warmup=0,
-                                setup=lambda: fill(ids)).median  # the first step compiles
+        compile_seconds = timed(
+            lambda out: steps(out, 1), device, repeats=1, warmup=0, setup=lambda: fill(ids)
+        ).median  # the first step compiles
     return timed(lambda out: steps(out, config.new_tokens), device, setup=lambda: fill(ids), **kw), compile_seconds
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
     """Bytes per second of a large tensor copy (each byte read once and written once), the median of
     ``repeats``: the memory bandwidth a memory-bound decode can at best reach."""
-    src = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32, device=device)
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     timing = timed(lambda: dst.copy_(src), device, repeats=repeats, warmup=1)
     return 2 * src.numel() * src.element_size() / timing.median

@@ -25,7 +25,9 @@ class EarlyStop(Exception):
         self.reason, self.metrics = reason, metrics
 
 
-def staged_run(evaluator: Evaluator, first: float, early_stop: EarlyStopRule, progress: bool = True) -> Dict[str, float]:
+def staged_run(
+    evaluator: Evaluator, first: float, early_stop: EarlyStopRule, progress: bool = True
+) -> Dict[str, float]:
     """Score every task on its first ``first`` share of rows; ``early_stop`` sees those metrics
     (``acc/<task>``, ``accuracy``) and may return a reason to stop, raising :class:`EarlyStop`;
     otherwise the other rows are scored and combined, and the remaining measures run."""

@@ -122,9 +122,13 @@ def _user_config(name: str, include_path: str) -> Dict[str, Any]:
     if isinstance(files, str):
         files = {"train": files}
     if isinstance(files, Mapping):
-        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": {
-            split: str((folder / f).resolve()) if isinstance(f, str) and not Path(f).is_absolute() else f
-            for split, f in files.items()}}
+        config["dataset_kwargs"] = {
+            **config["dataset_kwargs"],
+            "data_files": {
+                split: str((folder / f).resolve()) if isinstance(f, str) and not Path(f).is_absolute() else f
+                for split, f in files.items()
+            },
+        }
     return config
 
 
@@ -153,7 +157,8 @@ def _load(manager, name: str, spec, where: str):
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         raise TaskNotFoundError(
             f"{where}: the dataset of task {name!r} ({dataset or source}) cannot be loaded ({reason}); give a "
-            f"local copy: evaluation.data_dir with {name}/<split>.jsonl, fields as on the hub") from None
+            f"local copy: evaluation.data_dir with {name}/<split>.jsonl, fields as on the hub"
+        ) from None
 
 
 def check_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str] = None) -> List[str]:
@@ -174,5 +179,6 @@ def load_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str] 
     task's dataset loaded once."""
     manager = task_manager(include_path)
     tasks = expand_tasks(names, include_path)
-    return {name: _load(manager, name, _spec(name, data_dir, include_path), f"evaluation.tasks[{i}]")
-            for i, name in tasks}
+    return {
+        name: _load(manager, name, _spec(name, data_dir, include_path), f"evaluation.tasks[{i}]") for i, name in tasks
+    }

@@ -32,8 +32,9 @@ def parse_device_map(value, where: str = "device_map") -> DeviceMap:
     ``cuda:N`` or a GPU index; CUDA entries need CUDA here."""
     if isinstance(value, str):
         if value not in DEVICE_MAPS:
-            raise ConfigError(f"{where}: expected one of {', '.join(DEVICE_MAPS)} or a map of module -> device, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{where}: expected one of {', '.join(DEVICE_MAPS)} or a map of module -> device, got {value!r}"
+            )
         return value
     entries = mapping(value, where)
     if not entries:
@@ -46,8 +47,9 @@ def parse_device_map(value, where: str = "device_map") -> DeviceMap:
 def _check_target(device, where: str) -> None:
     if is_int(device) and device >= 0:
         cuda = True
-    elif isinstance(device, str) and (device in OFFLOAD_TARGETS or device == "cuda" or
-                                      (device.startswith("cuda:") and device[5:].isdigit())):
+    elif isinstance(device, str) and (
+        device in OFFLOAD_TARGETS or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
         cuda = device.startswith("cuda")
     else:
         raise ConfigError(f"{where}: expected cpu, disk, cuda, cuda:N or a GPU index, got {device!r}")
@@ -136,8 +138,9 @@ def host_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def device_kwargs(device_map: Optional[DeviceMap], max_memory: Optional[Mapping] = None,
-                  offload_dir: Optional[str] = None) -> Dict[str, Any]:
+def device_kwargs(
+    device_map: Optional[DeviceMap], max_memory: Optional[Mapping] = None, offload_dir: Optional[str] = None
+) -> Dict[str, Any]:
     """The from_pretrained keyword arguments of a placement (empty for none)."""
     if device_map is None:
         return {}

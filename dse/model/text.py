@@ -58,8 +58,11 @@ class TextSource:
 
     def to_dict(self) -> dict:
         """The source as plain data (:meth:`from_dict` reads it back)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self) if f.name != "where"}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in fields(self)
+            if f.name != "where"
+        }
 
     def check_disjoint(self, other: "TextSource") -> None:
         """Refuse in one line a text that shares text with ``other``: both read one local file, as
@@ -71,8 +74,10 @@ class TextSource:
         if Path(self.path).suffix == ".jsonl" and max(rows[0][0], rows[1][0]) >= min(rows[0][1], rows[1][1]):
             return
         shown = ["all" if r[1] == math.inf else f"{r[0]}:{r[1]}" for r in rows]
-        raise ConfigError(f"{self.where}: rows {shown[0]} of {Path(self.path).name} overlap {other.where} "
-                          f"(rows {shown[1]}); choose text apart from it")
+        raise ConfigError(
+            f"{self.where}: rows {shown[0]} of {Path(self.path).name} overlap {other.where} "
+            f"(rows {shown[1]}); choose text apart from it"
+        )
 
     def read(self) -> str:
         """The text: the file, or the joined field of the selected rows."""
@@ -108,8 +113,9 @@ def token_ids(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
-def token_windows(tokenizer, text: str, window: int, max_tokens: Optional[int] = None,
-                  where: str = "evaluation.perplexity.window") -> torch.Tensor:
+def token_windows(
+    tokenizer, text: str, window: int, max_tokens: Optional[int] = None, where: str = "evaluation.perplexity.window"
+) -> torch.Tensor:
     """``(n_windows, window)`` token ids: the first ``max_tokens`` tokens cut into whole windows."""
     ids = token_ids(tokenizer, text)
     if max_tokens:

@@ -42,8 +42,14 @@ class Timing:
         return (self.high - self.low) / self.median if self.median else 0.0
 
 
-def timed(run: Callable[[], object], device: torch.device, *, repeats: int = 5, warmup: int = 1,
-          setup: Optional[Callable[[], object]] = None) -> Timing:
+def timed(
+    run: Callable[[], object],
+    device: torch.device,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    setup: Optional[Callable[[], object]] = None,
+) -> Timing:
     """Wall seconds of ``run()`` after ``warmup`` unmeasured runs; ``setup()``, if given, runs before
     each call outside the clock and its result is passed to ``run``."""
     if repeats < 1 or warmup < 0:
@@ -107,8 +113,9 @@ class CompiledDecode:
     def prefill(self, ids: torch.Tensor):
         """The eager forward pass over ``ids`` that fills the emptied cache (cf. :func:`prefill`)."""
         if ids.shape[1] >= self.max_len:
-            raise ValueError(f"compiled decode: a {ids.shape[1]}-token prompt leaves no room in a "
-                             f"{self.max_len}-position cache")
+            raise ValueError(
+                f"compiled decode: a {ids.shape[1]}-token prompt leaves no room in a {self.max_len}-position cache"
+            )
         self.cache.reset()
         return self.model(ids, use_cache=True, **{self.keyword: self.cache}, **_last_logits(self.model))
 

@@ -30,7 +30,16 @@ from ..core.errors import DseError, ExportError
 from ..core.io import atomic_dir
 from ..core.registry import Registry
 from ..core.validate import read_json
-from ..decompose import CalibrationSpec, LowRankLinear, SVDForm, calibrate, decompose_, get_method, restore_, swap_module
+from ..decompose import (
+    CalibrationSpec,
+    LowRankLinear,
+    SVDForm,
+    calibrate,
+    decompose_,
+    get_method,
+    restore_,
+    swap_module,
+)
 from ..model import auto_class, find_projections, host_state_dict, load_model, resolve_device, resolve_dtype
 from .rankconfig import CONFIG_FORMAT, RankConfig
 
@@ -59,21 +68,35 @@ def decompose_config(config: RankConfig, model, tokenizer, *, cache=None, calibr
     table = find_projections(model, config.family)
     if config.plan.config.needs_calibration and calibration is None:
         if config.calibration is None:
-            raise ExportError(f"config.calibration: method {config.plan.method} needs calibration statistics "
-                              "to rebuild its factors and the config names none; pass calibration=dse.calibrate(...)")
+            raise ExportError(
+                f"config.calibration: method {config.plan.method} needs calibration statistics "
+                "to rebuild its factors and the config names none; pass calibration=dse.calibrate(...)"
+            )
         try:
             spec = CalibrationSpec.from_dict(config.calibration)
         except DseError as e:
             raise ExportError(f"config.{e}") from None
-        calibration = calibrate(model, tokenizer, spec, grad_moments=config.plan.config.needs_grad_moments,
-                                progress=progress, table=table)
+        calibration = calibrate(
+            model, tokenizer, spec, grad_moments=config.plan.config.needs_grad_moments, progress=progress, table=table
+        )
     decompose_(model, config.plan, cache=cache, calibration=calibration, table=table, progress=progress)
     return table
 
 
-def apply_config(config: RankConfig, out_dir, *, format: str = "dse", merge: bool = False, model=None,
-                 tokenizer=None, device: Optional[str] = "cpu", device_map=None, cache=None, calibration=None,
-                 progress: bool = False) -> Path:
+def apply_config(
+    config: RankConfig,
+    out_dir,
+    *,
+    format: str = "dse",
+    merge: bool = False,
+    model=None,
+    tokenizer=None,
+    device: Optional[str] = "cpu",
+    device_map=None,
+    cache=None,
+    calibration=None,
+    progress: bool = False,
+) -> Path:
     """Write ``config`` applied to its model as a folder at ``out_dir`` in ``format`` (one of
     :data:`FORMATS`; ``merge=True`` is ``format="merged"``); return the folder.
 
@@ -97,8 +120,7 @@ def apply_config(config: RankConfig, out_dir, *, format: str = "dse", merge: boo
     return out_dir
 
 
-def write_folder(model, tokenizer, config: RankConfig, folder: Path, writer: ExportFormat, format: str,
-                 **meta) -> None:
+def write_folder(model, tokenizer, config: RankConfig, folder: Path, writer: ExportFormat, format: str, **meta) -> None:
     """Write the decomposed ``model`` into ``folder`` with ``writer`` (the unit of ``format``), its
     tokenizer if any, and ``dse_compressed.json``: the rank config, the format and ``meta``."""
     writer.write(model, config, folder)
@@ -122,6 +144,8 @@ def _unshared(state: dict):
         tensors[first] = state[first].contiguous()
         metadata.update(dict.fromkeys(others, first))
     return tensors, metadata
+
+
 def _save_config(model, folder: Path) -> None:
     if not getattr(model.config, "architectures", None):  # as save_pretrained does: the head reloads
         model.config.architectures = [type(model).__name__]
@@ -160,9 +184,11 @@ def write_transformers(model, config: RankConfig, folder: Path) -> None:
     data = json.loads(path.read_text())
     data["architectures"] = [cls_name]
     data["auto_map"] = {auto_class(model.config).__name__: f"{MODELING_FILE[:-3]}.{cls_name}"}
-    data["dse_low_rank"] = {name: {"in": m.in_features, "out": m.out_features, "ranks": list(m.ranks),
-                                   "bias": m.bias is not None}
-                            for name in config.plan.ranks if isinstance(m := model.get_submodule(name), LowRankLinear)}
+    data["dse_low_rank"] = {
+        name: {"in": m.in_features, "out": m.out_features, "ranks": list(m.ranks), "bias": m.bias is not None}
+        for name in config.plan.ranks
+        if isinstance(m := model.get_submodule(name), LowRankLinear)
+    }
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -272,6 +298,7 @@ def _insert_shells(model, config: RankConfig) -> None:
     for name, rank in config.plan.ranks.items():
         p = table[name]
         k = p.full_rank
-        blank = SVDForm(*(torch.empty(shape, device="meta") for shape in ((p.out_features, k), (k,), (k, p.in_features))))
+        blank = SVDForm(
+            *(torch.empty(shape, device="meta") for shape in ((p.out_features, k), (k,), (k, p.in_features)))
+        )
         swap_module(model, name, LowRankLinear.from_linear(model.get_submodule(name), method.truncate(blank, rank)))
-

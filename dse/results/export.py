@@ -14,6 +14,7 @@ from .front import front_trials, quality, require_completed
 from .rankconfig import RankConfig
 from .record import TrialRecord
 
+
 def rank_config(study, trial) -> RankConfig:
     """The rank config of ``trial`` (a FrozenTrial of ``study``)."""
     meta = study.user_attrs.get("dse") or {}
@@ -24,15 +25,27 @@ def rank_config(study, trial) -> RankConfig:
     if record.plan is None:
         raise ResultsError(f"trial {trial.number}: no plan recorded")
     return RankConfig(
-        meta["model"], meta["fingerprint"], meta.get("dtype", "float32"), Plan.from_dict(record.plan),
+        meta["model"],
+        meta["fingerprint"],
+        meta.get("dtype", "float32"),
+        Plan.from_dict(record.plan),
         dict(record.metrics),
-        {"study": study.study_name, "trial": trial.number, "baseline": record.baseline,
-         "objectives": meta.get("objectives"), "tasks": meta.get("tasks"), "limit": meta.get("limit")},
-        calibration=meta.get("calibration"), family=meta.get("family"))
+        {
+            "study": study.study_name,
+            "trial": trial.number,
+            "baseline": record.baseline,
+            "objectives": meta.get("objectives"),
+            "tasks": meta.get("tasks"),
+            "limit": meta.get("limit"),
+        },
+        calibration=meta.get("calibration"),
+        family=meta.get("family"),
+    )
 
 
-def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Optional[float] = None,
-                 max_drop: Optional[float] = None):
+def select_trial(
+    study, *, max_params: Optional[float] = None, min_accuracy: Optional[float] = None, max_drop: Optional[float] = None
+):
     """One trial of the feasible front, by rule.
 
     Keep the front configs with ``params_ratio <= max_params``, ``accuracy >= min_accuracy`` and
@@ -44,9 +57,11 @@ def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Opt
     """
     no_rule = max_params is None and min_accuracy is None and max_drop is None
     if no_rule and len(study.directions) > 1:
-        raise ExportError("export: no rule given for a study of several objectives: set max_params, "
-                          "min_accuracy or max_drop (--max-params, --min-accuracy, --max-drop), or export the "
-                          "whole front (--front)")
+        raise ExportError(
+            "export: no rule given for a study of several objectives: set max_params, "
+            "min_accuracy or max_drop (--max-params, --min-accuracy, --max-drop), or export the "
+            "whole front (--front)"
+        )
     require_completed(study)
     front = front_trials(study)
     if not front:
@@ -62,21 +77,34 @@ def select_trial(study, *, max_params: Optional[float] = None, min_accuracy: Opt
     records = {t.number: TrialRecord.of(t) for t in front}
     if floor is not None and any("accuracy" not in records[t.number] for t in front):
         raise ExportError("min_accuracy: the study does not measure accuracy (no evaluation tasks)")
-    chosen = [t for t in front if (max_params is None or records[t.number]["params_ratio"] <= max_params)
-              and (floor is None or records[t.number]["accuracy"] >= floor)]
+    chosen = [
+        t
+        for t in front
+        if (max_params is None or records[t.number]["params_ratio"] <= max_params)
+        and (floor is None or records[t.number]["accuracy"] >= floor)
+    ]
     if not chosen:
         ratios = [r["params_ratio"] for r in records.values()]
         acc = [r.get("accuracy", float("nan")) for r in records.values()]
-        rule = " and ".join(([f"params_ratio <= {max_params:g}"] if max_params is not None else [])
-                            + ([f"accuracy >= {floor:.4g}"] if floor is not None else []))
-        raise ExportError(f"export: no front config has {rule}; the front spans params_ratio "
-                          f"{min(ratios):.3f}..{max(ratios):.3f}, accuracy {min(acc):.3f}..{max(acc):.3f}")
+        rule = " and ".join(
+            ([f"params_ratio <= {max_params:g}"] if max_params is not None else [])
+            + ([f"accuracy >= {floor:.4g}"] if floor is not None else [])
+        )
+        raise ExportError(
+            f"export: no front config has {rule}; the front spans params_ratio "
+            f"{min(ratios):.3f}..{max(ratios):.3f}, accuracy {min(acc):.3f}..{max(acc):.3f}"
+        )
     if floor is not None:
         return min(chosen, key=lambda t: (records[t.number]["params_ratio"], -records[t.number]["accuracy"]))
     objective = quality(study)
     key = objective.attribute
-    return min(chosen, key=lambda t: (-records[t.number][key] if objective.maximize else records[t.number][key],
-                                      records[t.number]["params_ratio"]))
+    return min(
+        chosen,
+        key=lambda t: (
+            -records[t.number][key] if objective.maximize else records[t.number][key],
+            records[t.number]["params_ratio"],
+        ),
+    )
 
 
 def export_front(study, out_dir) -> List[Path]:
@@ -90,5 +118,3 @@ def export_front(study, out_dir) -> List[Path]:
         for trial in front:
             rank_config(study, trial).save(tmp / f"trial-{trial.number:04d}.json")
     return [out_dir / f"trial-{t.number:04d}.json" for t in front]
-
-

@@ -109,8 +109,11 @@ def _row(trial, task_names: Sequence[str], metrics: Sequence[str]) -> dict:
     record = TrialRecord.of(trial)
     a = record.metrics
     row = {
-        "number": trial.number, "state": trial.state.name, "baseline": record.baseline,
-        "plan": record.plan_summary, "n_modules": a.get("n_modules"),
+        "number": trial.number,
+        "state": trial.state.name,
+        "baseline": record.baseline,
+        "plan": record.plan_summary,
+        "n_modules": a.get("n_modules"),
         "params_pct": 100.0 * a["params_ratio"] if "params_ratio" in a else np.nan,
         "params_m": a["params"] / 1e6 if "params" in a else np.nan,
         "bytes": a.get("bytes"),
@@ -128,8 +131,9 @@ def tasks(study) -> List[str]:
     meta = study.user_attrs.get("dse") or {}
     if meta.get("tasks"):
         return list(meta["tasks"])
-    seen = dict.fromkeys(k[4:] for t in study.get_trials(deepcopy=False) for k in TrialRecord.of(t).metrics
-                         if k.startswith("acc/"))
+    seen = dict.fromkeys(
+        k[4:] for t in study.get_trials(deepcopy=False) for k in TrialRecord.of(t).metrics if k.startswith("acc/")
+    )
     return list(seen)
 
 
@@ -156,8 +160,10 @@ def require_completed(study) -> None:
     """Raise :class:`ResultsError` if the study has no completed trial."""
     if not completed(study):
         counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts().to_dict()
-        raise ResultsError(f"study {study.study_name!r}: no completed trials yet "
-                           f"({', '.join(f'{v} {k.lower()}' for k, v in counts.items()) or 'no trials'})")
+        raise ResultsError(
+            f"study {study.study_name!r}: no completed trials yet "
+            f"({', '.join(f'{v} {k.lower()}' for k, v in counts.items()) or 'no trials'})"
+        )
 
 
 def reference_point(study, reference: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
@@ -195,8 +201,11 @@ def _slices(points: np.ndarray, ref: np.ndarray) -> float:
     if points.shape[1] == 2:
         best = np.minimum.accumulate(points[:, 0])
         return float(((ref[0] - best) * (tops - points[:, -1])).sum())
-    return sum(float(top - z) * _slices(points[:i + 1, :-1], ref[:-1])
-               for i, (z, top) in enumerate(zip(points[:, -1], tops)) if top > z)
+    return sum(
+        float(top - z) * _slices(points[: i + 1, :-1], ref[:-1])
+        for i, (z, top) in enumerate(zip(points[:, -1], tops))
+        if top > z
+    )
 
 
 def hypervolume_history(study, reference: Optional[Mapping[str, float]] = None) -> pd.DataFrame:

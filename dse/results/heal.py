@@ -21,9 +21,19 @@ from .rankconfig import RankConfig, load_config_file
 CHECKPOINT_SUFFIX = ".checkpoint"
 
 
-def heal_compressed(source, out_dir, config: HealConfig, text: TextSource, *,
-                    measures: Mapping[str, PerplexityConfig] = {}, format: str = "dse", device: str = "cpu",
-                    checkpoint_dir=None, checkpoint_every: int = 50, progress: bool = True) -> Path:
+def heal_compressed(
+    source,
+    out_dir,
+    config: HealConfig,
+    text: TextSource,
+    *,
+    measures: Mapping[str, PerplexityConfig] = {},
+    format: str = "dse",
+    device: str = "cpu",
+    checkpoint_dir=None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> Path:
     """Heal the model of ``source`` (a rank config JSON or a ``dse apply`` folder) on ``text`` by
     ``config`` and write it to ``out_dir`` in ``format`` (a low-rank one); return the folder.
 
@@ -33,8 +43,9 @@ def heal_compressed(source, out_dir, config: HealConfig, text: TextSource, *,
     """
     writer = FORMATS.get(format, "format", ExportError)
     if not writer.low_rank:
-        raise ExportError(f"format: a heal writes a low-rank format "
-                          f"({', '.join(FORMATS.where(lambda f: f.low_rank))}), not {format}")
+        raise ExportError(
+            f"format: a heal writes a low-rank format ({', '.join(FORMATS.where(lambda f: f.low_rank))}), not {format}"
+        )
     for measure in measures.values():
         text.check_disjoint(measure.text)
     source, out_dir = Path(source), Path(out_dir)
@@ -44,16 +55,36 @@ def heal_compressed(source, out_dir, config: HealConfig, text: TextSource, *,
     with atomic_dir(out_dir) as tmp:
         model, tokenizer, teacher = _load(source, rank_config, config, device, progress)
         windows = token_windows(tokenizer, text.read(), config.seq_len, where="heal.seq_len")
-        measured = {label: token_windows(tokenizer, m.text.read(), m.window, m.max_tokens, m.text.where)
-                    for label, m in measures.items()}
+        measured = {
+            label: token_windows(tokenizer, m.text.read(), m.window, m.max_tokens, m.text.where)
+            for label, m in measures.items()
+        }
         before = {label: perplexity(model, w, measures[label].batch_size) for label, w in measured.items()}
-        report = heal_(model, windows, config, teacher=teacher, checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every, progress=progress)
+        report = heal_(
+            model,
+            windows,
+            config,
+            teacher=teacher,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
         after = {label: perplexity(model, w, measures[label].batch_size) for label, w in measured.items()}
-        heal = {"recipe": config.to_dict(), "text": text.to_dict(), "report": report.to_dict(),
-                "perplexity": {label: {"before": before[label], "after": after[label],
-                                       "text": measures[label].text.to_dict(), "window": measures[label].window,
-                                       "max_tokens": measures[label].max_tokens} for label in measures}}
+        heal = {
+            "recipe": config.to_dict(),
+            "text": text.to_dict(),
+            "report": report.to_dict(),
+            "perplexity": {
+                label: {
+                    "before": before[label],
+                    "after": after[label],
+                    "text": measures[label].text.to_dict(),
+                    "window": measures[label].window,
+                    "max_tokens": measures[label].max_tokens,
+                }
+                for label in measures
+            },
+        }
         write_folder(model, tokenizer, rank_config, tmp, writer, format, heal=[*meta.get("heal", []), heal])
     (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
@@ -74,4 +105,3 @@ def _load(source: Path, rank_config: RankConfig, config: HealConfig, device: str
     dense, _ = load_model(rank_config.model, device=device, dtype=rank_config.dtype)
     rank_config.check(dense, "rank_config")
     return model, tokenizer, lambda ids: dense(ids, use_cache=False).logits
-

@@ -23,8 +23,7 @@ from ..decompose import get_method
 from ..evaluate import OBJECTIVES
 from ..model import locate, ordered_types, tensor_types
 from ..space import curves, heatmap_frame
-from .front import (front_rows, front_trials, hypervolume_history, pareto_front, quality, reference_point,
-                    trials_frame)
+from .front import front_rows, front_trials, hypervolume_history, pareto_front, quality, reference_point, trials_frame
 from .record import TrialRecord
 
 PARAMS_LABEL = OBJECTIVES.get("params").label
@@ -56,21 +55,39 @@ def plot_front(study, ax: Optional[Axes] = None, x: str = "params") -> Axes:
     df = trials_frame(study)
     done = df[df["state"] == "COMPLETE"]
     if column not in done or done[column].isna().all():
-        raise ResultsError(f"x: the study's trials record no {column} (for predicted latency, give the study a "
-                           "latency_table: section; for measured latency, evaluation.latency: true)")
-    front = pareto_front(study) if along.size else front_rows(done[done["feasible"]], [along, objective]) \
-        .sort_values(column)
+        raise ResultsError(
+            f"x: the study's trials record no {column} (for predicted latency, give the study a "
+            "latency_table: section; for measured latency, evaluation.latency: true)"
+        )
+    front = (
+        pareto_front(study)
+        if along.size
+        else front_rows(done[done["feasible"]], [along, objective]).sort_values(column)
+    )
     feasible, infeasible = done[done["feasible"]], done[~done["feasible"]]
     ax.scatter(feasible[column], feasible[metric], s=18, color="0.6", label=f"feasible trial ({len(feasible)})")
     if len(infeasible):
-        ax.scatter(infeasible[column], infeasible[metric], s=22, marker="x", color="0.75",
-                   label=f"trial violating the constraints ({len(infeasible)})")
+        ax.scatter(
+            infeasible[column],
+            infeasible[metric],
+            s=22,
+            marker="x",
+            color="0.75",
+            label=f"trial violating the constraints ({len(infeasible)})",
+        )
     ax.step(front[column], front[metric], where="post", color="C0", alpha=0.5)  # attainment curve
     ax.plot(front[column], front[metric], "o", color="C0", ms=7, label=f"Pareto front ({len(front)})")
     marks = iter(["s", "D", "^", "v", "P", "X"])
     for _, row in done[done["baseline"].notna() & (done["baseline"] != "dense")].iterrows():
-        ax.plot(row[column], row[metric], next(marks, "s"), color="C1", ms=8, mec="k",
-                label=f"{row['baseline']} baseline (trial {row['number']})")
+        ax.plot(
+            row[column],
+            row[metric],
+            next(marks, "s"),
+            color="C1",
+            ms=8,
+            mec="k",
+            label=f"{row['baseline']} baseline (trial {row['number']})",
+        )
     base = study.user_attrs.get("baseline") or {}
     dense_x = 100.0 if along.size else base.get(column)
     if metric in base and dense_x is not None:
@@ -81,8 +98,9 @@ def plot_front(study, ax: Optional[Axes] = None, x: str = "params") -> Axes:
         _millions_axis(ax, study)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"{study.study_name}: {metric} vs. {'size' if along.size else along.name}, "
-                 f"{len(done)} completed trials")
+    ax.set_title(
+        f"{study.study_name}: {metric} vs. {'size' if along.size else along.name}, {len(done)} completed trials"
+    )
     return ax
 
 
@@ -94,8 +112,9 @@ def plot_hypervolume(study, ax: Optional[Axes] = None, reference=None) -> Axes:
     ax.step(hist["number"], hist["hypervolume"], where="post", color="C0", label="feasible trials so far")
     ax.set_xlabel("trial number")
     ax.set_ylabel(f"hypervolume ({' × '.join(ref)})")
-    ax.set_title("Hypervolume after each trial\nreference point: "
-                 + ", ".join(f"{k} {v:g}" for k, v in ref.items()), fontsize=10)
+    ax.set_title(
+        "Hypervolume after each trial\nreference point: " + ", ".join(f"{k} {v:g}" for k, v in ref.items()), fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return ax
@@ -148,8 +167,11 @@ def plot_module_usage(study, ax: Optional[Axes] = None) -> Axes:
     ax.set_yticks(range(rows), usage.fraction.index)
     ax.set_xlabel("tensor type")
     ax.set_ylabel("layer")
-    ax.set_title(f"Modules decomposed by the {usage.n} front configs\n(colour: fraction of configs; "
-                 "text: mean rank when decomposed)", fontsize=10)
+    ax.set_title(
+        f"Modules decomposed by the {usage.n} front configs\n(colour: fraction of configs; "
+        "text: mean rank when decomposed)",
+        fontsize=10,
+    )
     ax.figure.colorbar(image, ax=ax, label="fraction of front configs", shrink=0.8)
     return ax
 
@@ -164,10 +186,19 @@ def plot_plan(plan, table: Mapping, ax: Optional[Axes] = None, title: Optional[s
     ax = _axes(ax, (1.6 + 0.75 * len(types), 1.8 + 0.3 * len(layers)))
     for name, p in table.items():
         rank = plan.ranks.get(name)
-        kept.loc[p.layer, p.type] = 1.0 if rank is None else method.params(rank, p.out_features, p.in_features) / p.dense_params
+        kept.loc[p.layer, p.type] = (
+            1.0 if rank is None else method.params(rank, p.out_features, p.in_features) / p.dense_params
+        )
         label = "D" if rank is None else str(rank[0] if isinstance(rank, tuple) else rank)
-        ax.text(types.index(p.type), layers.index(p.layer), label, ha="center", va="center", fontsize=6,
-                color="w" if kept.loc[p.layer, p.type] < 0.35 else "k")
+        ax.text(
+            types.index(p.type),
+            layers.index(p.layer),
+            label,
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="w" if kept.loc[p.layer, p.type] < 0.35 else "k",
+        )
     image = ax.imshow(kept.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(types)), types)
     ax.set_yticks(range(len(layers)), layers)
@@ -178,8 +209,9 @@ def plot_plan(plan, table: Mapping, ax: Optional[Axes] = None, title: Optional[s
     return ax
 
 
-def plot_sensitivity(frame: pd.DataFrame, table: Mapping, metric: str = "accuracy_drop",
-                     ax: Optional[Axes] = None) -> Axes:
+def plot_sensitivity(
+    frame: pd.DataFrame, table: Mapping, metric: str = "accuracy_drop", ax: Optional[Axes] = None
+) -> Axes:
     """Layer x tensor-type heatmap of one module's decomposition cost, from ``dse characterize`` rows."""
     grid = heatmap_frame(frame, metric, table)
     rank = int(frame.loc[frame["kind"] == "module", "rank"].iloc[0])
@@ -275,5 +307,8 @@ def save_plots(study, out_dir, *, formats=("png", "svg"), x: str = "params") -> 
         plots[f"front-{x}"] = partial(plot_front, x=x)
     if any(k.startswith("acc/") for t in front_trials(study) for k in TrialRecord.of(t).metrics):
         plots["tasks"] = plot_task_accuracy
-    return [path for name, plot in plots.items()
-            for path in save_figure(plot(study).figure, Path(out_dir) / name, formats=formats)]
+    return [
+        path
+        for name, plot in plots.items()
+        for path in save_figure(plot(study).figure, Path(out_dir) / name, formats=formats)
+    ]

@@ -40,8 +40,14 @@ class RankConfig:
         model = {"id": self.model, "fingerprint": self.fingerprint, "dtype": self.dtype}
         if self.family is not None:
             model["family"] = self.family
-        out = {"format": CONFIG_FORMAT, "dse_version": self.dse_version, "model": model,
-               "plan": self.plan.to_dict(), "metrics": dict(self.metrics), "source": dict(self.source)}
+        out = {
+            "format": CONFIG_FORMAT,
+            "dse_version": self.dse_version,
+            "model": model,
+            "plan": self.plan.to_dict(),
+            "metrics": dict(self.metrics),
+            "source": dict(self.source),
+        }
         if self.calibration is not None:
             out["calibration"] = self.calibration
         return out
@@ -51,8 +57,10 @@ class RankConfig:
         if not isinstance(data, dict):
             raise ExportError(f"{where}: expected a JSON object, got {type(data).__name__}")
         if data.get("format") != CONFIG_FORMAT:
-            raise ExportError(f"{where}.format: {data.get('format')!r} is not a dse rank config format "
-                              f"(this dse reads {CONFIG_FORMAT})")
+            raise ExportError(
+                f"{where}.format: {data.get('format')!r} is not a dse rank config format "
+                f"(this dse reads {CONFIG_FORMAT})"
+            )
         model = data.get("model")
         for key in ("id", "fingerprint", "dtype"):
             if not isinstance(model, dict) or not isinstance(model.get(key), str):
@@ -67,8 +75,17 @@ class RankConfig:
         calibration = data.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise ExportError(f"{where}.calibration: expected an object (a calibration spec)")
-        return cls(model["id"], model["fingerprint"], model["dtype"], plan, dict(data.get("metrics") or {}),
-                   dict(data.get("source") or {}), str(data.get("dse_version", "?")), calibration, family)
+        return cls(
+            model["id"],
+            model["fingerprint"],
+            model["dtype"],
+            plan,
+            dict(data.get("metrics") or {}),
+            dict(data.get("source") or {}),
+            str(data.get("dse_version", "?")),
+            calibration,
+            family,
+        )
 
     def save(self, path) -> Path:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
@@ -79,9 +96,11 @@ class RankConfig:
         table = find_projections(model, self.family)
         fingerprint = model_fingerprint(model, table)
         if fingerprint != self.fingerprint:
-            raise ExportError(f"{where}.model.fingerprint: the config was exported for model {self.model!r} "
-                              f"({self.dtype}, fingerprint {self.fingerprint}); this model's fingerprint is "
-                              f"{fingerprint}")
+            raise ExportError(
+                f"{where}.model.fingerprint: the config was exported for model {self.model!r} "
+                f"({self.dtype}, fingerprint {self.fingerprint}); this model's fingerprint is "
+                f"{fingerprint}"
+            )
         try:
             self.plan.validate(table)
         except PlanError as e:

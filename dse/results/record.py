@@ -51,8 +51,11 @@ class TrialRecord:
         trial.set_user_attr(self.ATTRIBUTE, self.stored())
 
     def stored(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in self.EARLY and getattr(self, f.name) not in (None, {})}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in self.EARLY and getattr(self, f.name) not in (None, {})
+        }
 
     def get(self, key: str, default=None):
         """A metric (or size) of the trial."""

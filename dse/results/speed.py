@@ -58,8 +58,9 @@ def load_target(target: str, *, device: str = "cpu", dtype: Optional[str] = None
     return model, tokenizer, None
 
 
-def speed_reports(target: str, config: SpeedConfig, *, against_dense: bool = False, device: str = "cpu",
-                  dtype: Optional[str] = None) -> List[SpeedReport]:
+def speed_reports(
+    target: str, config: SpeedConfig, *, against_dense: bool = False, device: str = "cpu", dtype: Optional[str] = None
+) -> List[SpeedReport]:
     """The target's report, and with ``against_dense`` the dense model's after it (each measured with
     the other freed)."""
     if against_dense and not is_compressed(target):
@@ -92,9 +93,11 @@ def format_reports(reports: List[SpeedReport]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     c = first.config
-    lines.append(f"{first.device}, {first.dtype}, {first.threads} threads; median of {c.repeats} runs after "
-                 f"{c.warmup} warm-up; decode {c.new_tokens} steps after a {c.prompt}-token prompt"
-                 + ("; decode compiled over a static cache" if c.compile else ""))
+    lines.append(
+        f"{first.device}, {first.dtype}, {first.threads} threads; median of {c.repeats} runs after "
+        f"{c.warmup} warm-up; decode {c.new_tokens} steps after a {c.prompt}-token prompt"
+        + ("; decode compiled over a static cache" if c.compile else "")
+    )
     return "\n".join(lines)
 
 

@@ -11,8 +11,11 @@ from .front import objectives, pareto_front
 
 # frame column -> (header, format) of the columns every table shows; objectives add their own
 SHOWN = {
-    "number": ("trial", "{:d}"), "baseline": ("baseline", "{}"), "plan": ("plan", "{}"),
-    "params_pct": ("params %", "{:.1f}"), "params_m": ("params M", "{:.1f}"),
+    "number": ("trial", "{:d}"),
+    "baseline": ("baseline", "{}"),
+    "plan": ("plan", "{}"),
+    "params_pct": ("params %", "{:.1f}"),
+    "params_m": ("params M", "{:.1f}"),
 }
 
 
@@ -40,18 +43,27 @@ def format_status(study) -> str:
     counts = Counter(t.state.name.lower() for t in trials)
     meta = study.user_attrs.get("dse") or {}
     by_state = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    lines = [f"study {study.study_name!r}: {len(trials)} trials ({by_state})" if trials
-             else f"study {study.study_name!r}: no trials yet"]
+    lines = [
+        f"study {study.study_name!r}: {len(trials)} trials ({by_state})"
+        if trials
+        else f"study {study.study_name!r}: no trials yet"
+    ]
     if meta:
-        lines.append(f"model {meta.get('model')} (fingerprint {meta.get('fingerprint')}, {meta.get('dtype')}), "
-                     f"method {meta.get('method')}, objectives {', '.join(objectives(study))}, "
-                     + (f"tasks {', '.join(meta['tasks'])} (limit {meta.get('limit')})" if meta.get("tasks")
-                        else "no accuracy tasks"))
+        lines.append(
+            f"model {meta.get('model')} (fingerprint {meta.get('fingerprint')}, {meta.get('dtype')}), "
+            f"method {meta.get('method')}, objectives {', '.join(objectives(study))}, "
+            + (
+                f"tasks {', '.join(meta['tasks'])} (limit {meta.get('limit')})"
+                if meta.get("tasks")
+                else "no accuracy tasks"
+            )
+        )
     base = study.user_attrs.get("baseline") or {}
     if base:
         shown = [f"params {base['params'] / 1e6:.2f} M"] if "params" in base else []
-        shown += [f"{o.attribute} {base[o.attribute]:.4g}" for o in OBJECTIVES.values()
-                  if not o.size and o.attribute in base]
+        shown += [
+            f"{o.attribute} {base[o.attribute]:.4g}" for o in OBJECTIVES.values() if not o.size and o.attribute in base
+        ]
         shown += [f"{k} {v:.4g}" for k, v in base.items() if k.startswith("acc/")]
         lines.append("baseline (undecomposed): " + ", ".join(shown))
     if meta:

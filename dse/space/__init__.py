@@ -10,15 +10,53 @@ from typing import Mapping, Union
 
 from ..core.errors import SpaceError
 from ..core.validate import read_yaml
-from .allocation import STARTS, AllocationError, AllocationSpace, Budget, Start, allocate, flat_start, importance, \
-    sensitivity_start
-from .baselines import (BASELINES, Baseline, BaselineKind, dense_plan, layers_label, layers_plan, parse_baseline,
-                        parse_dense, parse_layers, parse_ratio, parse_sensitivity, parse_uniform, ratio_plan,
-                        sensitivity_baseline_plan, sensitivity_plan, spread_layers, uniform_rank_plan)
+from .allocation import (
+    STARTS,
+    AllocationError,
+    AllocationSpace,
+    Budget,
+    Start,
+    allocate,
+    flat_start,
+    importance,
+    sensitivity_start,
+)
+from .baselines import (
+    BASELINES,
+    Baseline,
+    BaselineKind,
+    dense_plan,
+    layers_label,
+    layers_plan,
+    parse_baseline,
+    parse_dense,
+    parse_layers,
+    parse_ratio,
+    parse_sensitivity,
+    parse_uniform,
+    ratio_plan,
+    sensitivity_baseline_plan,
+    sensitivity_plan,
+    spread_layers,
+    uniform_rank_plan,
+)
 from .grid import Layout, Rules, Space, format_counts, label, resolve_rank
 from .groups import DENSE, GROUPS, Group, LayerGroup, LayerXTypeGroup, ModuleGroup, SharedGroup, TypeGroup
-from .probes import (PROBE_KINDS, ProbeKind, Unit, adjacent_layers, curve_layers, curves, first_layers,
-                     heatmap_frame, last_layers, layer_units, module_units, spread_curve, units)
+from .probes import (
+    PROBE_KINDS,
+    ProbeKind,
+    Unit,
+    adjacent_layers,
+    curve_layers,
+    curves,
+    first_layers,
+    heatmap_frame,
+    last_layers,
+    layer_units,
+    module_units,
+    spread_curve,
+    units,
+)
 
 GROUPS.register("module", ModuleGroup())
 GROUPS.register("layer", LayerGroup())
@@ -27,23 +65,56 @@ GROUPS.register("shared", SharedGroup())
 GROUPS.register("layer_x_type", LayerXTypeGroup())
 
 STARTS.register("flat", Start(flat_start, help="every weight 1: the importance estimate alone decides"))
-STARTS.register("sensitivity", Start(sensitivity_start, measures=True,
-                                     help="weights from each probe's measured loss per removed parameter"))
+STARTS.register(
+    "sensitivity",
+    Start(sensitivity_start, measures=True, help="weights from each probe's measured loss per removed parameter"),
+)
 
-BASELINES.register("dense", BaselineKind(parse_dense, dense_plan, lambda value: "dense", "'dense'",
-                                         help="the undecomposed model"))
-BASELINES.register("uniform", BaselineKind(parse_uniform, uniform_rank_plan, lambda value: f"uniform-{value}",
-                                           "{uniform: RANK or FRACTION}",
-                                           help="every projection at one rank, or one fraction of its full rank"))
-BASELINES.register("ratio", BaselineKind(parse_ratio, ratio_plan, lambda value: f"ratio-{value}",
-                                         "{ratio: R in (0, 1)}",
-                                         help="every projection loses R of its parameters (SVD-LLM's rule)"))
-BASELINES.register("layers", BaselineKind(parse_layers, layers_plan, layers_label, "{layers: N or [l, ...], rank: r}",
-                                          options=("rank",), help="whole layers at one rank (the seed thesis' form)"))
-BASELINES.register("sensitivity", BaselineKind(
-    parse_sensitivity, sensitivity_baseline_plan, lambda value: f"sensitivity-{value['fraction']:g}",
-    "{sensitivity: F, characterization: CSV}", options=("characterization", "rank"),
-    help="the least sensitive modules first, from a characterization"))
+BASELINES.register(
+    "dense", BaselineKind(parse_dense, dense_plan, lambda value: "dense", "'dense'", help="the undecomposed model")
+)
+BASELINES.register(
+    "uniform",
+    BaselineKind(
+        parse_uniform,
+        uniform_rank_plan,
+        lambda value: f"uniform-{value}",
+        "{uniform: RANK or FRACTION}",
+        help="every projection at one rank, or one fraction of its full rank",
+    ),
+)
+BASELINES.register(
+    "ratio",
+    BaselineKind(
+        parse_ratio,
+        ratio_plan,
+        lambda value: f"ratio-{value}",
+        "{ratio: R in (0, 1)}",
+        help="every projection loses R of its parameters (SVD-LLM's rule)",
+    ),
+)
+BASELINES.register(
+    "layers",
+    BaselineKind(
+        parse_layers,
+        layers_plan,
+        layers_label,
+        "{layers: N or [l, ...], rank: r}",
+        options=("rank",),
+        help="whole layers at one rank (the seed thesis' form)",
+    ),
+)
+BASELINES.register(
+    "sensitivity",
+    BaselineKind(
+        parse_sensitivity,
+        sensitivity_baseline_plan,
+        lambda value: f"sensitivity-{value['fraction']:g}",
+        "{sensitivity: F, characterization: CSV}",
+        options=("characterization", "rank"),
+        help="the least sensitive modules first, from a characterization",
+    ),
+)
 
 PROBE_KINDS.register("module", ProbeKind(units=module_units, help="one projection alone"))
 PROBE_KINDS.register("layer", ProbeKind(units=layer_units, help="all projections of one layer"))
@@ -67,8 +138,38 @@ def load_space(path) -> AnySpace:
     return space_from_dict(read_yaml(path, "space", SpaceError))
 
 
-__all__ = ["BASELINES", "DENSE", "GROUPS", "PROBE_KINDS", "STARTS", "AllocationError", "AllocationSpace", "AnySpace",
-           "Baseline", "BaselineKind", "Budget", "Group", "Layout", "ProbeKind", "Rules", "Space", "SpaceError", "Start",
-           "Unit", "allocate", "curve_layers", "curves", "format_counts", "heatmap_frame", "importance", "label",
-           "load_space", "parse_baseline", "resolve_rank", "sensitivity_plan", "space_from_dict", "spread_layers",
-           "units"]
+__all__ = [
+    "BASELINES",
+    "DENSE",
+    "GROUPS",
+    "PROBE_KINDS",
+    "STARTS",
+    "AllocationError",
+    "AllocationSpace",
+    "AnySpace",
+    "Baseline",
+    "BaselineKind",
+    "Budget",
+    "Group",
+    "Layout",
+    "ProbeKind",
+    "Rules",
+    "Space",
+    "SpaceError",
+    "Start",
+    "Unit",
+    "allocate",
+    "curve_layers",
+    "curves",
+    "format_counts",
+    "heatmap_frame",
+    "importance",
+    "label",
+    "load_space",
+    "parse_baseline",
+    "resolve_rank",
+    "sensitivity_plan",
+    "space_from_dict",
+    "spread_layers",
+    "units",
+]

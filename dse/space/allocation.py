@@ -149,8 +149,9 @@ def importance(form, out_grad: torch.Tensor, xtx: torch.Tensor) -> np.ndarray:
     return (S.pow(2) * (out_grad.to(U)[:, None] * U.pow(2)).sum(0) * excited).cpu().numpy()
 
 
-def allocate(selected: Mapping, importances: Mapping[str, np.ndarray], kept, weights: Mapping[str, float],
-             cost=None) -> Dict[str, int]:
+def allocate(
+    selected: Mapping, importances: Mapping[str, np.ndarray], kept, weights: Mapping[str, float], cost=None
+) -> Dict[str, int]:
     """Ranks of the modules that stay decomposed, spending at most ``kept`` in total.
 
     ``selected``: projection table entries; ``importances``: each module's per-component
@@ -164,11 +165,13 @@ def allocate(selected: Mapping, importances: Mapping[str, np.ndarray], kept, wei
     dense = [cost.dense(selected[n]) for n in names]
     used = sum(curve[1] for curve in curves)
     if used > kept:
-        raise AllocationError(f"space.budget: keeps {kept:.6g} {cost.what}, but rank 1 on all {len(names)} "
-                              f"selected modules needs {used:.6g}")
+        raise AllocationError(
+            f"space.budget: keeps {kept:.6g} {cost.what}, but rank 1 on all {len(names)} "
+            f"selected modules needs {used:.6g}"
+        )
     score, owner = [], []
     for j, n in enumerate(names):
-        gain = np.asarray(importances[n])[1:selected[n].full_rank]
+        gain = np.asarray(importances[n])[1 : selected[n].full_rank]
         score.append(weights[n] * gain / units[j])
         owner.append(np.full(len(gain), j))
     score, owner = np.concatenate(score), np.concatenate(owner)
@@ -226,15 +229,20 @@ class AllocationSpace(ModelSpace):
         layers = sorted({p.layer for p in sel.values()})
         dense = sum(p.dense_params for p in sel.values())
         n_params = len(self.param_names(table))
-        lines = [f"space {self.name}: allocation over {len(layers)} layers x {len(types)} types "
-                 f"({len(sel)} modules), budget {self.budget.label()}"]
+        lines = [
+            f"space {self.name}: allocation over {len(layers)} layers x {len(types)} types "
+            f"({len(sel)} modules), budget {self.budget.label()}"
+        ]
         if self.budget.ratio is not None:
             kept = self.budget.kept(sel, 0)
-            lines.append(f"every plan keeps at most {kept} of the selected modules' {dense} parameters "
-                         f"({kept / dense:.1%})")
-        lines.append(f"{n_params} continuous parameters ({len(types)} type weights, "
-                     f"{self.layer_knots} layer knots), log-uniform in "
-                     f"[{self.low:g}, {self.high:g}]; starts: {', '.join(self.starts) or 'none'}")
+            lines.append(
+                f"every plan keeps at most {kept} of the selected modules' {dense} parameters ({kept / dense:.1%})"
+            )
+        lines.append(
+            f"{n_params} continuous parameters ({len(types)} type weights, "
+            f"{self.layer_knots} layer knots), log-uniform in "
+            f"[{self.low:g}, {self.high:g}]; starts: {', '.join(self.starts) or 'none'}"
+        )
         return "\n".join(lines)
 
     # --- plans ---------------------------------------------------------------------------------
@@ -249,8 +257,16 @@ class AllocationSpace(ModelSpace):
             profile = {layer: float(np.exp(np.interp(layer, at, knots))) for layer in layers}
         return {n: types[p.type] * profile[p.layer] for n, p in sel.items()}
 
-    def plan_from_params(self, params: Mapping[str, float], table: Mapping, method: MethodConfig, *,
-                         importances: Mapping, model_params: int, latency=None) -> Plan:
+    def plan_from_params(
+        self,
+        params: Mapping[str, float],
+        table: Mapping,
+        method: MethodConfig,
+        *,
+        importances: Mapping,
+        model_params: int,
+        latency=None,
+    ) -> Plan:
         """The plan of ``params`` (a trial's): :func:`allocate` under the budget (a latency budget
         spends the predicted milliseconds of ``latency``, the study's latency table)."""
         method = as_config(method)
@@ -267,12 +283,14 @@ class AllocationSpace(ModelSpace):
         ranks = allocate(sel, importances, self.budget.kept(sel, model_params, cost), self._weights(sel, value), cost)
         return Plan(ranks, method)
 
-    def suggest(self, trial, table: Mapping, method: MethodConfig, *, importances: Mapping,
-                model_params: int, latency=None) -> Plan:
+    def suggest(
+        self, trial, table: Mapping, method: MethodConfig, *, importances: Mapping, model_params: int, latency=None
+    ) -> Plan:
         """Sample the weights with ``trial.suggest_float`` (log scale) and allocate."""
         params = {name: trial.suggest_float(name, self.low, self.high, log=True) for name in self.param_names(table)}
-        return self.plan_from_params(params, table, method, importances=importances, model_params=model_params,
-                                     latency=latency)
+        return self.plan_from_params(
+            params, table, method, importances=importances, model_params=model_params, latency=latency
+        )
 
     def param_names(self, table: Mapping) -> Tuple[str, ...]:
         sel = self.selected(table)
@@ -283,8 +301,7 @@ class AllocationSpace(ModelSpace):
     def flat_params(self, table: Mapping) -> Dict[str, float]:
         return dict.fromkeys(self.param_names(table), 1.0)
 
-    def probe_plans(self, table: Mapping, method: MethodConfig, *, model_params: int,
-                    latency=None) -> Dict[str, Plan]:
+    def probe_plans(self, table: Mapping, method: MethodConfig, *, model_params: int, latency=None) -> Dict[str, Plan]:
         """One plan per parameter: its type (or its knot's band of layers) alone, cut at the budget's
         average ratio ``1 − kept / dense`` (of parameters, or of predicted milliseconds under a
         latency budget) by SVD-LLM's uniform rule."""
@@ -297,8 +314,7 @@ class AllocationSpace(ModelSpace):
         plans = {}
         for name in self.param_names(table):
             kind, _, key = name.partition(".")
-            group = {n: p for n, p in sel.items()
-                     if (p.type == key if kind == "type" else band[p.layer] == int(key))}
+            group = {n: p for n, p in sel.items() if (p.type == key if kind == "type" else band[p.layer] == int(key))}
             plans[name] = uniform_plan(group, ratio=ratio, method=method)
         return plans
 
@@ -320,6 +336,7 @@ class AllocationSpace(ModelSpace):
 
 # --- starts ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Start:
     """A starting point enqueued once per study: ``params(space, table, method, model_params,
@@ -331,19 +348,23 @@ class Start:
     help: str = ""
 
 
-def flat_start(space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int,
-               measure: Measure, latency=None) -> Dict[str, float]:
+def flat_start(
+    space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int, measure: Measure, latency=None
+) -> Dict[str, float]:
     """Every weight 1: the spectrum and the importance estimate alone decide."""
     return space.flat_params(table)
 
 
-def sensitivity_start(space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int,
-                      measure: Measure, latency=None) -> Dict[str, float]:
+def sensitivity_start(
+    space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int, measure: Measure, latency=None
+) -> Dict[str, float]:
     """Weights from measured sensitivity: each probe of :meth:`AllocationSpace.probe_plans` is
     measured, and its loss per removed parameter sets its weight."""
     probes = space.probe_plans(table, method, model_params=model_params, latency=latency)
     losses = {name: measure(name, plan) for name, plan in probes.items()}
-    removed = {name: sum(table[n].dense_params for n in plan.ranks) - plan.params(table) for name, plan in probes.items()}
+    removed = {
+        name: sum(table[n].dense_params for n in plan.ranks) - plan.params(table) for name, plan in probes.items()
+    }
     return space.sensitivity_params(losses, removed)
 
 
@@ -358,14 +379,17 @@ def _parse(data) -> AllocationSpace:
     budget = data.get("budget")
     if not isinstance(budget, Mapping) or len(budget) != 1 or next(iter(budget)) not in ("ratio", "params", "latency"):
         raise SpaceError(f"space.budget: expected {{ratio: R}}, {{params: F}} or {{latency: F}}, got {budget!r}")
-    (key, value), = budget.items()
-    budget = Budget(**{key: number(value, f"space.budget.{key}", 0, 1, open_low=True, open_high=True,
-                                   error=SpaceError)})
+    ((key, value),) = budget.items()
+    budget = Budget(
+        **{key: number(value, f"space.budget.{key}", 0, 1, open_low=True, open_high=True, error=SpaceError)}
+    )
     weights = mapping(data.get("weights") or {}, "space.weights", SpaceError, ("low", "high", "layer_knots"))
-    low = number(weights.get("low", AllocationSpace.low), "space.weights.low", 0, math.inf, open_low=True,
-                 error=SpaceError)
-    high = number(weights.get("high", AllocationSpace.high), "space.weights.high", low, math.inf, open_low=True,
-                  error=SpaceError)
+    low = number(
+        weights.get("low", AllocationSpace.low), "space.weights.low", 0, math.inf, open_low=True, error=SpaceError
+    )
+    high = number(
+        weights.get("high", AllocationSpace.high), "space.weights.high", low, math.inf, open_low=True, error=SpaceError
+    )
     knots = integer(weights.get("layer_knots", AllocationSpace.layer_knots), "space.weights.layer_knots", 0, SpaceError)
     if knots == 1:
         raise SpaceError("space.weights.layer_knots: expected 0 (no layer profile) or an integer >= 2, got 1")
@@ -374,6 +398,13 @@ def _parse(data) -> AllocationSpace:
         raise SpaceError(f"space.starts: expected a list of {', '.join(STARTS)}, got {starts!r}")
     for i, start in enumerate(starts):
         STARTS.get(start, f"space.starts[{i}]", SpaceError)
-    return AllocationSpace(**fields, budget=budget, layers=parse_layers(data.get("layers", "all")),
-                           types=parse_types(data.get("types")), low=low, high=high, layer_knots=knots,
-                           starts=tuple(starts))
+    return AllocationSpace(
+        **fields,
+        budget=budget,
+        layers=parse_layers(data.get("layers", "all")),
+        types=parse_types(data.get("types")),
+        low=low,
+        high=high,
+        layer_knots=knots,
+        starts=tuple(starts),
+    )

@@ -83,6 +83,7 @@ def parse_baseline(spec, where: str, base: Optional[Path] = None) -> Baseline:
 
 # --- the built-in kinds ------------------------------------------------------------------------
 
+
 def parse_dense(spec, where, base):
     return None
 
@@ -114,8 +115,9 @@ def ratio_plan(value, table, method, *, model_params=0) -> Plan:
 
 def parse_layers(spec, where, base):
     layers, rank = spec["layers"], spec.get("rank", 1)
-    ok = (is_int(layers) and layers >= 1) or \
-        (isinstance(layers, list) and layers and all(is_int(v) and v >= 0 for v in layers))
+    ok = (is_int(layers) and layers >= 1) or (
+        isinstance(layers, list) and layers and all(is_int(v) and v >= 0 for v in layers)
+    )
     if not ok:
         raise ConfigError(f"{where}.layers: expected a count >= 1 or a list of layer indices, got {layers!r}")
     return {"layers": layers, "rank": integer(rank, f"{where}.rank", 1)}
@@ -155,8 +157,9 @@ def sensitivity_baseline_plan(value, table, method, *, model_params=0) -> Plan:
     import pandas as pd
 
     frame = pd.read_csv(value["characterization"])
-    return sensitivity_plan(frame, table, value["fraction"], model_params=model_params, rank=value["rank"],
-                            method=method)
+    return sensitivity_plan(
+        frame, table, value["fraction"], model_params=model_params, rank=value["rank"], method=method
+    )
 
 
 def spread_layers(count: int, k: int) -> List[int]:
@@ -169,8 +172,16 @@ def spread_layers(count: int, k: int) -> List[int]:
     return sorted({inner[round(i * step)] for i in range(k)})
 
 
-def sensitivity_plan(frame, table: Mapping, fraction: float, *, model_params: int, rank: Optional[int] = None,
-                     method="svd", metric: Optional[str] = None) -> Plan:
+def sensitivity_plan(
+    frame,
+    table: Mapping,
+    fraction: float,
+    *,
+    model_params: int,
+    rank: Optional[int] = None,
+    method="svd",
+    metric: Optional[str] = None,
+) -> Plan:
     """Modules at ``rank`` in order of least loss per removed parameter until ``fraction`` of
     ``model_params`` is removed. ``frame``: ``dse characterize`` rows; the loss is the accuracy drop
     when the frame has accuracy, else the log perplexity ratio (``metric`` picks one)."""
@@ -198,6 +209,8 @@ def sensitivity_plan(frame, table: Mapping, fraction: float, *, model_params: in
         ranks[name] = r
         removed += saved
     if removed < target and not math.isclose(removed, target):
-        raise ConfigError(f"baselines.sensitivity: decomposing every module at rank {rank} removes only "
-                          f"{removed / model_params:.1%} of the parameters, not {fraction:.1%}")
+        raise ConfigError(
+            f"baselines.sensitivity: decomposing every module at rank {rank} removes only "
+            f"{removed / model_params:.1%} of the parameters, not {fraction:.1%}"
+        )
     return Plan({n: ranks[n] for n in table if n in ranks}, method)

@@ -1,5 +1,6 @@
 """The fields every space file has: its name, its model (or model config), optionally its family
-(``family: llama``; default: the one recognised on the model) and its selection of layers and tensor types; shared by grid spaces (:mod:`dse.space.grid`) and allocation spaces
+(``family: llama``; default: the one recognised on the model) and its selection of layers and
+tensor types; shared by grid spaces (:mod:`dse.space.grid`) and allocation spaces
 (:mod:`dse.space.allocation`)."""
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ class ModelSpace:
 
     def table(self):
         """The projection table of the space's model, from shapes only (see :mod:`dse.model.shapes`)."""
-        return projection_table(self.model, self.model_config, family=self.family, where="space.model_config",
-                                error=SpaceError)
+        return projection_table(
+            self.model, self.model_config, family=self.family, where="space.model_config", error=SpaceError
+        )
 
     def selected_types(self, table: Mapping) -> Tuple[str, ...]:
         """The space's types present in ``table``, canonical order; a listed type the model lacks
@@ -64,14 +66,20 @@ def parse_model(data, keys) -> Dict[str, Any]:
         raise SpaceError("space.model: give model (a name) or model_config (shapes offline), or both")
     if model is not None and not isinstance(model, str):
         raise SpaceError(f"space.model: expected a model name, got {model!r}")
-    if model_config is not None and not (isinstance(model_config, Mapping)
-                                         and isinstance(model_config.get("model_type"), str)):
+    if model_config is not None and not (
+        isinstance(model_config, Mapping) and isinstance(model_config.get("model_type"), str)
+    ):
         raise SpaceError("space.model_config: expected a mapping with a model_type")
     family = data.get("family")
     if family is not None:
         FAMILIES.get(family, "space.family", SpaceError)
-    return {"name": name, "description": description, "model": model,
-            "model_config": dict(model_config) if model_config else None, "family": family}
+    return {
+        "name": name,
+        "description": description,
+        "model": model,
+        "model_config": dict(model_config) if model_config else None,
+        "family": family,
+    }
 
 
 def parse_layers(value) -> Layers:
@@ -93,8 +101,9 @@ def parse_layers(value) -> Layers:
             if layer in layers[:i]:
                 raise SpaceError(f"space.layers[{i}]: layer {layer} is listed twice")
         return tuple(sorted(layers))
-    raise SpaceError(f"space.layers: expected 'all', a non-empty list of layer indices or {{from: A, to: B}}, "
-                     f"got {value!r}")
+    raise SpaceError(
+        f"space.layers: expected 'all', a non-empty list of layer indices or {{from: A, to: B}}, got {value!r}"
+    )
 
 
 def layers_to_data(layers: Layers):

@@ -44,7 +44,8 @@ dense. ``max_layers: k``: at most ``k`` layers are decomposed (a layer is decomp
 its modules is). ``no_adjacent``: no two decomposed layers are neighbours (model indices ``l`` and
 ``l + 1``). ``align: a``: ranks resolve to multiples of ``a``; ``align: auto``: a study rounds each
 sampled rank down to its shape's measured fast step (:mod:`dse.decompose.latency`) and leaves dense
-any module whose rank is measured no faster than dense (counts are those of ``align: 1``). ``max_layers`` and ``no_adjacent``
+any module whose rank is measured no faster than dense (counts are those of ``align: 1``).
+``max_layers`` and ``no_adjacent``
 apply to groups module, layer and layer_x_type (module and layer need ``dense`` among the ranks);
 for type and shared they are an error; under layer_x_type they bind the layer switches. Sampling
 respects every rule by construction: layers are visited in order, and a layer right after a
@@ -118,9 +119,9 @@ def resolve_rank(choice: Choice, full: int, align: int = 1) -> Optional[int]:
 class Layout:
     """A space laid over one projection table: the selected cells and each module's resolved ranks."""
 
-    layers: Tuple[int, ...]                    # selected layers that hold a selected module, ascending
-    types: Tuple[str, ...]                     # selected types, canonical order
-    cells: Dict[Tuple[int, str], List[str]]    # (layer, type) -> module names, table order
+    layers: Tuple[int, ...]  # selected layers that hold a selected module, ascending
+    types: Tuple[str, ...]  # selected types, canonical order
+    cells: Dict[Tuple[int, str], List[str]]  # (layer, type) -> module names, table order
     resolved: Dict[str, Tuple[Optional[int], ...]]  # module -> its rank under each choice, table order
 
 
@@ -147,10 +148,18 @@ class Space(ModelSpace):
 
     def to_dict(self) -> Dict[str, Any]:
         """The space as plain data; ``Space.from_dict(space.to_dict()) == space``."""
-        out = {"name": self.name, "description": self.description, "model": self.model,
-               "model_config": dict(self.model_config) if self.model_config else None, "family": self.family,
-               "layers": layers_to_data(self.layers), "types": list(self.types) if self.types else None,
-               "ranks": list(self.ranks), "group": self.group, "rules": dataclasses.asdict(self.rules)}
+        out = {
+            "name": self.name,
+            "description": self.description,
+            "model": self.model,
+            "model_config": dict(self.model_config) if self.model_config else None,
+            "family": self.family,
+            "layers": layers_to_data(self.layers),
+            "types": list(self.types) if self.types else None,
+            "ranks": list(self.ranks),
+            "group": self.group,
+            "rules": dataclasses.asdict(self.rules),
+        }
         return {k: v for k, v in out.items() if v not in (None, "")}
 
     @property
@@ -171,8 +180,10 @@ class Space(ModelSpace):
         layers = self.selected_layers(table)
         kept = [layer for layer in layers if rules.skip_first <= layer < count - rules.skip_last]
         if not kept:
-            raise SpaceError(f"space.rules: skip_first {rules.skip_first} and skip_last {rules.skip_last} "
-                             f"leave none of the {len(layers)} selected layers of {count}")
+            raise SpaceError(
+                f"space.rules: skip_first {rules.skip_first} and skip_last {rules.skip_last} "
+                f"leave none of the {len(layers)} selected layers of {count}"
+            )
         cells: Dict[Tuple[int, str], List[str]] = defaultdict(list)
         resolved = {}
         for name, p in table.items():
@@ -186,8 +197,10 @@ class Space(ModelSpace):
         seen: Dict[int, int] = {}
         for j, r in enumerate(resolved):
             if r is not None and r in seen:
-                raise SpaceError(f"space.ranks[{j}]: resolves to rank {r} like space.ranks[{seen[r]}] on "
-                                 f"{name} (full rank {full}, align {self.rules.align})")
+                raise SpaceError(
+                    f"space.ranks[{j}]: resolves to rank {r} like space.ranks[{seen[r]}] on "
+                    f"{name} (full rank {full}, align {self.rules.align})"
+                )
             seen.setdefault(r, j)
         return resolved
 
@@ -197,8 +210,9 @@ class Space(ModelSpace):
         """Sample a plan with ``trial.suggest_categorical``, define-by-run, every rule by construction."""
         return Plan(self._build(self.layout(table), trial.suggest_categorical), method)
 
-    def plan_from_params(self, params: Mapping[str, Any], table: Mapping,
-                         method: Union[str, MethodConfig] = "svd") -> Plan:
+    def plan_from_params(
+        self, params: Mapping[str, Any], table: Mapping, method: Union[str, MethodConfig] = "svd"
+    ) -> Plan:
         """Rebuild the plan of a finished trial from its ``params``."""
         used = set()
 
@@ -250,8 +264,12 @@ class Space(ModelSpace):
         r = self.rules
         steps = [("no rules", Rules(align=r.align))]
         if r.skip_first or r.skip_last:
-            steps.append((f"skip_first {r.skip_first}, skip_last {r.skip_last}",
-                          dataclasses.replace(steps[-1][1], skip_first=r.skip_first, skip_last=r.skip_last)))
+            steps.append(
+                (
+                    f"skip_first {r.skip_first}, skip_last {r.skip_last}",
+                    dataclasses.replace(steps[-1][1], skip_first=r.skip_first, skip_last=r.skip_last),
+                )
+            )
         if r.max_layers is not None:
             steps.append((f"max_layers {r.max_layers}", dataclasses.replace(steps[-1][1], max_layers=r.max_layers)))
         if r.no_adjacent:
@@ -267,8 +285,10 @@ class Space(ModelSpace):
 def format_counts(space: Space, table: Mapping) -> str:
     """The table ``dse space FILE`` prints: the count after each rule, exactly and as log2."""
     layout = space.layout(table)
-    head = (f"space {space.name}: {len(layout.layers)} layers x {len(layout.types)} types "
-            f"({len(layout.resolved)} modules), group {space.group}, ranks {', '.join(space.labels)}")
+    head = (
+        f"space {space.name}: {len(layout.layers)} layers x {len(layout.types)} types "
+        f"({len(layout.resolved)} modules), group {space.group}, ranks {', '.join(space.labels)}"
+    )
     rows = space.counts(table)
     width = max(len(name) for name, _ in rows)
     lines = [head, f"{'':<{width}}  {'log2':>8}  configurations"]
@@ -288,8 +308,9 @@ def _choice(value, where: str) -> Choice:
         return value
     if isinstance(value, float) and 0 < value < 1:
         return value
-    raise SpaceError(f"{where}: expected an int >= 1 (rank), a float in (0, 1) (fraction of full rank) "
-                     f"or 'dense', got {value!r}")
+    raise SpaceError(
+        f"{where}: expected an int >= 1 (rank), a float in (0, 1) (fraction of full rank) or 'dense', got {value!r}"
+    )
 
 
 def _rules(value, group: str, has_dense: bool) -> Rules:
@@ -311,11 +332,15 @@ def _rules(value, group: str, has_dense: bool) -> Rules:
     for key in ("max_layers", "no_adjacent"):
         if getattr(rules, key) not in (None, False):
             if not unit.layer_rules:
-                raise SpaceError(f"space.rules.{key}: applies to groups {', '.join(GROUPS.where(lambda g: g.layer_rules))}, "
-                                 f"not {group}")
+                raise SpaceError(
+                    f"space.rules.{key}: applies to groups {', '.join(GROUPS.where(lambda g: g.layer_rules))}, "
+                    f"not {group}"
+                )
             if not unit.switches and not has_dense:
-                raise SpaceError(f"space.rules.{key}: needs 'dense' among space.ranks (with group {group} "
-                                 f"every selected layer is decomposed otherwise)")
+                raise SpaceError(
+                    f"space.rules.{key}: needs 'dense' among space.ranks (with group {group} "
+                    f"every selected layer is decomposed otherwise)"
+                )
     return rules
 
 
@@ -335,6 +360,11 @@ def _parse(data) -> Space:
             raise SpaceError(f"space.ranks[{i}]: group {group} leaves modules dense by its switches; remove 'dense'")
     if labels == [DENSE]:
         raise SpaceError("space.ranks: needs a rank besides 'dense'")
-    return Space(**fields, ranks=ranks, layers=parse_layers(data.get("layers", "all")),
-                 types=parse_types(data.get("types")), group=group,
-                 rules=_rules(data.get("rules") or {}, group, DENSE in labels))
+    return Space(
+        **fields,
+        ranks=ranks,
+        layers=parse_layers(data.get("layers", "all")),
+        types=parse_types(data.get("types")),
+        group=group,
+        rules=_rules(data.get("rules") or {}, group, DENSE in labels),
+    )

@@ -116,7 +116,7 @@ class ModuleGroup(LayeredGroup):
 
     def per_layer(self, space, width):
         c, dense = len(space.ranks), int(DENSE in space.labels)
-        return dense, c ** width - dense
+        return dense, c**width - dense
 
 
 class LayerGroup(LayeredGroup):

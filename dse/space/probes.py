@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Unit:
     kind: str
-    name: str      # the module, "L3", or "first-3"
-    k: int         # layers involved (1 for a module)
+    name: str  # the module, "L3", or "first-3"
+    k: int  # layers involved (1 for a module)
     layers: tuple
     plan: Plan
 
@@ -61,8 +61,10 @@ def module_units(table, at_rank) -> List[Unit]:
 
 
 def layer_units(table, at_rank) -> List[Unit]:
-    return [Unit("layer", f"L{layer}", 1, (layer,), at_rank([n for n, p in table.items() if p.layer == layer]))
-            for layer in range(n_layers(table))]
+    return [
+        Unit("layer", f"L{layer}", 1, (layer,), at_rank([n for n, p in table.items() if p.layer == layer]))
+        for layer in range(n_layers(table))
+    ]
 
 
 def first_layers(k: int, count: int) -> List[int]:
@@ -91,8 +93,13 @@ def curve_layers(kind: str, k: int, count: int) -> List[int]:
     return PROBE_KINDS.get(kind, "kinds").layers(k, count)
 
 
-def units(table: Mapping, rank: int = 1, kinds: Sequence[str] = None, ks: Sequence[int] = (1, 2, 3, 4, 6),
-          method: MethodConfig = "svd") -> List[Unit]:
+def units(
+    table: Mapping,
+    rank: int = 1,
+    kinds: Sequence[str] = None,
+    ks: Sequence[int] = (1, 2, 3, 4, 6),
+    method: MethodConfig = "svd",
+) -> List[Unit]:
     """The plans a characterization measures, in the order of ``kinds`` (default: every kind)."""
     kinds = list(PROBE_KINDS) if kinds is None else kinds
     units_of = {kind: PROBE_KINDS.get(kind, "kinds") for kind in kinds}
@@ -111,7 +118,9 @@ def units(table: Mapping, rank: int = 1, kinds: Sequence[str] = None, ks: Sequen
             continue
         for k in ks:
             layers = tuple(unit.layers(k, count))
-            out.append(Unit(kind, f"{kind}-{k}", k, layers, uniform_plan(table, rank, method=method, layers=set(layers))))
+            out.append(
+                Unit(kind, f"{kind}-{k}", k, layers, uniform_plan(table, rank, method=method, layers=set(layers)))
+            )
     return out
 
 
@@ -125,4 +134,3 @@ def heatmap_frame(frame: "pd.DataFrame", metric: str, table: Mapping) -> "pd.Dat
         p = table[row["unit"]]
         out.loc[p.layer, p.type] = row[metric]
     return out
-

@@ -16,10 +16,15 @@ import optuna
 
 from .samplers import SAMPLERS, Sampler, SamplerConfig, parse_sampler
 
-SAMPLERS.register("tpe", Sampler(optuna.samplers.TPESampler,
-                                 defaults={"multivariate": True, "group": True, "n_startup_trials": 8,
-                                           "constant_liar": False},
-                                 shared={"constant_liar": True}, help="tree-structured Parzen estimator (multivariate)"))
+SAMPLERS.register(
+    "tpe",
+    Sampler(
+        optuna.samplers.TPESampler,
+        defaults={"multivariate": True, "group": True, "n_startup_trials": 8, "constant_liar": False},
+        shared={"constant_liar": True},
+        help="tree-structured Parzen estimator (multivariate)",
+    ),
+)
 SAMPLERS.register("nsga2", Sampler(optuna.samplers.NSGAIISampler, help="NSGA-II, a genetic multi-objective search"))
 SAMPLERS.register("gp", Sampler(optuna.samplers.GPSampler, help="Gaussian-process Bayesian optimisation"))
 SAMPLERS.register("random", Sampler(optuna.samplers.RandomSampler, help="independent uniform draws"))

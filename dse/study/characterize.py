@@ -46,9 +46,14 @@ def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, pr
     for unit in tqdm(pending, desc="characterize", disable=not progress):
         metrics = worker.measure(unit.plan)
         base = base or metrics
-        row = {"kind": unit.kind, "unit": unit.name, "k": unit.k, "layers": " ".join(map(str, unit.layers)),
-               "rank": rank if unit.plan.ranks else 0,
-               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        row = {
+            "kind": unit.kind,
+            "unit": unit.name,
+            "k": unit.k,
+            "layers": " ".join(map(str, unit.layers)),
+            "rank": rank if unit.plan.ranks else 0,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
         if "accuracy" in base and "accuracy" in metrics:
             row["accuracy_drop"] = base["accuracy"] - metrics["accuracy"]
         if "perplexity" in base and "perplexity" in metrics:
@@ -59,21 +64,45 @@ def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, pr
     return pd.DataFrame(rows)
 
 
-def model_study(model: str, *, tasks: Sequence[str] = ("piqa", "arc_easy"), limit: int = 100,
-                data_dir: Optional[str] = None, method: str = "svd", device: str = "cpu", dtype: str = "float32",
-                family: Optional[str] = None):
+def model_study(
+    model: str,
+    *,
+    tasks: Sequence[str] = ("piqa", "arc_easy"),
+    limit: int = 100,
+    data_dir: Optional[str] = None,
+    method: str = "svd",
+    device: str = "cpu",
+    dtype: str = "float32",
+    family: Optional[str] = None,
+):
     """A study config to characterize ``model`` (of ``family``, default: the one recognised) alone:
     its tasks, rank-1 ``method`` and no search."""
-    return study_config_from_dict({
-        "name": "characterize", "model": model, "family": family, "method": method, "device": device, "dtype": dtype,
-        "space": {"name": "all", "model": model, "ranks": [1], "group": "shared"},
-        "evaluation": {"tasks": list(tasks), "limit": limit, "data_dir": data_dir},
-        "objectives": ["accuracy", "params"]})
+    return study_config_from_dict(
+        {
+            "name": "characterize",
+            "model": model,
+            "family": family,
+            "method": method,
+            "device": device,
+            "dtype": dtype,
+            "space": {"name": "all", "model": model, "ranks": [1], "group": "shared"},
+            "evaluation": {"tasks": list(tasks), "limit": limit, "data_dir": data_dir},
+            "objectives": ["accuracy", "params"],
+        }
+    )
 
 
-def run_characterization(config, out, *, rank: int = 1, kinds: Optional[Sequence[str]] = None,
-                         ks: Sequence[int] = (1, 2, 3, 4, 6), modules_by_perplexity: bool = False,
-                         worker=None, progress: bool = True) -> pd.DataFrame:
+def run_characterization(
+    config,
+    out,
+    *,
+    rank: int = 1,
+    kinds: Optional[Sequence[str]] = None,
+    ks: Sequence[int] = (1, 2, 3, 4, 6),
+    modules_by_perplexity: bool = False,
+    worker=None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Characterize the model of a study ``config`` into ``out``: ``characterization.csv`` (resumed
     if present), ``heatmap.{png,svg}`` and ``layers.{png,svg}`` for each measured metric.
 
@@ -93,8 +122,9 @@ def run_characterization(config, out, *, rank: int = 1, kinds: Optional[Sequence
             raise ConfigError("evaluation.perplexity: --modules-by-perplexity needs it in the study")
         frame = characterize(worker, [u for u in todo if u.kind != "module"], csv, progress=progress)  # and dense
         full = worker.evaluator
-        worker.evaluator = Evaluator(worker.model, worker.tokenizer,
-                                     EvalConfig(tasks=[], perplexity=config.evaluation.perplexity))
+        worker.evaluator = Evaluator(
+            worker.model, worker.tokenizer, EvalConfig(tasks=[], perplexity=config.evaluation.perplexity)
+        )
         try:
             frame = characterize(worker, todo, csv, progress=progress)
         finally:

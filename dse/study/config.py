@@ -25,10 +25,36 @@ from ..model import DTYPES, FAMILIES, DeviceMap, TextSource, parse_device_map, p
 from ..space import STARTS, AnySpace, Baseline, load_space, parse_baseline, space_from_dict
 from .samplers import SamplerConfig, parse_sampler
 
-KEYS = ("name", "model", "family", "device", "device_map", "max_memory", "offload_dir", "dtype", "space", "method",
-        "method_options", "calibration", "evaluation", "objectives", "sampler", "seed", "n_trials", "timeout",
-        "storage", "constraints", "baselines", "cache", "cache_dir", "heartbeat_s", "grace_s", "multi_fidelity",
-        "latency_table", "heal")
+KEYS = (
+    "name",
+    "model",
+    "family",
+    "device",
+    "device_map",
+    "max_memory",
+    "offload_dir",
+    "dtype",
+    "space",
+    "method",
+    "method_options",
+    "calibration",
+    "evaluation",
+    "objectives",
+    "sampler",
+    "seed",
+    "n_trials",
+    "timeout",
+    "storage",
+    "constraints",
+    "baselines",
+    "cache",
+    "cache_dir",
+    "heartbeat_s",
+    "grace_s",
+    "multi_fidelity",
+    "latency_table",
+    "heal",
+)
 
 
 @dataclass(frozen=True)
@@ -141,28 +167,41 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     check_keys(data, KEYS, "")
     name = string(data.get("name", path.stem if path else None), "name")
     space = _space(data.get("space"), base)
-    method = make_config(string(data.get("method", StudyConfig.method.name), "method"), mapping(data.get("method_options") or {},
-                                                                              "method_options"))
+    method = make_config(
+        string(data.get("method", StudyConfig.method.name), "method"),
+        mapping(data.get("method_options") or {}, "method_options"),
+    )
     calibration = _calibration(data.get("calibration"), base, method, space)
     evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
     objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     return StudyConfig(
-        name=name, path=path, space=space, evaluation=evaluation, model=string(data.get("model", StudyConfig.model), "model"),
-        family=_family(data.get("family"), space), device=_device(data.get("device", StudyConfig.device)),
-        dtype=_dtype(data.get("dtype", StudyConfig.dtype)), method=method, **_placement(data, base),
-        calibration=calibration, objectives=objectives, sampler=parse_sampler(data.get("sampler")),
+        name=name,
+        path=path,
+        space=space,
+        evaluation=evaluation,
+        model=string(data.get("model", StudyConfig.model), "model"),
+        family=_family(data.get("family"), space),
+        device=_device(data.get("device", StudyConfig.device)),
+        dtype=_dtype(data.get("dtype", StudyConfig.dtype)),
+        method=method,
+        **_placement(data, base),
+        calibration=calibration,
+        objectives=objectives,
+        sampler=parse_sampler(data.get("sampler")),
         seed=integer(data.get("seed", StudyConfig.seed), "seed"),
         n_trials=integer(data.get("n_trials", StudyConfig.n_trials), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
-        storage=_storage(data.get("storage"), base), constraints=constraints,
+        storage=_storage(data.get("storage"), base),
+        constraints=constraints,
         baselines=_baselines(data.get("baselines") or [], base),
         **_cache(data, base),
         heartbeat_s=integer(data.get("heartbeat_s", StudyConfig.heartbeat_s), "heartbeat_s", 1),
         grace_s=integer(data.get("grace_s", StudyConfig.grace_s), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
         latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base),
-        heal=_heal(data.get("heal"), base, evaluation))
+        heal=_heal(data.get("heal"), base, evaluation),
+    )
 
 
 def _space(data, base: Path) -> AnySpace:
@@ -188,8 +227,10 @@ def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Opt
     if method.needs_calibration and calibration is None:
         raise ConfigError(f"calibration: method {method.name} needs calibration data; add a calibration: section")
     if space.needs_importance and calibration is None:
-        raise ConfigError("calibration: an allocation space (budget:) needs calibration data (its loss gradients "
-                          "rank the components); add a calibration: section")
+        raise ConfigError(
+            "calibration: an allocation space (budget:) needs calibration data (its loss gradients "
+            "rank the components); add a calibration: section"
+        )
     return calibration
 
 
@@ -214,16 +255,19 @@ def _objectives(data, evaluation: EvalConfig, space: AnySpace) -> Tuple[str, ...
             raise ConfigError(f"objectives[{i}]: {name!r} is listed twice")
     for i, start in enumerate(getattr(space, "starts", ())):
         if STARTS.get(start).measures and not {"perplexity", "accuracy"} & set(data):
-            raise ConfigError(f"space.starts[{i}]: {start!r} measures the perplexity or accuracy objective; "
-                              "the study has neither")
+            raise ConfigError(
+                f"space.starts[{i}]: {start!r} measures the perplexity or accuracy objective; the study has neither"
+            )
     return tuple(data)
 
 
 def _constraints(data, evaluation: EvalConfig) -> Constraints:
     data = mapping(data, "constraints", allowed=[f.name for f in dataclasses.fields(Constraints)])
     high = {"max_drop": 1, "max_params": 1, "max_perplexity": float("inf")}  # all from 0 (max_params above 0)
-    values = {key: number(value, f"constraints.{key}", 0, high[key], open_low=key == "max_params")
-              for key, value in data.items()}
+    values = {
+        key: number(value, f"constraints.{key}", 0, high[key], open_low=key == "max_params")
+        for key, value in data.items()
+    }
     if "max_drop" in values and not evaluation.tasks:
         raise ConfigError("constraints.max_drop: needs evaluation.tasks")
     return Constraints(**values)
@@ -240,7 +284,7 @@ def _storage(url, base: Path) -> Optional[str]:
         return None
     url = string(url, "storage")
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{resolve_path(base, url[len('sqlite:///'):], 'storage')}"
+        url = f"sqlite:///{resolve_path(base, url[len('sqlite:///') :], 'storage')}"
     return url
 
 

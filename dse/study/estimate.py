@@ -135,14 +135,23 @@ def estimate(config: StudyConfig, study=None) -> Estimate:
     largest, _ = _space_plan(config, table, params)
     for train in CHOICES["train"]:
         heal = heal_memory(meta, table, largest, dataclasses.replace(recipe, train=train), b)
-        lines.append(_where(f"heal, train {train} ({recipe.batch} x {recipe.seq_len} tokens)", sum(heal.values()),
-                            on_device))
-    placed = config.device if config.device_map is None else (
-        f"device_map {config.device_map}" if isinstance(config.device_map, str) else
-        f"an explicit device_map of {len(config.device_map)} entries")
-    title = (f"dse estimate: study {config.name}, model {config.model} ({len(table)} projections in "
-             f"{1 + max(p.layer for p in table.values())} layers, {params / 1e6:.1f} M parameters), "
-             f"{config.dtype}, {placed}")
+        lines.append(
+            _where(f"heal, train {train} ({recipe.batch} x {recipe.seq_len} tokens)", sum(heal.values()), on_device)
+        )
+    placed = (
+        config.device
+        if config.device_map is None
+        else (
+            f"device_map {config.device_map}"
+            if isinstance(config.device_map, str)
+            else f"an explicit device_map of {len(config.device_map)} entries"
+        )
+    )
+    title = (
+        f"dse estimate: study {config.name}, model {config.model} ({len(table)} projections in "
+        f"{1 + max(p.layer for p in table.values())} layers, {params / 1e6:.1f} M parameters), "
+        f"{config.dtype}, {placed}"
+    )
     out = Estimate(title, lines)
     if study is not None:
         out.trial_seconds, out.seconds_from = _seconds(study)
@@ -157,16 +166,25 @@ def _calibration(config: StudyConfig, table: Mapping, hf_config, b: int, on_devi
     owners = input_owners(table)
     moments = config.method.needs_grad_moments
     grads = 8 * sum(p.out_features for p in table.values()) if config.space.needs_importance or moments else 0
-    grad_moments = 8 * sum(p.out_features ** 2 for p in table.values()) if moments else 0
+    grad_moments = 8 * sum(p.out_features**2 for p in table.values()) if moments else 0
     at_once = sum(8 * (n * n + n) for layer in owners.values() for n in layer) + grads + grad_moments
     spec = config.calibration
     cached = 2 * spec.n_samples * spec.seq_len * hf_config.hidden_size * b
-    streamed = (max(sum(8 * (n * n + n) for n in layer) for layer in owners.values()) + cached
-                + (grads + grad_moments if moments else 0))  # the walk starts with every moment held
-    disk = (sum(4 * (n * (n + 1) // 2 + n) for layer in owners.values() for n in layer) + grads // 2
-            + sum(4 * (p.out_features * (p.out_features + 1) // 2) for p in table.values()) * moments)
-    return [_where("calibration at once", at_once, on_device), _where("calibration streamed", streamed, on_device),
-            Line("calibration statistics on disk", disk=disk)]
+    streamed = (
+        max(sum(8 * (n * n + n) for n in layer) for layer in owners.values())
+        + cached
+        + (grads + grad_moments if moments else 0)
+    )  # the walk starts with every moment held
+    disk = (
+        sum(4 * (n * (n + 1) // 2 + n) for layer in owners.values() for n in layer)
+        + grads // 2
+        + sum(4 * (p.out_features * (p.out_features + 1) // 2) for p in table.values()) * moments
+    )
+    return [
+        _where("calibration at once", at_once, on_device),
+        _where("calibration streamed", streamed, on_device),
+        Line("calibration statistics on disk", disk=disk),
+    ]
 
 
 def _form_bytes(p, b: int) -> int:
@@ -205,9 +223,12 @@ def _trial_bytes(config: StudyConfig, table: Mapping, hf_config, b: int, params:
 
     def factors(plan: Plan) -> int:
         return b * sum(method.params(r, table[n].out_features, table[n].in_features) for n, r in plan.ranks.items())
+
     plan, budget = _space_plan(config, table, params)
-    largest = max([b * budget if budget is not None else factors(plan)]
-                  + [factors(p) for p in _baseline_plans(config, table, params)])
+    largest = max(
+        [b * budget if budget is not None else factors(plan)]
+        + [factors(p) for p in _baseline_plans(config, table, params)]
+    )
     ppl = config.evaluation.perplexity
     logits = 0
     if ppl is not None:

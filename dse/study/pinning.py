@@ -90,7 +90,7 @@ def _gpus_of(i: int, n_workers: int, gpus: List[str]) -> List[str]:
         return []
     if len(gpus) >= n_workers:
         block = len(gpus) // n_workers
-        return gpus[i * block:(i + 1) * block]
+        return gpus[i * block : (i + 1) * block]
     return [gpus[i % len(gpus)]]
 
 

@@ -33,15 +33,18 @@ def enqueue_baselines(study: optuna.Study, config: StudyConfig) -> None:
     if study.user_attrs.get("baselines_enqueued"):
         return
     for baseline in config.baselines:
-        study.enqueue_trial({}, user_attrs={"baseline": baseline.label,
-                                            "baseline_spec": [baseline.kind, baseline.value]})
+        study.enqueue_trial(
+            {}, user_attrs={"baseline": baseline.label, "baseline_spec": [baseline.kind, baseline.value]}
+        )
     study.set_user_attr("baselines_enqueued", True)
 
 
 def _warn_unsteered(config: StudyConfig) -> None:
     if config.constraints and not config.sampler.unit.honours_constraints:
-        log.warning(f"dse: warning: sampler: {config.sampler.name} cannot steer by the study's constraints; "
-                    "they still decide which trials are feasible")
+        log.warning(
+            f"dse: warning: sampler: {config.sampler.name} cannot steer by the study's constraints; "
+            "they still decide which trials are feasible"
+        )
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -49,8 +52,16 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 @optuna_log_level()
-def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: Optional[str] = None,
-              progress: bool = True, worker=None, join: bool = False, wait: float = 0.0) -> optuna.Study:
+def run_study(
+    config: StudyConfig,
+    *,
+    n_trials: Optional[int] = None,
+    storage: Optional[str] = None,
+    progress: bool = True,
+    worker=None,
+    join: bool = False,
+    wait: float = 0.0,
+) -> optuna.Study:
     """Create or resume the study and run trials until ``n_trials`` have finished in total.
 
     ``join=True`` only joins a study that exists (as ``dse worker`` does; waiting up to ``wait``
@@ -83,9 +94,14 @@ def run_study(config: StudyConfig, *, n_trials: Optional[int] = None, storage: O
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 break
-            study.optimize(worker.objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                           callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
-                           gc_after_trial=False)
+            study.optimize(
+                worker.objective,
+                n_trials=remaining,
+                timeout=timeout,
+                catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
+                gc_after_trial=False,
+            )
             if target - finished_trials(study) == remaining:
                 break  # every trial of the round failed: see their "error" attributes
         _settle(study, worker, config, storage or config.storage_url)
@@ -119,8 +135,13 @@ def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
         with quiet_optuna():
             optuna.storages.fail_stale_trials(study)
         if _retries(study):
-            study.optimize(worker.objective, n_trials=len(_retries(study)), catch=(Exception,),
-                           callbacks=[worker.report], gc_after_trial=False)
+            study.optimize(
+                worker.objective,
+                n_trials=len(_retries(study)),
+                catch=(Exception,),
+                callbacks=[worker.report],
+                gc_after_trial=False,
+            )
         elif time.monotonic() > deadline:
             return
         else:
@@ -130,12 +151,21 @@ def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
 def _retries(study: optuna.Study) -> list:
     """WAITING trials that re-run a trial whose worker died."""
     with quiet_optuna():
-        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None]
+        return [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None
+        ]
 
 
-def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] = None,
-                storage: Optional[str] = None, devices: Optional[str] = None) -> optuna.Study:
+def run_workers(
+    config: StudyConfig,
+    n_workers: int,
+    *,
+    n_trials: Optional[int] = None,
+    storage: Optional[str] = None,
+    devices: Optional[str] = None,
+) -> optuna.Study:
     """Create the study, enqueue its baselines, then run ``n_workers`` ``dse worker`` processes,
     each pinned to its share of the cores and, with ``devices`` (``auto`` or ``cuda:0,cuda:1,...``),
     of the GPUs (see :mod:`dse.study.pinning`)."""
@@ -144,8 +174,9 @@ def run_workers(config: StudyConfig, n_workers: int, *, n_trials: Optional[int] 
     slots = worker_slots(n_workers, gpus, available_cores())
     config.evaluation.check_tasks()
     if url.startswith("sqlite"):
-        raise ConfigError("storage: several workers need journal:///FILE (one host) or "
-                          "postgresql://... (many hosts), not SQLite")
+        raise ConfigError(
+            "storage: several workers need journal:///FILE (one host) or postgresql://... (many hosts), not SQLite"
+        )
     study = open_study(config, url)
     enqueue_baselines(study, config)
     cmd = [sys.executable, "-m", "dse.cli", "worker", str(config.path), "--storage", url, "--quiet"]

@@ -72,8 +72,9 @@ class Sampler:
             kinds = set(re.findall(r"[A-Za-z_]+", str(p.annotation))) - {"None"}
             if name not in ("seed", "constraints_func") and kinds and kinds <= set(_PLAIN):
                 nullable = p.default is None or "None" in str(p.annotation)
-                out[name] = lambda v, kinds=kinds, nullable=nullable: (v is None and nullable) or \
-                    any(_PLAIN[k](v) for k in kinds)
+                out[name] = lambda v, kinds=kinds, nullable=nullable: (
+                    (v is None and nullable) or any(_PLAIN[k](v) for k in kinds)
+                )
         return out
 
 
@@ -92,7 +93,8 @@ class SamplerConfig:
         return SAMPLERS.get(self.name, "sampler")
 
     def make(self, seed: int, constraints_func=None, shared: bool = False):
-        """The Optuna sampler (``constraints_func`` dropped if it cannot use one). ``shared``: one of several workers, so the seed is made distinct per
+        """The Optuna sampler (``constraints_func`` dropped if it cannot use one). ``shared``: one of
+        several workers, so the seed is made distinct per
         process (equal seeds would make every worker propose the same plans) and the ``shared``
         options apply (TPE lies constantly about running trials so that workers spread out)."""
         unit = self.unit
@@ -116,8 +118,9 @@ def parse_sampler(data) -> SamplerConfig:
         if key not in allowed:
             raise ConfigError(f"sampler.{key}: {name} has no such option (known: {', '.join(sorted(allowed))})")
         if not allowed[key](value):
-            raise ConfigError(f"sampler.{key}: expected {inspect.signature(unit.cls).parameters[key].annotation}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"sampler.{key}: expected {inspect.signature(unit.cls).parameters[key].annotation}, got {value!r}"
+            )
     config = SamplerConfig(name, data)
     try:
         config.make(0)

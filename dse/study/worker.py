@@ -35,8 +35,19 @@ class TrialFailed(RuntimeError):
 
 
 class Worker:
-    def __init__(self, config: StudyConfig, model, tokenizer, evaluator, *, cache: Optional[FactorCache] = None,
-                 calibration=None, table=None, latency: Optional[LatencyTable] = None, progress: bool = True):
+    def __init__(
+        self,
+        config: StudyConfig,
+        model,
+        tokenizer,
+        evaluator,
+        *,
+        cache: Optional[FactorCache] = None,
+        calibration=None,
+        table=None,
+        latency: Optional[LatencyTable] = None,
+        progress: bool = True,
+    ):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -57,31 +68,51 @@ class Worker:
         """Load the model (placed by ``device`` or ``device_map``), calibrate if the study has a
         calibration, and build the evaluator. A streamed calibration for a data-aware method
         factorizes each layer into the factor cache as soon as its statistics are final."""
-        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
-                                      device_map=config.device_map, max_memory=config.max_memory,
-                                      offload_dir=config.offload_dir)
+        model, tokenizer = load_model(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            device_map=config.device_map,
+            max_memory=config.max_memory,
+            offload_dir=config.offload_dir,
+        )
         table = find_projections(model, config.family)
         cache, calibration = FactorCache(config.cache_dir, config.cache_memory), None
         if config.calibration is not None:
             keeps = cache.memory != "none" or cache.directory is not None
             on_layer = None
             if config.calibration.streamed and config.method.needs_calibration and keeps:
+
                 def on_layer(names, cal):
                     factor_forms(model, names, config.method, cache=cache, calibration=cal, table=table)
-            calibration = calibrate(model, tokenizer, config.calibration, cache_dir=config.cache_dir,
-                                    gradients=config.space.needs_importance,
-                                    grad_moments=config.method.needs_grad_moments, on_layer=on_layer, progress=progress,
-                                    table=table)
+
+            calibration = calibrate(
+                model,
+                tokenizer,
+                config.calibration,
+                cache_dir=config.cache_dir,
+                gradients=config.space.needs_importance,
+                grad_moments=config.method.needs_grad_moments,
+                on_layer=on_layer,
+                progress=progress,
+                table=table,
+            )
         evaluator = Evaluator(model, tokenizer, config.evaluation)
-        return cls(config, model, tokenizer, evaluator, cache=cache, calibration=calibration, table=table,
-                   progress=progress)
+        return cls(
+            config, model, tokenizer, evaluator, cache=cache, calibration=calibration, table=table, progress=progress
+        )
 
     def latency(self) -> Optional[LatencyTable]:
         """The study's latency table (measured, or read from the cache, on first use), or None when
         the study needs none (:attr:`StudyConfig.uses_latency`)."""
         if self._latency is None and self.config.uses_latency:
-            self._latency = latency_table(self.model, self.table, self.config.latency_table or TableSpec(),
-                                          self.config.cache_dir, progress=self.progress)
+            self._latency = latency_table(
+                self.model,
+                self.table,
+                self.config.latency_table or TableSpec(),
+                self.config.cache_dir,
+                progress=self.progress,
+            )
         return self._latency if self.config.uses_latency else None
 
     # --- study-level ----------------------------------------------------------------------------
@@ -90,24 +121,40 @@ class Worker:
         meta = study.user_attrs.get("dse")
         fingerprint = model_fingerprint(self.model, self.table)
         if meta and meta.get("fingerprint") != fingerprint:
-            raise StudyError(f"model: study {study.study_name!r} was run on model {meta.get('model')!r} "
-                              f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
+            raise StudyError(
+                f"model: study {study.study_name!r} was run on model {meta.get('model')!r} "
+                f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})"
+            )
         if not meta:
-            study.set_user_attr("dse", {
-                "version": __version__, "model": self.config.model, "family": self.family, "fingerprint": fingerprint,
-                "method": self.config.method.name, "method_options": self.config.method.changed_options(),
-                "objectives": list(self.config.objectives), "dtype": self.config.dtype,
-                "tasks": list(self.config.evaluation.tasks), "limit": self.config.evaluation.limit,
-                "calibration": self.config.calibration.to_dict() if self.config.calibration else None})
+            study.set_user_attr(
+                "dse",
+                {
+                    "version": __version__,
+                    "model": self.config.model,
+                    "family": self.family,
+                    "fingerprint": fingerprint,
+                    "method": self.config.method.name,
+                    "method_options": self.config.method.changed_options(),
+                    "objectives": list(self.config.objectives),
+                    "dtype": self.config.dtype,
+                    "tasks": list(self.config.evaluation.tasks),
+                    "limit": self.config.evaluation.limit,
+                    "calibration": self.config.calibration.to_dict() if self.config.calibration else None,
+                },
+            )
         self.baseline = study.user_attrs.get("baseline") or {}
         if not self.baseline:
             self.baseline = self.measure(Plan({}, self.config.method))
             study.set_user_attr("baseline", self.baseline)
         if self.progress:
-            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                                  optuna.trial.TrialState.PRUNED)))
-            self._bar = tqdm(total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}",
-                             unit="trial")
+            done = len(
+                study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                )
+            )
+            self._bar = tqdm(
+                total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}", unit="trial"
+            )
 
     def enqueue_starts(self, study: optuna.Study) -> None:
         """Enqueue the space's starting points once per study (allocation spaces, see
@@ -119,10 +166,17 @@ class Worker:
             return
         with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
             measure = self._probe_measure(study, bar)
-            starts = {name: STARTS.get(name).params(space, self.table, self.config.method,
-                                                    model_params=self.model_params, measure=measure,
-                                                    latency=self.latency())
-                      for name in space.starts}  # all measured before any is enqueued
+            starts = {
+                name: STARTS.get(name).params(
+                    space,
+                    self.table,
+                    self.config.method,
+                    model_params=self.model_params,
+                    measure=measure,
+                    latency=self.latency(),
+                )
+                for name in space.starts
+            }  # all measured before any is enqueued
         for name, params in starts.items():
             study.enqueue_trial(params, user_attrs={"start": name})
         study.set_user_attr("starts_enqueued", True)
@@ -141,6 +195,7 @@ class Worker:
             bar.update(1)
             base, value = self.baseline[metric], record[name][metric]
             return math.log(value / base) if metric == "perplexity" else base - value
+
         return measure
 
     def importances(self) -> Dict[str, Any]:
@@ -149,10 +204,18 @@ class Worker:
         if self._importances is None:
             if self.calibration is None or not self.calibration.grads:
                 raise StudyError("calibration: an allocation space needs a calibration with gradients")
-            forms = factor_forms(self.model, self.table, self.config.method, cache=self.cache, calibration=self.calibration,
-                                 table=self.table, progress=self.progress)
-            self._importances = {n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx)
-                                 for n, f in forms.items()}
+            forms = factor_forms(
+                self.model,
+                self.table,
+                self.config.method,
+                cache=self.cache,
+                calibration=self.calibration,
+                table=self.table,
+                progress=self.progress,
+            )
+            self._importances = {
+                n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx) for n, f in forms.items()
+            }
         return self._importances
 
     def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -183,8 +246,14 @@ class Worker:
         if spec is not None:
             return Baseline(*spec).plan(self.table, method, model_params=self.model_params)
         if space.needs_importance:
-            plan = space.suggest(trial, self.table, method, importances=self.importances(),
-                                 model_params=self.model_params, latency=self.latency())
+            plan = space.suggest(
+                trial,
+                self.table,
+                method,
+                importances=self.importances(),
+                model_params=self.model_params,
+                latency=self.latency(),
+            )
         else:
             plan = space.suggest(trial, self.table, method)
         align = getattr(getattr(space, "rules", None), "align", None) == "auto"
@@ -235,8 +304,10 @@ class Worker:
         if mf is None or not len(plan):
             return None
         params = plan_size(self.model, plan, self.table).params_after
-        records = {t.number: TrialRecord.of(t)
-                   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        records = {
+            t.number: TrialRecord.of(t)
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        }
         rivals = {n: r for n, r in records.items() if finite(r.get("accuracy")) and r.get("params", math.inf) <= params}
         if not rivals:
             return None
@@ -245,10 +316,13 @@ class Worker:
 
         def rule(first_stage: Dict[str, float]) -> Optional[str]:
             if first_stage["accuracy"] < bar:
-                return (f"accuracy {first_stage['accuracy']:.3f} on the first {mf.first:.0%} of each task is more "
-                        f"than {mf.margin:g} below {best['accuracy']:.3f} (trial {number}, "
-                        f"{best['params']} parameters <= {params})")
+                return (
+                    f"accuracy {first_stage['accuracy']:.3f} on the first {mf.first:.0%} of each task is more "
+                    f"than {mf.margin:g} below {best['accuracy']:.3f} (trial {number}, "
+                    f"{best['params']} parameters <= {params})"
+                )
             return None
+
         return rule
 
     def objective(self, trial: optuna.Trial) -> List[float]:
@@ -261,7 +335,9 @@ class Worker:
             if earlier is not None:
                 record = dataclasses.replace(record, metrics=earlier.metrics, duplicate_of=earlier.duplicate_of)
             else:
-                record = dataclasses.replace(record, metrics=self.measure(plan, self.early_stop_rule(trial.study, plan)))
+                record = dataclasses.replace(
+                    record, metrics=self.measure(plan, self.early_stop_rule(trial.study, plan))
+                )
             values = [record.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
             bad = [(o, v) for o, v in zip(self.config.objectives, values) if not finite(v)]
             if bad:
@@ -273,7 +349,8 @@ class Worker:
             dataclasses.replace(record, error=f"{type(e).__name__}: {e}".splitlines()[0][:500]).write(trial)
             raise
         if self.config.constraints:
-            record = dataclasses.replace(record, constraints=self.config.constraints.violations(record.metrics,
-                                                                                                   self.baseline))
+            record = dataclasses.replace(
+                record, constraints=self.config.constraints.violations(record.metrics, self.baseline)
+            )
         record.write(trial)
         return values
