@@ -42,7 +42,7 @@ def measure(memory: str, device: str, folder: str, trials: int) -> dict:
     from dse.decompose import FactorCache, SVDConfig, decomposed, factor_forms
     from dse.evaluate import perplexity
     from dse.model import find_projections, load_model
-    from dse.space import load_space
+    from dse.space import SpaceContext, load_space
     from dse.study.protocols import p1_windows
 
     model, tokenizer = load_model("smollm2-135m", device=device)
@@ -54,7 +54,7 @@ def measure(memory: str, device: str, folder: str, trials: int) -> dict:
     cuda = device.startswith("cuda")
     rows = []
     for _ in range(trials):
-        plan = space.suggest(Draw(rng), table)
+        plan = space.suggest(Draw(rng), SpaceContext(table))
         held = torch.cuda.memory_allocated() if cuda else vm("VmRSS")
         torch.cuda.reset_peak_memory_stats() if cuda else reset_peak()
         start = time.perf_counter()

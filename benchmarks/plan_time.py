@@ -21,7 +21,7 @@ import optuna
 from dse.decompose import Plan, uniform_plan
 from dse.decompose.latency import PHASES, LatencyTable, ShapeCost, Workload, rank_grid
 from dse.model.shapes import projection_table
-from dse.space import AllocationSpace, Budget, load_space
+from dse.space import AllocationSpace, Budget, SpaceContext, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def main() -> None:
     latency = modelled_table(table)
     plan = uniform_plan(table, ratio=0.2)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    grid_plan = space.suggest(study.ask(), table, "svd")
+    grid_plan = space.suggest(study.ask(), SpaceContext(table))
     rng = np.random.default_rng(0)
     importances = {name: np.sort(rng.random(p.full_rank))[::-1] for name, p in table.items()}
     allocation = AllocationSpace("7b-latency", Budget(latency=0.8), model=space.model, model_config=space.model_config)
@@ -67,7 +67,7 @@ def main() -> None:
         "faster_plan, a grid trial": lambda: latency.faster_plan(grid_plan, table, align=True),
         "predict, uniform -20 %": lambda: latency.predict(plan, table),
         "latency-budget allocation (0.8)": lambda: allocation.plan_from_params(
-            flat, table, Plan({}).config, importances=importances, model_params=6.7e9, latency=latency
+            flat, SpaceContext(table, Plan({}).config, int(6.7e9), latency, importances)
         ),
     }
     print(f"{len(table)} projections; median of {args.repeats}")

@@ -48,9 +48,9 @@ from dse.results.front import hypervolume_history
 from dse.space import PROBE_KINDS, Budget, parse_baseline, sensitivity_plan
 from dse.study.characterize import run_characterization
 from dse.study.config import load_study_config
+from dse.study.measure import Measurer
 from dse.study.runner import run_study
 from dse.study.samplers import SamplerConfig
-from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
@@ -142,8 +142,8 @@ def main(argv=None) -> None:
         storage=args.storage or f"sqlite:///{(out / 'studies.db').resolve()}",
     )
     t0 = time.perf_counter()
-    worker = Worker.from_config(config, progress=False)
-    table, total = worker.table, worker.model_params
+    measurer = Measurer.from_config(config, progress=False)
+    table, total = measurer.table, measurer.model_params
     dense_proj = sum(p.dense_params for p in table.values())
     print(
         f"{config.model}: {total} parameters, {len(table)} projections, method {config.method}, "
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         kinds=list(PROBE_KINDS),
         ks=args.ks,
         modules_by_perplexity=True,
-        worker=worker,
+        measurer=measurer,
         progress=False,
     )
     base = frame[frame["kind"] == "dense"].iloc[0]
@@ -170,16 +170,18 @@ def main(argv=None) -> None:
 
     # 3. the searches
     start = time.perf_counter()
-    tpe = run_study(dataclasses.replace(config, name="search-tpe", n_trials=args.trials), worker=worker, progress=False)
+    tpe = run_study(
+        dataclasses.replace(config, name="search-tpe", n_trials=args.trials), measurer=measurer, progress=False
+    )
     tpe_s = time.perf_counter() - start
     start = time.perf_counter()
     rnd = run_study(
         dataclasses.replace(config, name="search-random", sampler=SamplerConfig("random"), n_trials=args.random_trials),
-        worker=worker,
+        measurer=measurer,
         progress=False,
     )
     rnd_s = time.perf_counter() - start
-    fixed, fixed_s, fixed_worker = _fixed_size_searches(args, out, config.storage)
+    fixed, fixed_s, fixed_measurer = _fixed_size_searches(args, out, config.storage)
 
     # 2. baselines at each target, and the searched plans
     rows = []
@@ -195,7 +197,7 @@ def main(argv=None) -> None:
             ),
         }
         for name, plan in plans.items():
-            m = worker.measure(plan)
+            m = measurer.measure(plan)
             rows.append(
                 {
                     "target": target,
@@ -244,7 +246,7 @@ def main(argv=None) -> None:
     )
     results = pd.DataFrame(rows)
     start = time.perf_counter()
-    results = _confirm(results, worker, fixed_worker.calibration, args, out)
+    results = _confirm(results, measurer, fixed_measurer.calibration, args, out)
     confirm_s = time.perf_counter() - start
     results.to_csv(out / "results.csv", index=False)
 
@@ -292,24 +294,24 @@ def _fixed_size_searches(args, out: Path, storage: str) -> tuple:
         config, device=args.device or config.device, storage=storage, baselines=(), n_trials=args.budget_trials
     )
     start = time.perf_counter()
-    worker = Worker.from_config(config, progress=False)
+    measurer = Measurer.from_config(config, progress=False)
     studies = {}
     for target in args.targets:
         space = dataclasses.replace(config.space, budget=Budget(params=round(1 - target, 6)))
         studies[target] = run_study(
-            dataclasses.replace(config, space=space, name=f"search-size-{target:g}"), worker=worker, progress=False
+            dataclasses.replace(config, space=space, name=f"search-size-{target:g}"), measurer=measurer, progress=False
         )
-    return studies, time.perf_counter() - start, worker
+    return studies, time.perf_counter() - start, measurer
 
 
-def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path) -> pd.DataFrame:
+def _confirm(results: pd.DataFrame, measurer: Measurer, calibration, args, out: Path) -> pd.DataFrame:
     """Every plan but the free-rank ones, measured again on ``--confirm-tasks`` (first
     ``--confirm-limit`` rows each) and on held-out perplexity pages (``--confirm-pages``, 4096
     tokens): columns ``confirm_accuracy``, ``confirm_perplexity`` and ``confirm_acc/<task>``.
     Each plan's result is appended to ``OUT/confirm.csv`` as soon as it is measured, and reused."""
     from dse.evaluate import Evaluator
 
-    config = worker.config
+    config = measurer.config
     ppl = config.evaluation.perplexity
     evaluation = dataclasses.replace(
         config.evaluation,
@@ -322,12 +324,12 @@ def _confirm(results: pd.DataFrame, worker: Worker, calibration, args, out: Path
     spec = json.dumps([evaluation.tasks, evaluation.limit, list(args.confirm_pages)])
     path = out / "confirm.csv"
     done = {r.pop("key"): r for r in pd.read_csv(path).to_dict("records")} if path.is_file() else {}
-    confirm = Worker(
+    confirm = Measurer(
         dataclasses.replace(config, evaluation=evaluation),
-        worker.model,
-        worker.tokenizer,
-        Evaluator(worker.model, worker.tokenizer, evaluation),
-        cache=worker.cache,
+        measurer.model,
+        measurer.tokenizer,
+        Evaluator(measurer.model, measurer.tokenizer, evaluation),
+        cache=measurer.cache,
         calibration=calibration,
         progress=False,
     )

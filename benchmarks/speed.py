@@ -48,9 +48,9 @@ from dse.results.compressed import apply_config
 from dse.results.rankconfig import RankConfig
 from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
+from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_windows
 from dse.study.runner import run_study
-from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
@@ -65,13 +65,13 @@ def measured_step_ms(model, prompt: int = 128, steps: int = 8, repeats: int = 5)
     return 1000.0 * timing.low / steps
 
 
-def searched(worker, config, name: str, budget: Budget, trials: int, storage: str) -> Plan:
+def searched(measurer, config, name: str, budget: Budget, trials: int, storage: str) -> Plan:
     """The best plan of an allocation study of ``config``'s space under ``budget``."""
     space = dataclasses.replace(config.space, budget=budget)
     study = run_study(
         dataclasses.replace(config, name=name, space=space, baselines=(), n_trials=trials),
         storage=storage,
-        worker=worker,
+        measurer=measurer,
         progress=False,
     )
     return Plan.from_dict(TrialRecord.of(study.best_trial).plan)
@@ -82,14 +82,14 @@ def file_stem(name: str) -> str:
     return name.replace(" ", "_").replace("%", "")
 
 
-def searched_plans(args, worker, config, lt, storage: str) -> dict:
+def searched_plans(args, measurer, config, lt, storage: str) -> dict:
     """Dense, the parameter-budget plans, the middle one aligned and one off, and the latency-budget
     plan at the middle one's predicted decode step; each saved in ``OUT/plans``."""
-    table, out = worker.table, Path(args.out)
+    table, out = measurer.table, Path(args.out)
     plans = {"dense": Plan({}, config.method)}
     for target in args.targets:
         plans[f"params -{target:.0%}"] = searched(
-            worker, config, f"speed-params-{target:g}", Budget(params=round(1 - target, 6)), args.trials, storage
+            measurer, config, f"speed-params-{target:g}", Budget(params=round(1 - target, 6)), args.trials, storage
         )
     middle = f"params -{args.targets[len(args.targets) // 2]:.0%}"
     aligned = lt.faster_plan(plans[middle], table, align=True)
@@ -98,7 +98,7 @@ def searched_plans(args, worker, config, lt, storage: str) -> dict:
     dense_ms = lt.predict(plans["dense"], table)["predicted_decode_ms"]
     share = lt.predict(plans[middle], table)["predicted_decode_ms"] / dense_ms
     plans[f"latency {share:.3f}"] = searched(
-        worker, config, f"speed-latency-{share:.4f}", Budget(latency=round(share, 4)), args.trials, storage
+        measurer, config, f"speed-latency-{share:.4f}", Budget(latency=round(share, 4)), args.trials, storage
     )
     for name, plan in plans.items():
         plan.save(out / "plans" / f"{file_stem(name)}.json")
@@ -179,11 +179,11 @@ def main(argv=None) -> None:
         dtype=args.dtype,
         latency_table=TableSpec(path=str(out / "latency.json")),
     )  # trials predict latency
-    worker = Worker.from_config(config, progress=False)
-    model, table = worker.model, worker.table
+    measurer = Measurer.from_config(config, progress=False)
+    model, table = measurer.model, measurer.table
     bandwidth = copy_bandwidth(input_device(model))
     measure_table(model, table, Workload()).save(out / "latency.json")
-    lt = worker.latency()
+    lt = measurer.latency()
     print(
         f"{config.model} on {lt.environment['device']}, {lt.environment['dtype']}, {lt.environment['threads']} "
         f"threads; copy bandwidth {bandwidth / 1e9:.2f} GB/s; latency table of {len(lt.shapes)} shapes built in "
@@ -198,12 +198,12 @@ def main(argv=None) -> None:
             sys.exit(f"speed: --reuse-plans: no saved plans with a dense.json in {out / 'plans'}")
         plans = {p.stem: Plan.load(p) for p in saved}
     else:
-        plans = searched_plans(args, worker, config, lt, storage)
+        plans = searched_plans(args, measurer, config, lt, storage)
 
     # 3. quality and speed of every plan
     windows = {
-        "P1": p1_windows(worker.tokenizer, args.benchmarks_dir),
-        "held-out": p1_windows(worker.tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES),
+        "P1": p1_windows(measurer.tokenizer, args.benchmarks_dir),
+        "held-out": p1_windows(measurer.tokenizer, args.benchmarks_dir, P1_HELD_OUT_PAGES),
     }
     quality, folders = [], {}
     fingerprint = model_fingerprint(model, table)
@@ -214,7 +214,7 @@ def main(argv=None) -> None:
             "decomposed": len(plan),
             "predicted_decode_ms": lt.predict(plan, table)["predicted_decode_ms"],
         }
-        with decomposed(model, plan, cache=worker.cache, calibration=worker.calibration, table=table):
+        with decomposed(model, plan, cache=measurer.cache, calibration=measurer.calibration, table=table):
             row.update({f"ppl {k}": perplexity(model, w) for k, w in windows.items()})
         quality.append(row)
         rank_config = RankConfig(config.model, fingerprint, args.dtype, plan, calibration=config.calibration.to_dict())
@@ -222,11 +222,11 @@ def main(argv=None) -> None:
             rank_config,
             work / file_stem(name),
             model=model,
-            tokenizer=worker.tokenizer,
-            cache=worker.cache,
-            calibration=worker.calibration,
+            tokenizer=measurer.tokenizer,
+            cache=measurer.cache,
+            calibration=measurer.calibration,
         )
-    del worker, model
+    del measurer, model
     modes = {"": [], **({"compiled ": ["--compile"]} if args.compile else {})}
     frame = pd.DataFrame(quality).merge(
         speed_rows(folders, args.rounds, args.device, args.dtype, work, modes), on="plan"
@@ -270,8 +270,8 @@ def main(argv=None) -> None:
 
 def predicted_vs_measured(args, config, out: Path) -> None:
     """Predicted against measured decode step for the saved plans and more, in one process."""
-    worker = Worker.from_config(config, progress=False)
-    model, table, lt = worker.model, worker.table, worker.latency()
+    measurer = Measurer.from_config(config, progress=False)
+    model, table, lt = measurer.model, measurer.table, measurer.latency()
     plans = {p.stem: Plan.load(p) for p in sorted((out / "plans").glob("*.json"))}
     for ratio in (0.1, 0.2, 0.3, 0.4, 0.5):
         plans[f"uniform ratio {ratio:g}"] = uniform_plan(table, ratio=ratio, method=config.method)
@@ -281,7 +281,7 @@ def predicted_vs_measured(args, config, out: Path) -> None:
     measured = {name: [] for name in plans}
     for _ in range(args.rounds):
         for name, plan in plans.items():
-            with decomposed(model, plan, cache=worker.cache, calibration=worker.calibration, table=table):
+            with decomposed(model, plan, cache=measurer.cache, calibration=measurer.calibration, table=table):
                 measured[name].append(measured_step_ms(model))
     rows = []
     for name, plan in plans.items():

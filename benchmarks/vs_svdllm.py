@@ -32,9 +32,9 @@ from dse.model import find_projections, load_model, param_count
 from dse.results import TrialRecord
 from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
+from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 from dse.study.runner import run_study
-from dse.study.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     # 2. and 3.
     storage = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='dse-vs-svdllm-')}/studies.db"
     evaluator = Evaluator(model, tokenizer, base_config.evaluation)
-    worker = Worker(base_config, model, tokenizer, evaluator, cache=cache, calibration=gradient_cal, progress=False)
+    measurer = Measurer(base_config, model, tokenizer, evaluator, cache=cache, calibration=gradient_cal, progress=False)
     out = Path(args.out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
     rows, best_plans = [], {}
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
             n_trials=args.trials,
         )
         start = time.perf_counter()
-        study = run_study(config, storage=storage, progress=False, worker=worker)
+        study = run_study(config, storage=storage, progress=False, measurer=measurer)
         minutes = (time.perf_counter() - start) / 60
         best = study.best_trial
         plan = Plan.from_dict(TrialRecord.of(best).plan)

@@ -178,15 +178,15 @@ def build_study(root: Path, n_trials: int = 14):
     """
     from dse.model import load_model
     from dse.study.config import load_study_config
+    from dse.study.measure import Measurer
     from dse.study.runner import run_study
-    from dse.study.worker import Worker
 
     model_dir = save_tiny_llama(root / "tiny-llama")
     (root / "tiny.yaml").write_text(STUDY_YAML.format(model=model_dir, n_trials=n_trials))
     config = load_study_config(root / "tiny.yaml")
     model, tokenizer = load_model(str(model_dir))
-    worker = Worker(config, model, tokenizer, AgreementEvaluator(model), progress=False)
-    study = run_study(config, worker=worker, progress=False)
+    measurer = Measurer(config, model, tokenizer, AgreementEvaluator(model), progress=False)
+    study = run_study(config, measurer=measurer, progress=False)
     return study, config, model
 
 

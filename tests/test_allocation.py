@@ -17,7 +17,16 @@ from optuna.trial import TrialState
 from dse.decompose import METHODS, InputStats, ProjectionStats, collect_stats, get_method, make_config, uniform_plan
 from dse.model import find_projections
 from dse.results.record import TrialRecord
-from dse.space import AllocationError, AllocationSpace, Budget, SpaceError, allocate, importance, load_space
+from dse.space import (
+    AllocationError,
+    AllocationSpace,
+    Budget,
+    SpaceContext,
+    SpaceError,
+    allocate,
+    importance,
+    load_space,
+)
 from dse.study.config import load_study_config
 from dse.study.runner import run_study
 
@@ -120,7 +129,7 @@ def test_space_round_trip_and_plans(table):
     names = space.param_names(table)
     assert names == ("type.q", "type.k", "type.v", "type.o", "type.gate", "type.up", "type.down", "layer.0", "layer.1")
     importances = {n: np.linspace(1, 0.01, p.full_rank) for n, p in table.items()}
-    plan = space.plan_from_params(space.flat_params(table), table, "svdllm", importances=importances, model_params=0)
+    plan = space.plan_from_params(space.flat_params(table), SpaceContext(table, "svdllm", 0, None, importances))
     assert kept(plan.ranks, table) <= uniform_plan(table, ratio=0.3).params(table)
     probes = space.probe_plans(table, "svdllm", model_params=0)
     assert set(probes) == set(names)
@@ -133,7 +142,7 @@ def test_space_round_trip_and_plans(table):
     assert weights["type.q"] == pytest.approx(2.0) and weights["type.k"] == pytest.approx(0.5)
     assert weights["layer.0"] == pytest.approx(1.0)
     with pytest.raises(SpaceError, match=r"allocation needs a one-rank method"):
-        space.plan_from_params(space.flat_params(table), table, "tucker2", importances=importances, model_params=0)
+        space.plan_from_params(space.flat_params(table), SpaceContext(table, "tucker2", 0, None, importances))
 
 
 @pytest.mark.parametrize(
@@ -220,10 +229,10 @@ def test_allocation_study_end_to_end(tiny_llama_dir, tmp_path):
 
 
 def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, tmp_path, monkeypatch):
-    from dse.study.worker import Worker
+    from dse.study.measure import Measurer
 
     config = allocation_study(tiny_llama_dir, tmp_path)
-    measure, calls = Worker.measure, []
+    measure, calls = Measurer.measure, []
 
     def counting(stop_at=None):  # call 1: the dense baseline, then the probes
         def wrapped(self, plan, early_stop=None):
@@ -234,14 +243,14 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
 
         return wrapped
 
-    monkeypatch.setattr(Worker, "measure", counting(stop_at=5))
+    monkeypatch.setattr(Measurer, "measure", counting(stop_at=5))
     with pytest.raises(RuntimeError, match="stopped while probing"):
         run_study(config, progress=False)
     first = optuna.load_study(study_name=config.name, storage=config.storage)
     assert len(first.user_attrs["sensitivity"]) == 3 and not first.user_attrs.get("starts_enqueued")
 
     calls.clear()
-    monkeypatch.setattr(Worker, "measure", counting())
+    monkeypatch.setattr(Measurer, "measure", counting())
     result = run_study(config, progress=False)
     starts = [TrialRecord.of(t).start for t in result.trials if TrialRecord.of(t).start]
     assert starts == ["flat", "sensitivity"]

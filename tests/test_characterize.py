@@ -9,14 +9,15 @@ from conftest import BENCHMARKS, make_tiny
 from helpers import write_study
 
 from dse.core.errors import ConfigError
-from dse.decompose import Plan, plan_size
+from dse.decompose import Plan
 from dse.evaluate import EarlyStop, EvalConfig, Evaluator, staged_run
 from dse.model import find_projections
 from dse.results.record import TrialRecord
 from dse.space import PROBE_KINDS, curve_layers, parse_baseline, sensitivity_plan, spread_layers, units
 from dse.study.characterize import characterize
 from dse.study.config import load_study_config
-from dse.study.worker import Worker
+from dse.study.measure import Measurer
+from dse.study.worker import early_stop_rule
 
 PERPLEXITY = {
     "text": {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page", "rows": [0, 1]},
@@ -130,36 +131,33 @@ def study_file(tmp_path, model_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_llama_dir, tmp_path_factory):
+def measurer(tiny_llama_dir, tmp_path_factory):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    return Worker.from_config(
+    return Measurer.from_config(
         load_study_config(study_file(tmp_path_factory.mktemp("c"), tiny_llama_dir)), progress=False
     )
 
 
-def test_characterize_writes_rows_and_resumes(worker, tmp_path):
-    todo = units(worker.table, kinds=("layer", "first"), ks=(1, 2))
+def test_characterize_writes_rows_and_resumes(measurer, tmp_path, monkeypatch):
+    todo = units(measurer.table, kinds=("layer", "first"), ks=(1, 2))
     csv = tmp_path / "c.csv"
-    frame = characterize(worker, todo[:3], csv, progress=False)
+    frame = characterize(measurer, todo[:3], csv, progress=False)
     assert list(frame["kind"]) == ["dense", "layer", "layer", "layer"]
     dense = frame.iloc[0]
     assert dense["accuracy_drop"] == 0 and dense["log_perplexity_ratio"] == 0
     assert (frame["params"].iloc[1:] < dense["params"]).all()
     calls = []
-    measure = worker.measure
-    worker.measure = lambda plan, *a: calls.append(plan) or measure(plan, *a)
-    try:
-        frame = characterize(worker, todo, csv, progress=False)  # resumes: L3 and the two curve rows are new
-    finally:
-        worker.measure = measure
+    measure = measurer.measure
+    monkeypatch.setattr(measurer, "measure", lambda plan, *a: calls.append(plan) or measure(plan, *a))
+    frame = characterize(measurer, todo, csv, progress=False)  # resumes: L3 and the two curve rows are new
     assert len(calls) == 3 and list(frame["unit"])[-3:] == ["L3", "first-1", "first-2"]
     assert pd.read_csv(csv).shape[0] == len(frame) == 7
 
 
-def test_two_stage_accuracy_equals_one_stage(worker):
+def test_two_stage_accuracy_equals_one_stage(measurer):
     evaluator = Evaluator(
-        worker.model, worker.tokenizer, EvalConfig(tasks=["piqa", "arc_easy"], limit=8, data_dir=str(BENCHMARKS))
+        measurer.model, measurer.tokenizer, EvalConfig(tasks=["piqa", "arc_easy"], limit=8, data_dir=str(BENCHMARKS))
     )
     one = evaluator.run(progress=False)
     seen = []
@@ -172,22 +170,20 @@ def test_two_stage_accuracy_equals_one_stage(worker):
     assert stop.value.metrics["accuracy"] == seen[0]["accuracy"]
 
 
-def test_early_stop_rule_compares_with_the_best_at_this_size_or_smaller(worker):
-    import dataclasses
-
+def test_early_stop_rule_compares_with_the_best_at_this_size_or_smaller(measurer):
     from dse.study.config import MultiFidelity
 
-    worker.config = dataclasses.replace(worker.config, multi_fidelity=MultiFidelity(first=0.25, margin=0.05))
+    mf = MultiFidelity(first=0.25, margin=0.05)
     study = optuna.create_study(directions=["maximize", "minimize"])
-    plan = Plan({n: 1 for n, p in worker.table.items() if p.layer == 0})
-    params = plan_size(worker.model, plan, worker.table).params_after
-    assert worker.early_stop_rule(study, plan) is None  # nothing to compare with yet
+    plan = Plan({n: 1 for n, p in measurer.table.items() if p.layer == 0})
+    params = measurer.params_after(plan)
+    assert early_stop_rule(study, mf, params) is None  # nothing to compare with yet
     study.add_trial(
         optuna.trial.create_trial(values=[0.9, params + 1], user_attrs={"accuracy": 0.9, "params": params + 1})
     )
-    assert worker.early_stop_rule(study, plan) is None  # only a larger model: no evidence at this size
+    assert early_stop_rule(study, mf, params) is None  # only a larger model: no evidence at this size
     study.add_trial(optuna.trial.create_trial(values=[0.8, params], user_attrs={"accuracy": 0.8, "params": params}))
-    rule = worker.early_stop_rule(study, plan)
+    rule = early_stop_rule(study, mf, params)
     assert rule({"accuracy": 0.76}) is None
     assert "more than 0.05 below 0.800 (trial 1" in rule({"accuracy": 0.7})
 

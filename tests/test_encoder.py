@@ -182,12 +182,12 @@ def test_minilm_sentence_embeddings_study(tmp_path):
         )
     )
     from dse.study.config import load_study_config
+    from dse.study.measure import Measurer
     from dse.study.runner import run_study
-    from dse.study.worker import Worker
 
     config = load_study_config(study)
-    worker = Worker(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
-    result = run_study(config, worker=worker, progress=False)
+    measurer = Measurer(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
+    result = run_study(config, measurer=measurer, progress=False)
     done = {TrialRecord.of(t).baseline: TrialRecord.of(t).metrics for t in result.trials if t.state.name == "COMPLETE"}
     assert done["dense"]["embedding_similarity"] == pytest.approx(1.0, abs=1e-9)
     assert 0.0 < done["uniform-0.5"]["embedding_similarity"] < 0.999

@@ -65,8 +65,8 @@ def test_a_chosen_family_is_honoured_from_calibration_to_reload(tiny_llama_dir, 
     from dse.results.compressed import apply_config
     from dse.results.export import rank_config
     from dse.study.config import load_study_config
+    from dse.study.measure import Measurer
     from dse.study.runner import run_study
-    from dse.study.worker import Worker
 
     wiki = {"path": str(benchmarks_dir / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page", "rows": [0, 2]}
     with registered(FAMILIES, "attention", Family("attention", ATTENTION)):
@@ -83,18 +83,18 @@ def test_a_chosen_family_is_honoured_from_calibration_to_reload(tiny_llama_dir, 
             baselines=[{"uniform": 2}],
         )
         config = load_study_config(path)
-        worker = Worker.from_config(config, progress=False)
-        assert set(worker.table) == {
+        measurer = Measurer.from_config(config, progress=False)
+        assert set(measurer.table) == {
             n
-            for n in find_projections(worker.model)
+            for n in find_projections(measurer.model)
             if n.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"}
         }
-        assert set(worker.calibration.stats) | set(worker.calibration.aliases) == set(worker.table)
-        study = run_study(config, worker=worker, progress=False)
+        assert set(measurer.calibration.stats) | set(measurer.calibration.aliases) == set(measurer.table)
+        study = run_study(config, measurer=measurer, progress=False)
         assert study.user_attrs["dse"]["family"] == "attention"
         trial = next(t for t in study.trials if TrialRecord.of(t).baseline == "uniform-2")
         exported = rank_config(study, trial)
-        assert exported.family == "attention" and set(exported.plan.ranks) == set(worker.table)
+        assert exported.family == "attention" and set(exported.plan.ranks) == set(measurer.table)
         exported.save(tmp_path / "config.json")
         out = apply_config(exported, tmp_path / "out")
         compressed, _ = load_compressed(out)

@@ -51,8 +51,8 @@ def test_gemma3_study_export_apply_reload(gemma3, tmp_path):
     from dse.results.compressed import apply_config
     from dse.results.export import rank_config, select_trial
     from dse.study.config import load_study_config
+    from dse.study.measure import Measurer
     from dse.study.runner import run_study
-    from dse.study.worker import Worker
 
     model, tokenizer = gemma3
     path = tmp_path / "study.yaml"
@@ -89,8 +89,8 @@ def test_gemma3_study_export_apply_reload(gemma3, tmp_path):
         )
     )
     config = load_study_config(path)
-    worker = Worker(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
-    study = run_study(config, worker=worker, progress=False)
+    measurer = Measurer(config, model, tokenizer, Evaluator(model, tokenizer, config.evaluation), progress=False)
+    study = run_study(config, measurer=measurer, progress=False)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) == 3 and all(TrialRecord.of(t)["perplexity"] > 1 for t in done)
     dense = next(TrialRecord.of(t) for t in done if TrialRecord.of(t).baseline == "dense")["perplexity"]

@@ -28,7 +28,7 @@ from dse.decompose.latency import (
 )
 from dse.model import find_projections
 from dse.results.record import TrialRecord
-from dse.space import AllocationSpace, Budget, allocate
+from dse.space import AllocationSpace, Budget, SpaceContext, allocate
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,12 @@ def test_latency_budget_keeps_the_predicted_step_within_budget(tiny):
         }
     )
     total = lt.predict(Plan({}), table)["predicted_decode_ms"]
-    plan = space.plan_from_params(
-        space.flat_params(table), table, "svd", importances=importances, model_params=0, latency=lt
-    )
+    plan = space.plan_from_params(space.flat_params(table), SpaceContext(table, "svd", 0, lt, importances))
     predicted = lt.predict(plan, table)["predicted_decode_ms"]
     assert predicted <= 0.8 * total + 1e-9 and predicted > 0.8 * total - 0.05  # spent, not wasted
     assert all(r < lt.cost(table[n]).break_even() for n, r in plan.ranks.items())
     with pytest.raises(ConfigError, match=r"^space\.budget\.latency: needs the study's latency table"):
-        space.plan_from_params(space.flat_params(table), table, "svd", importances=importances, model_params=0)
+        space.plan_from_params(space.flat_params(table), SpaceContext(table, "svd", 0, None, importances))
     # the same allocation in parameters is the parameter budget's
     assert Budget(params=0.9).cost().what == "parameters" and Budget(latency=0.9).cost(lt, table).what.startswith(
         "pred"

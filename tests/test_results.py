@@ -1,6 +1,6 @@
 """Results of a real tiny study: trials table, feasible front, hypervolume, plots and status.
 
-The study is run by :class:`dse.worker.Worker` on a tiny random llama saved to disk with a
+The study is run by :class:`dse.study.worker.Worker` on a tiny random llama saved to disk with a
 word-level tokenizer (so ``dse.load_model`` can reload it by path). Its evaluator measures real
 quantities of the decomposed model on fixed random tokens: ``perplexity`` and, per "task", the
 top-1 agreement with the undecomposed model's predictions (1.0 for the dense model).

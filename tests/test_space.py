@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dse.model.shapes import projection_table
-from dse.space import DENSE, Space, SpaceError, format_counts, load_space, resolve_rank
+from dse.space import DENSE, Space, SpaceContext, SpaceError, format_counts, load_space, resolve_rank
 
 SPACES = Path(__file__).resolve().parents[1] / "spaces"
 SMOLLM2 = dict(
@@ -160,7 +160,7 @@ def enumerate_space(space: Space, table, limit: int):
     """Every configuration, by Optuna's brute-force sampler (it stops once the tree is exhausted)."""
     study = optuna.create_study(sampler=optuna.samplers.BruteForceSampler(seed=0))
     plans = []
-    study.optimize(lambda trial: plans.append(space.suggest(trial, table)) or 0.0, n_trials=limit)
+    study.optimize(lambda trial: plans.append(space.suggest(trial, SpaceContext(table))) or 0.0, n_trials=limit)
     return study.trials, plans
 
 
@@ -251,7 +251,7 @@ def check_plan(space: Space, table, plan, params) -> None:
     if space.group == "layer_x_type":  # decomposed modules: on layers x on types
         on_types = {table[n].type for n in plan.ranks}
         assert set(plan.ranks) == {n for n in selected if table[n].layer in on and table[n].type in on_types}
-    assert space.plan_from_params(params, table).ranks == plan.ranks
+    assert space.plan_from_params(params, SpaceContext(table)).ranks == plan.ranks
 
 
 @pytest.mark.parametrize("fields", PROPERTY_SPACES, ids=lambda f: f["group"])
@@ -266,7 +266,7 @@ def test_sampled_plans_respect_every_rule(tiny, fields, sampler):
         study = optuna.create_study(sampler=make(seed=seed))
         for _ in range(25):
             trial = study.ask()
-            plan = space.suggest(trial, tiny)
+            plan = space.suggest(trial, SpaceContext(tiny))
             check_plan(space, tiny, plan, trial.params)
             study.tell(trial, len(plan))
 
@@ -274,15 +274,15 @@ def test_sampled_plans_respect_every_rule(tiny, fields, sampler):
 def test_dense_layers_after_a_decomposed_one_ask_nothing(tiny):
     space = tiny_space(group="layer", ranks=[1, DENSE], rules={"no_adjacent": True, "max_layers": 2})
     params = {"L0": "1", "L2": "dense", "L3": "1"}  # L1 and L4, L5 are not asked
-    plan = space.plan_from_params(params, tiny, method="tucker2")
+    plan = space.plan_from_params(params, SpaceContext(tiny, "tucker2"))
     assert sorted({tiny[n].layer for n in plan.ranks}) == [0, 3]
     assert plan.method == "tucker2"
     with pytest.raises(SpaceError, match=r"^params\['L1'\]: not asked"):
-        space.plan_from_params({**params, "L1": "dense"}, tiny)
+        space.plan_from_params({**params, "L1": "dense"}, SpaceContext(tiny))
     with pytest.raises(SpaceError, match=r"^params: 'L3' is missing"):
-        space.plan_from_params({"L0": "1", "L2": "dense"}, tiny)
+        space.plan_from_params({"L0": "1", "L2": "dense"}, SpaceContext(tiny))
     with pytest.raises(SpaceError, match=r"^params\['L0'\]: 1 is not one of"):
-        space.plan_from_params({**params, "L0": 1}, tiny)
+        space.plan_from_params({**params, "L0": 1}, SpaceContext(tiny))
 
 
 @pytest.mark.parametrize(
@@ -301,7 +301,7 @@ def test_baseline_params_enqueue(tiny, fields, choice, layers):
     study = optuna.create_study()
     study.enqueue_trial(params)
     trial = study.ask()
-    plan = space.suggest(trial, tiny)
+    plan = space.suggest(trial, SpaceContext(tiny))
     assert trial.params == params
     assert sorted({tiny[n].layer for n in plan.ranks}) == layers
     if layers:

@@ -112,12 +112,12 @@ def test_factors_from_the_float32_store_match(method):
     restore_(model)
 
 
-def test_a_worker_factorizes_inside_the_layer_loop(tmp_path, tiny_llama_dir):
+def test_a_measurer_factorizes_inside_the_layer_loop(tmp_path, tiny_llama_dir):
     from conftest import BENCHMARKS
     from helpers import write_study
 
     from dse.study.config import load_study_config
-    from dse.study.worker import Worker
+    from dse.study.measure import Measurer
 
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
@@ -140,9 +140,9 @@ def test_a_worker_factorizes_inside_the_layer_loop(tmp_path, tiny_llama_dir):
         evaluation={"tasks": [], "latency": True},
         objectives=["latency", "params"],
     )
-    worker = Worker.from_config(load_study_config(path), progress=False)
-    assert worker.cache.misses == len(worker.table) == len(worker.cache)  # every form made in the loop
-    assert not worker.calibration.stats and worker.calibration.store is not None
-    assert all(f.U.device.type == "cpu" for f in worker.cache._mem.values())
-    worker.measure(uniform_plan(worker.table, 2, method=worker.config.method))
-    assert worker.cache.misses == len(worker.table)  # the trial only truncated
+    measurer = Measurer.from_config(load_study_config(path), progress=False)
+    assert measurer.cache.misses == len(measurer.table) == len(measurer.cache)  # every form made in the loop
+    assert not measurer.calibration.stats and measurer.calibration.store is not None
+    assert all(f.U.device.type == "cpu" for f in measurer.cache._mem.values())
+    measurer.measure(uniform_plan(measurer.table, 2, method=measurer.config.method))
+    assert measurer.cache.misses == len(measurer.table)  # the trial only truncated

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -12,25 +14,26 @@ from helpers import write_study
 from optuna.trial import TrialState
 
 from dse.cli import main
+from dse.core.errors import StudyError
 from dse.results.record import TrialRecord
 from dse.study.config import ConfigError, load_study_config
+from dse.study.measure import Measurer
 from dse.study.runner import finished_trials, open_study, run_study
-from dse.study.worker import Worker
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_llama_dir, tmp_path_factory):
+def measurer(tiny_llama_dir, tmp_path_factory):
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
     path = write_study(tmp_path_factory.mktemp("w"), tiny_llama_dir)
-    return Worker.from_config(load_study_config(path), progress=False)
+    return Measurer.from_config(load_study_config(path), progress=False)
 
 
 def fresh_config(tmp_path, tiny_llama_dir, **overrides):
     return load_study_config(write_study(tmp_path, tiny_llama_dir, **overrides))
 
 
-def test_a_trial_writes_its_record_in_one_storage_call(worker, tmp_path, tiny_llama_dir, monkeypatch):
+def test_a_trial_writes_its_record_in_one_storage_call(measurer, tmp_path, tiny_llama_dir, monkeypatch):
     """Each trial writes two user attributes (who runs it, then its record): two round trips on a
     shared database, not one per metric."""
     writes = []
@@ -40,26 +43,81 @@ def test_a_trial_writes_its_record_in_one_storage_call(worker, tmp_path, tiny_ll
         "set_trial_user_attr",
         lambda self, trial_id, key, value: writes.append((trial_id, key)) or real(self, trial_id, key, value),
     )
-    study = run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=4), worker=worker, progress=False)
+    study = run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=4), measurer=measurer, progress=False)
     per_trial = {t._trial_id: [k for i, k in writes if i == t._trial_id] for t in study.trials}
     assert len(per_trial) == 4 and all(keys == ["worker", TrialRecord.ATTRIBUTE] for keys in per_trial.values())
     record = TrialRecord.of(study.trials[0])
     assert record.baseline == "dense" and record.worker and record["params_ratio"] == 1.0  # early and late entries
 
 
-def test_a_study_leaves_optunas_log_level_as_it_was(worker, tmp_path, tiny_llama_dir):
+def test_one_loaded_model_serves_two_studies_as_two_processes_would(measurer, tmp_path, tiny_llama_dir):
+    """Two studies with other tasks and objectives on one loaded model (Measurer.for_study) give the
+    numbers that two fresh ``dse run`` processes give."""
+    studies = {
+        "piqa": {"n_trials": 3},
+        "arc": {
+            "name": "tiny-arc",
+            "n_trials": 3,
+            "objectives": ["perplexity", "params"],
+            "seed": 1,
+            "evaluation": {
+                "tasks": ["arc_easy"],
+                "limit": 4,
+                "batch_size": 4,
+                "data_dir": str(BENCHMARKS),
+                "perplexity": {
+                    "text": {
+                        "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
+                        "field": "page",
+                        "rows": [1, 2],
+                    },
+                    "window": 64,
+                    "max_tokens": 256,
+                },
+            },
+        },
+    }
+    values = {}
+    for how in ("reused", "fresh"):
+        for name, overrides in studies.items():
+            (tmp_path / how / name).mkdir(parents=True)
+            path = write_study(tmp_path / how / name, tiny_llama_dir, **overrides)
+            if how == "reused":
+                study = run_study(load_study_config(path), measurer=measurer, progress=False)
+            else:
+                subprocess.run([sys.executable, "-m", "dse.cli", "run", str(path), "--quiet"], check=True)
+                study = open_study(load_study_config(path), create=False)
+            values[how, name] = [
+                (TrialRecord.of(t).plan, t.values) for t in study.get_trials(states=(TrialState.COMPLETE,))
+            ]
+    for name in studies:
+        reused, fresh = values["reused", name], values["fresh", name]
+        assert len(reused) == len(fresh) == 3 and [p for p, _ in reused] == [p for p, _ in fresh]
+        for (_, a), (_, b) in zip(reused, fresh):
+            assert a == pytest.approx(b, rel=1e-6)
+    assert values["reused", "piqa"] != values["reused", "arc"]  # each study measured its own tasks
+
+
+def test_a_loaded_model_refuses_a_study_that_needs_another_model(measurer, tmp_path, tiny_llama_dir):
+    config = fresh_config(tmp_path, tiny_llama_dir, dtype="bfloat16")
+    with pytest.raises(StudyError, match=r"^dtype: study 'tiny-study' needs 'bfloat16'") as e:
+        measurer.for_study(config)
+    assert "\n" not in str(e.value)
+
+
+def test_a_study_leaves_optunas_log_level_as_it_was(measurer, tmp_path, tiny_llama_dir):
     before = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.DEBUG)
     try:
-        run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=1), worker=worker, progress=False)
+        run_study(fresh_config(tmp_path, tiny_llama_dir, n_trials=1), measurer=measurer, progress=False)
         assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
     finally:
         optuna.logging.set_verbosity(before)
 
 
-def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
+def test_three_trials_end_to_end(measurer, tmp_path, tiny_llama_dir):
     config = fresh_config(tmp_path, tiny_llama_dir)
-    study = run_study(config, worker=worker, progress=False)
+    study = run_study(config, measurer=measurer, progress=False)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 3
     assert [TrialRecord.of(t).baseline for t in trials[:2]] == ["dense", "uniform-0.5"]
@@ -67,7 +125,7 @@ def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
     assert base["params_ratio"] == 1.0 and 0.0 <= base["accuracy"] <= 1.0 and base["perplexity"] > 1
     dense, uniform = TrialRecord.of(trials[0]), TrialRecord.of(trials[1])
     assert dense["accuracy"] == base["accuracy"] and dense["n_modules"] == 0
-    assert uniform["n_modules"] == len(worker.table) and uniform["params_ratio"] < 1.0
+    assert uniform["n_modules"] == len(measurer.table) and uniform["params_ratio"] < 1.0
     for t in trials:
         a = TrialRecord.of(t)
         assert a.plan is not None and {
@@ -82,12 +140,12 @@ def test_three_trials_end_to_end(worker, tmp_path, tiny_llama_dir):
         assert t.values == [a["accuracy"], a["params_ratio"]]
         assert math.isclose(a["compression"], 1 - a["params_ratio"])
     # the model is dense again after the study, bit for bit
-    assert not getattr(worker.model, "_dse_originals", None)
+    assert not getattr(measurer.model, "_dse_originals", None)
 
 
-def test_failed_trial_does_not_stop_study(worker, tmp_path, tiny_llama_dir, monkeypatch):
+def test_failed_trial_does_not_stop_study(measurer, tmp_path, tiny_llama_dir, monkeypatch):
     config = fresh_config(tmp_path, tiny_llama_dir, baselines=[])
-    real_run, calls = worker.evaluator.run, []
+    real_run, calls = measurer.evaluator.run, []
 
     def flaky(progress=True):
         calls.append(1)
@@ -96,34 +154,32 @@ def test_failed_trial_does_not_stop_study(worker, tmp_path, tiny_llama_dir, monk
             out["accuracy"] = float("nan")
         return out
 
-    monkeypatch.setattr(worker.evaluator, "run", flaky)
-    worker.baseline = {}
-    study = run_study(config, worker=worker, progress=False)
+    monkeypatch.setattr(measurer.evaluator, "run", flaky)
+    study = run_study(config, measurer=measurer, progress=False)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1 and "not finite" in TrialRecord.of(failed[0]).error
     assert finished_trials(study) == 3
 
 
-def test_resume_and_interrupt(worker, tmp_path, tiny_llama_dir, monkeypatch):
+def test_resume_and_interrupt(measurer, tmp_path, tiny_llama_dir, monkeypatch):
     config = fresh_config(tmp_path, tiny_llama_dir, baselines=["dense"])
-    worker.baseline = {}
-    run_study(config, n_trials=2, worker=worker, progress=False)
+    run_study(config, n_trials=2, measurer=measurer, progress=False)
     first = [t.values for t in open_study(config, create=False).get_trials(states=(TrialState.COMPLETE,))]
 
-    real_measure = worker.measure
+    real_run = measurer.evaluator.run
 
-    def interrupted(plan, *args):
+    def interrupted(progress=True):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(worker, "measure", interrupted)
+    monkeypatch.setattr(measurer.evaluator, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_study(config, n_trials=4, worker=worker, progress=False)
-    monkeypatch.setattr(worker, "measure", real_measure)
+        run_study(config, n_trials=4, measurer=measurer, progress=False)
+    monkeypatch.setattr(measurer.evaluator, "run", real_run)
     study = open_study(config, create=False)
     assert [t.state for t in study.trials][-1] == TrialState.FAIL  # marked, not left RUNNING
-    assert not getattr(worker.model, "_dse_originals", None)
+    assert not getattr(measurer.model, "_dse_originals", None)
 
-    study = run_study(config, n_trials=4, worker=worker, progress=False)
+    study = run_study(config, n_trials=4, measurer=measurer, progress=False)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 4 and [t.values for t in done[:2]] == first
     assert len(study.get_trials(states=(TrialState.RUNNING,))) == 0
@@ -161,13 +217,12 @@ def test_bad_study_names_the_field(tmp_path, tiny_llama_dir, change, field):
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
 
 
-def test_a_repeated_plan_is_not_evaluated_again(worker, tmp_path, tiny_llama_dir, monkeypatch):
+def test_a_repeated_plan_is_not_evaluated_again(measurer, tmp_path, tiny_llama_dir, monkeypatch):
     space = {"name": "one", "model": str(tiny_llama_dir), "ranks": [2], "group": "shared"}
     config = fresh_config(tmp_path, tiny_llama_dir, space=space, baselines=[])
-    real_run, calls = worker.evaluator.run, []
-    monkeypatch.setattr(worker.evaluator, "run", lambda progress=True: calls.append(1) or real_run(progress))
-    worker.baseline = {}
-    study = run_study(config, worker=worker, progress=False)
+    real_run, calls = measurer.evaluator.run, []
+    monkeypatch.setattr(measurer.evaluator, "run", lambda progress=True: calls.append(1) or real_run(progress))
+    study = run_study(config, measurer=measurer, progress=False)
     first, *rest = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(calls) == 2  # the dense baseline and the one plan the space holds
     assert [TrialRecord.of(t).duplicate_of for t in rest] == [first.number, first.number]

@@ -40,6 +40,7 @@ from .baselines import (
     spread_layers,
     uniform_rank_plan,
 )
+from .fields import SpaceContext
 from .grid import Layout, Rules, Space, format_counts, label, resolve_rank
 from .groups import DENSE, GROUPS, Group, LayerGroup, LayerXTypeGroup, ModuleGroup, SharedGroup, TypeGroup
 from .probes import (
@@ -139,6 +140,7 @@ def load_space(path) -> AnySpace:
 
 
 __all__ = [
+    "SpaceContext",
     "BASELINES",
     "DENSE",
     "GROUPS",

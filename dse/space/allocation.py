@@ -59,7 +59,7 @@ from ..core.errors import SpaceError
 from ..core.registry import Registry
 from ..core.validate import integer, mapping, number
 from ..decompose import MethodConfig, Plan, as_config, get_method, uniform_plan
-from .fields import ModelSpace, parse_layers, parse_model, parse_types
+from .fields import ModelSpace, SpaceContext, parse_layers, parse_model, parse_types
 
 Measure = Callable[[str, Plan], float]  # (probe name, plan) -> loss increase (> 0 is worse)
 
@@ -257,19 +257,11 @@ class AllocationSpace(ModelSpace):
             profile = {layer: float(np.exp(np.interp(layer, at, knots))) for layer in layers}
         return {n: types[p.type] * profile[p.layer] for n, p in sel.items()}
 
-    def plan_from_params(
-        self,
-        params: Mapping[str, float],
-        table: Mapping,
-        method: MethodConfig,
-        *,
-        importances: Mapping,
-        model_params: int,
-        latency=None,
-    ) -> Plan:
+    def plan_from_params(self, params: Mapping[str, float], context: SpaceContext) -> Plan:
         """The plan of ``params`` (a trial's): :func:`allocate` under the budget (a latency budget
-        spends the predicted milliseconds of ``latency``, the study's latency table)."""
-        method = as_config(method)
+        spends the predicted milliseconds of ``context.latency``, the study's latency table)."""
+        table, importances, latency = context.table, context.importances, context.latency
+        method = as_config(context.method)
         if get_method(method.name).pair_ranks:
             raise SpaceError(f"space.budget: allocation needs a one-rank method, not {method.name}")
         sel = self.selected(table)
@@ -280,17 +272,18 @@ class AllocationSpace(ModelSpace):
             return float(params[name])
 
         cost = self.budget.cost(latency, table)
-        ranks = allocate(sel, importances, self.budget.kept(sel, model_params, cost), self._weights(sel, value), cost)
+        kept = self.budget.kept(sel, context.model_params, cost)
+        ranks = allocate(sel, importances, kept, self._weights(sel, value), cost)
         return Plan(ranks, method)
 
-    def suggest(
-        self, trial, table: Mapping, method: MethodConfig, *, importances: Mapping, model_params: int, latency=None
-    ) -> Plan:
+    @property
+    def spends_latency(self) -> bool:
+        return self.budget.latency is not None
+
+    def suggest(self, trial, context: SpaceContext) -> Plan:
         """Sample the weights with ``trial.suggest_float`` (log scale) and allocate."""
-        params = {name: trial.suggest_float(name, self.low, self.high, log=True) for name in self.param_names(table)}
-        return self.plan_from_params(
-            params, table, method, importances=importances, model_params=model_params, latency=latency
-        )
+        names = self.param_names(context.table)
+        return self.plan_from_params({n: trial.suggest_float(n, self.low, self.high, log=True) for n in names}, context)
 
     def param_names(self, table: Mapping) -> Tuple[str, ...]:
         sel = self.selected(table)

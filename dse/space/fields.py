@@ -5,6 +5,7 @@ tensor types; shared by grid spaces (:mod:`dse.space.grid`) and allocation space
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..core.errors import SpaceError
@@ -15,9 +16,39 @@ from ..model.shapes import projection_table
 Layers = Union[str, Tuple[int, ...], range]
 
 
+@dataclass(frozen=True)
+class SpaceContext:
+    """What a space may need to turn a trial (or its params) into a plan; one argument of the one
+    protocol every kind of space implements: ``suggest(trial, context)`` and
+    ``plan_from_params(params, context)``. A grid space reads ``table`` and ``method``; an
+    allocation space also ``importances`` (:func:`dse.space.importance`, per projection),
+    ``model_params`` and, under a latency budget, ``latency`` (the study's latency table)."""
+
+    table: Mapping
+    method: Union[str, Any] = "svd"
+    model_params: Optional[int] = None
+    latency: Any = None
+    importances: Optional[Mapping] = None
+
+
 class ModelSpace:
     """What both kinds of space do with their model fields (``model``, ``model_config``, ``family``,
-    ``layers``, ``types``): the projection table, and the layers and types selected in it."""
+    ``layers``, ``types``): the projection table, and the layers and types selected in it; and what
+    a study asks of any space, so that no caller branches on its kind."""
+
+    starts: Tuple[str, ...] = ()  # starting points enqueued once per study (allocation spaces)
+    needs_importance = False  # whether suggest() reads SpaceContext.importances
+
+    @property
+    def aligns_ranks(self) -> bool:
+        """Whether ranks are rounded to each shape's measured fast step (``align: auto``), which
+        needs the study's latency table."""
+        return False
+
+    @property
+    def spends_latency(self) -> bool:
+        """Whether the space's budget is in predicted latency (needs the study's latency table)."""
+        return False
 
     def table(self):
         """The projection table of the space's model, from shapes only (see :mod:`dse.model.shapes`)."""

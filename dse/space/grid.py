@@ -70,9 +70,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..core.errors import SpaceError
 from ..core.validate import boolean, check_keys, integer
-from ..decompose import MethodConfig, Plan
+from ..decompose import Plan
 from ..model import n_layers
-from .fields import Layers, ModelSpace, layers_to_data, parse_layers, parse_model, parse_types
+from .fields import Layers, ModelSpace, SpaceContext, layers_to_data, parse_layers, parse_model, parse_types
 from .groups import DENSE, GROUPS, SWITCH, Choose
 
 Choice = Union[int, float, str]
@@ -137,8 +137,6 @@ class Space(ModelSpace):
     group: str = "module"
     rules: Rules = Rules()
     description: str = ""
-
-    needs_importance = False  # suggest() needs only the table (allocation spaces need more)
 
     # --- construction (files: dse.space.load_space) ---------------------------------------------
 
@@ -206,14 +204,17 @@ class Space(ModelSpace):
 
     # --- plans ---------------------------------------------------------------------------------
 
-    def suggest(self, trial, table: Mapping, method: Union[str, MethodConfig] = "svd") -> Plan:
-        """Sample a plan with ``trial.suggest_categorical``, define-by-run, every rule by construction."""
-        return Plan(self._build(self.layout(table), trial.suggest_categorical), method)
+    @property
+    def aligns_ranks(self) -> bool:
+        return self.rules.align == "auto"
 
-    def plan_from_params(
-        self, params: Mapping[str, Any], table: Mapping, method: Union[str, MethodConfig] = "svd"
-    ) -> Plan:
+    def suggest(self, trial, context: SpaceContext) -> Plan:
+        """Sample a plan with ``trial.suggest_categorical``, define-by-run, every rule by construction."""
+        return Plan(self._build(self.layout(context.table), trial.suggest_categorical), context.method)
+
+    def plan_from_params(self, params: Mapping[str, Any], context: SpaceContext) -> Plan:
         """Rebuild the plan of a finished trial from its ``params``."""
+        table, method = context.table, context.method
         used = set()
 
         def choose(name, options):

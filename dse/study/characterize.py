@@ -20,19 +20,19 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_text
 from ..decompose import Plan
-from ..evaluate import EvalConfig, Evaluator
+from ..evaluate import EvalConfig
 from ..results.plots import plot_layer_curves, plot_sensitivity, save_figure
 from ..space import Unit, curves, units
 from .config import study_config_from_dict
-from .worker import Worker
+from .measure import Measurer
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, progress: bool = True) -> pd.DataFrame:
-    """Measure the dense model once (a ``dense`` row), then every unit with ``worker`` (a
-    :class:`dse.study.worker.Worker`). Rows already in ``csv`` are kept and not measured again; every
+def characterize(measurer, todo: Sequence[Unit], csv: Optional[Path] = None, *, progress: bool = True) -> pd.DataFrame:
+    """Measure the dense model once (a ``dense`` row), then every unit with ``measurer`` (a
+    :class:`dse.study.measure.Measurer`). Rows already in ``csv`` are kept and not measured again; every
     new row is written to it at once (atomically)."""
     import pandas as pd
 
@@ -40,11 +40,11 @@ def characterize(worker, todo: Sequence[Unit], csv: Optional[Path] = None, *, pr
     seen = set(zip(done["kind"], done["unit"])) if len(done) else set()
     rows: List[Dict] = done.to_dict("records")
     rank = max((r for u in todo for r in u.plan.ranks.values()), default=1)
-    dense = Unit("dense", "dense", 0, (), Plan({}, worker.config.method))
+    dense = Unit("dense", "dense", 0, (), Plan({}, measurer.config.method))
     pending = [u for u in [dense, *todo] if (u.kind, u.name) not in seen]
     base = next((r for r in rows if r["kind"] == "dense"), None)
     for unit in tqdm(pending, desc="characterize", disable=not progress):
-        metrics = worker.measure(unit.plan)
+        metrics = measurer.measure(unit.plan)
         base = base or metrics
         row = {
             "kind": unit.kind,
@@ -100,7 +100,7 @@ def run_characterization(
     kinds: Optional[Sequence[str]] = None,
     ks: Sequence[int] = (1, 2, 3, 4, 6),
     modules_by_perplexity: bool = False,
-    worker=None,
+    measurer=None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Characterize the model of a study ``config`` into ``out``: ``characterization.csv`` (resumed
@@ -109,29 +109,23 @@ def run_characterization(
     ``modules_by_perplexity``: single modules are measured on the study's perplexity alone (one
     module at rank 1 moves accuracy on a few hundred questions by less than its noise, and
     perplexity is much cheaper); layers and k-layer patterns get the full evaluation.
-    ``kinds`` default to every registered probe kind. ``worker`` reuses a loaded
-    :class:`dse.study.worker.Worker` of the same model.
+    ``kinds`` default to every registered probe kind. ``measurer`` reuses a loaded
+    :class:`dse.study.measure.Measurer` of the same model.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    worker = worker or Worker.from_config(config, progress=progress)
-    todo = units(worker.table, rank, kinds, ks, config.method)
+    measurer = measurer.for_study(config) if measurer is not None else Measurer.from_config(config, progress)
+    todo = units(measurer.table, rank, kinds, ks, config.method)
     csv = out / "characterization.csv"
     if modules_by_perplexity:
         if config.evaluation.perplexity is None:
             raise ConfigError("evaluation.perplexity: --modules-by-perplexity needs it in the study")
-        frame = characterize(worker, [u for u in todo if u.kind != "module"], csv, progress=progress)  # and dense
-        full = worker.evaluator
-        worker.evaluator = Evaluator(
-            worker.model, worker.tokenizer, EvalConfig(tasks=[], perplexity=config.evaluation.perplexity)
-        )
-        try:
-            frame = characterize(worker, todo, csv, progress=progress)
-        finally:
-            worker.evaluator = full
+        frame = characterize(measurer, [u for u in todo if u.kind != "module"], csv, progress=progress)  # and dense
+        by_perplexity = measurer.with_evaluation(EvalConfig(tasks=[], perplexity=config.evaluation.perplexity))
+        frame = characterize(by_perplexity, todo, csv, progress=progress)
     else:
-        frame = characterize(worker, todo, csv, progress=progress)
-    save_characterization_plots(frame, worker.table, out)
+        frame = characterize(measurer, todo, csv, progress=progress)
+    save_characterization_plots(frame, measurer.table, out)
     return frame
 
 

@@ -135,13 +135,12 @@ class StudyConfig:
     @property
     def optimises_latency(self) -> bool:
         """A latency objective or a latency budget: sampled plans never keep a rank measured slower than dense."""
-        return "latency" in self.objectives or getattr(getattr(self.space, "budget", None), "latency", None) is not None
+        return "latency" in self.objectives or self.space.spends_latency
 
     @property
     def uses_latency(self) -> bool:
         """Whether trials need a latency table: latency optimised, ``align: auto``, or a table given."""
-        rules = getattr(self.space, "rules", None)
-        return self.optimises_latency or getattr(rules, "align", None) == "auto" or self.latency_table is not None
+        return self.optimises_latency or self.space.aligns_ranks or self.latency_table is not None
 
     @property
     def directions(self) -> List[str]:
@@ -253,7 +252,7 @@ def _objectives(data, evaluation: EvalConfig, space: AnySpace) -> Tuple[str, ...
             raise ConfigError(f"objectives[{i}]: {name!r} needs {missing}")
         if name in data[:i]:
             raise ConfigError(f"objectives[{i}]: {name!r} is listed twice")
-    for i, start in enumerate(getattr(space, "starts", ())):
+    for i, start in enumerate(space.starts):
         if STARTS.get(start).measures and not {"perplexity", "accuracy"} & set(data):
             raise ConfigError(
                 f"space.starts[{i}]: {start!r} measures the perplexity or accuracy objective; the study has neither"

@@ -106,7 +106,7 @@ def check_inputs(config: StudyConfig) -> None:
     for text in (perplexity.text if perplexity else None, config.calibration.text if config.calibration else None):
         if text is not None:
             text.read()
-    meta = meta_model(config.model, getattr(config.space, "model_config", None))
+    meta = meta_model(config.model, config.space.model_config)
     table = find_projections(meta, config.family)
     params = sum(p.numel() for p in meta.parameters())
     for baseline in config.baselines:
@@ -115,7 +115,7 @@ def check_inputs(config: StudyConfig) -> None:
 
 def estimate(config: StudyConfig, study=None) -> Estimate:
     """The :class:`Estimate` of ``config``; ``study`` (an Optuna study that ran before) times trials."""
-    meta = meta_model(config.model, getattr(config.space, "model_config", None))
+    meta = meta_model(config.model, config.space.model_config)
     table = find_projections(meta)
     b = resolve_dtype(config.dtype).itemsize
     params = sum(p.numel() for p in meta.parameters())

@@ -58,7 +58,7 @@ def run_study(
     n_trials: Optional[int] = None,
     storage: Optional[str] = None,
     progress: bool = True,
-    worker=None,
+    measurer=None,
     join: bool = False,
     wait: float = 0.0,
 ) -> optuna.Study:
@@ -66,12 +66,13 @@ def run_study(
 
     ``join=True`` only joins a study that exists (as ``dse worker`` does; waiting up to ``wait``
     seconds for another process to create it) and enqueues nothing;
-    the process that creates the study enqueues the baselines and the space's starts, once. ``worker`` (a
-    :class:`dse.study.worker.Worker`) may be passed to reuse a loaded model. KeyboardInterrupt marks
-    the running trial failed and propagates; running again resumes.
+    the process that creates the study enqueues the baselines and the space's starts, once. ``measurer`` (a
+    :class:`dse.study.measure.Measurer`) reuses a loaded model
+    (:meth:`~dse.study.measure.Measurer.for_study`). KeyboardInterrupt marks the running trial
+    failed and propagates; running again resumes.
     """
     _warn_unsteered(config)
-    if worker is None:
+    if measurer is None:
         config.evaluation.check_tasks()  # a misspelt task fails before any study or model is made
     target = n_trials or config.n_trials
     study = _joined(config, storage, wait) if join else open_study(config, storage)
@@ -80,10 +81,7 @@ def run_study(
     done = finished_trials(study)
     if done >= target:
         return study
-    if worker is None:
-        worker = Worker.from_config(config, progress=progress)
-    else:
-        worker.config = config  # a loaded model reused for another study (space, objectives, baselines)
+    worker = Worker.from_config(config, progress=progress, measurer=measurer)
     worker.prepare(study, target)
     if not join:
         worker.enqueue_starts(study)

@@ -1,0 +1,224 @@
+"""The measurer: a plan in, a measurement out.
+
+A :class:`Measurer` is built once from a study config: the loaded model, its projection table,
+the factor cache, the calibration (data-aware methods), the evaluator and, on first use, the
+latency table and the components' importances. :meth:`Measurer.measure` decomposes with a plan,
+evaluates and restores (:func:`dse.decompose.decomposed`); nothing else changes it. Another study
+or another evaluation on the same loaded model goes through :meth:`Measurer.for_study` or
+:meth:`Measurer.with_evaluation`, which share what is the same and rebuild what differs (or refuse
+in one line).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+from ..core.errors import StudyError
+from ..decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, plan_size
+from ..decompose.latency import LatencyTable, TableSpec, latency_table
+from ..evaluate import EarlyStop, EvalConfig, Evaluator, derive_metrics, staged_run
+from ..model import family_of, find_projections, load_model, param_count
+from ..space import importance
+from .config import StudyConfig
+
+# What a loaded model, its cache and its calibration were made from: a study that differs in any
+# of these needs its own process.
+SHARED = (
+    "model",
+    "device",
+    "dtype",
+    "device_map",
+    "max_memory",
+    "offload_dir",
+    "family",
+    "calibration",
+    "cache_dir",
+    "cache_memory",
+)
+
+
+class Measurer:
+    def __init__(
+        self,
+        config: StudyConfig,
+        model,
+        tokenizer,
+        evaluator,
+        *,
+        cache: Optional[FactorCache] = None,
+        calibration=None,
+        table=None,
+        latency: Optional[LatencyTable] = None,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.evaluator = evaluator
+        self.family = family_of(model, config.family).family
+        self.table = table if table is not None else find_projections(model, self.family)
+        self.cache = cache if cache is not None else FactorCache(config.cache_dir, config.cache_memory)
+        self.calibration = calibration
+        self.progress = progress
+        self.model_params = param_count(model)
+        self._latency = latency
+        self._importances: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def from_config(cls, config: StudyConfig, progress: bool = True) -> "Measurer":
+        """Load the model (placed by ``device`` or ``device_map``), calibrate if the study has a
+        calibration, and build the evaluator."""
+        model, tokenizer = load_model(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            device_map=config.device_map,
+            max_memory=config.max_memory,
+            offload_dir=config.offload_dir,
+        )
+        table = find_projections(model, config.family)
+        cache = FactorCache(config.cache_dir, config.cache_memory)
+        calibration = _calibration(config, model, tokenizer, table, cache, progress)
+        evaluator = Evaluator(model, tokenizer, config.evaluation)
+        return cls(
+            config, model, tokenizer, evaluator, cache=cache, calibration=calibration, table=table, progress=progress
+        )
+
+    def for_study(self, config: StudyConfig) -> "Measurer":
+        """This measurer for another study on the same loaded model: itself when nothing it holds
+        differs, else a new one sharing the model, table, cache and calibration (and the evaluator
+        and latency table where the study's are the same). A study that needs another model,
+        placement, dtype, family, calibration or cache is refused in one line."""
+        _check_shared(self.config, config, self.calibration)
+        if config == self.config:
+            return self
+        evaluator = (
+            self.evaluator
+            if config.evaluation == self.config.evaluation
+            else Evaluator(self.model, self.tokenizer, config.evaluation)
+        )
+        latency = self._latency if config.latency_table == self.config.latency_table else None
+        other = self._sharing(config, evaluator, latency)
+        if config.method == self.config.method:  # the same factors: the same importances
+            other._importances = self._importances
+        return other
+
+    def with_evaluation(self, evaluation: EvalConfig) -> "Measurer":
+        """A measurer of the same study that evaluates ``evaluation`` instead (e.g. perplexity alone)."""
+        return self._sharing(self.config, Evaluator(self.model, self.tokenizer, evaluation), self._latency)
+
+    def _sharing(self, config: StudyConfig, evaluator, latency: Optional[LatencyTable]) -> "Measurer":
+        """A measurer on this one's model, table, cache and calibration."""
+        return Measurer(
+            config,
+            self.model,
+            self.tokenizer,
+            evaluator,
+            cache=self.cache,
+            calibration=self.calibration,
+            table=self.table,
+            latency=latency,
+            progress=self.progress,
+        )
+
+    def latency(self) -> Optional[LatencyTable]:
+        """The study's latency table (measured, or read from the cache, on first use), or None when
+        the study needs none (:attr:`StudyConfig.uses_latency`)."""
+        if not self.config.uses_latency:
+            return None
+        if self._latency is None:
+            self._latency = latency_table(
+                self.model,
+                self.table,
+                self.config.latency_table or TableSpec(),
+                self.config.cache_dir,
+                progress=self.progress,
+            )
+        return self._latency
+
+    def importances(self) -> Dict[str, Any]:
+        """Every projection's per-component :func:`dse.space.importance` under the study's
+        method (factorizing on first use); needs a calibration with gradients."""
+        if self._importances is None:
+            if self.calibration is None or not self.calibration.grads:
+                raise StudyError("calibration: an allocation space needs a calibration with gradients")
+            forms = factor_forms(
+                self.model,
+                self.table,
+                self.config.method,
+                cache=self.cache,
+                calibration=self.calibration,
+                table=self.table,
+                progress=self.progress,
+            )
+            self._importances = {
+                n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx) for n, f in forms.items()
+            }
+        return self._importances
+
+    def params_after(self, plan: Plan) -> int:
+        return plan_size(self.model, plan, self.table).params_after
+
+    def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
+        """Decompose with ``plan``, evaluate, restore; return sizes and metrics (with every derived
+        objective's value). ``early_stop`` (multi-fidelity, see :func:`dse.evaluate.staged_run`) may
+        end the evaluation early: :class:`dse.evaluate.EarlyStop` then carries the sizes and the
+        metrics so far."""
+        size = plan_size(self.model, plan, self.table)
+        out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
+        if self.latency() is not None:
+            out.update(self.latency().predict(plan, self.table))
+        t0 = time.perf_counter()
+        try:
+            with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
+                out["decompose_seconds"] = time.perf_counter() - t0
+                if early_stop is not None:
+                    metrics = staged_run(self.evaluator, self.config.multi_fidelity.first, early_stop, self.progress)
+                else:
+                    metrics = self.evaluator.run(progress=self.progress)
+        except EarlyStop as stop:
+            stop.metrics = {**out, **stop.metrics}
+            raise
+        out.update(metrics)
+        return derive_metrics(out)
+
+
+def _calibration(config: StudyConfig, model, tokenizer, table, cache: FactorCache, progress: bool):
+    """The study's calibration (None without one). A streamed calibration for a data-aware method
+    factorizes each layer into the factor cache as soon as its statistics are final."""
+    if config.calibration is None:
+        return None
+    keeps = cache.memory != "none" or cache.directory is not None
+    on_layer = None
+    if config.calibration.streamed and config.method.needs_calibration and keeps:
+
+        def on_layer(names, cal):
+            factor_forms(model, names, config.method, cache=cache, calibration=cal, table=table)
+
+    return calibrate(
+        model,
+        tokenizer,
+        config.calibration,
+        cache_dir=config.cache_dir,
+        gradients=config.space.needs_importance,
+        grad_moments=config.method.needs_grad_moments,
+        on_layer=on_layer,
+        progress=progress,
+        table=table,
+    )
+
+
+def _check_shared(loaded: StudyConfig, config: StudyConfig, cal) -> None:
+    """Refuse, in one line, a study that needs something other than what ``loaded``'s model,
+    cache and calibration ``cal`` were made of."""
+    for field in SHARED:
+        if getattr(config, field) != getattr(loaded, field):
+            raise StudyError(
+                f"{field}: study {config.name!r} needs {getattr(config, field)!r}, but the loaded "
+                f"model was made for {getattr(loaded, field)!r}; run it in its own process"
+            )
+    if config.space.needs_importance and (cal is None or not cal.grads):
+        raise StudyError(f"space: study {config.name!r} needs a calibration with gradients; run it in its own process")
+    if config.method.needs_grad_moments and (cal is None or not cal.has_grad_moments()):
+        raise StudyError(f"method: study {config.name!r} needs output-gradient moments; run it in its own process")
