@@ -34,6 +34,7 @@ import yaml
 from torch.profiler import ProfilerActivity, profile
 
 from dse.decompose import LowRankLinear, Plan, decompose_, restore_, swap_module, uniform_plan
+from dse.decompose.latency import align_rank
 from dse.model import auto_class, find_projections, input_device, load_model, model_bytes
 from dse.model.shapes import config_from_dict
 from dse.model.timing import CompiledDecode, decode, prefill, timed
@@ -79,8 +80,9 @@ def random_factors_(model, plan: Plan) -> dict:
 
 
 def aligned(plan: Plan, step) -> Plan:
-    """``plan`` with its ranks rounded down to multiples of ``step`` (at least ``step``), if given."""
-    return plan.with_ranks({n: max(step, r // step * step) for n, r in plan.ranks.items()}) if step else plan
+    """``plan`` with its ranks rounded down to multiples of ``step`` if given, as ``align: auto``
+    rounds them (:func:`dse.decompose.latency.align_rank`)."""
+    return plan.with_ranks({n: align_rank(r, step) for n, r in plan.ranks.items()}) if step else plan
 
 
 def main(argv=None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,19 @@ def model_output(model, ids):
     with torch.no_grad():
         out = model(ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_temp(tmp_path_factory):
+    """Every temporary file of the suite under pytest's own temp folder, removed with it (see
+    ``tmp_path_retention_policy``): the scratch of the code under test, its subprocesses', and
+    torch.compile's kernel cache (``$TMPDIR/torchinductor_<user>``, 171 MB after a suite)."""
+    temp = str(tmp_path_factory.mktemp("temp"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", temp)
+    patch.setattr(tempfile, "tempdir", temp)
+    yield
+    patch.undo()
 
 
 @pytest.fixture

@@ -60,8 +60,9 @@ def test_atomic_writes_and_the_factor_cache_honour_the_umask(umask, tmp_path):
 
 
 def test_a_passing_suite_leaves_nothing_in_the_temp_folder(tmp_path):
-    """The suite's own settings (``tmp_path_retention_policy``) remove what its tests wrote: run this
-    file's tests in a fresh temp folder and measure what is left."""
+    """The suite's own settings (``tmp_path_retention_policy``, torch.compile's cache in the session's
+    temp folder) remove what its tests wrote: run this file's tests and a compiled-speed test in a
+    fresh temp folder and measure what is left."""
     import subprocess
     import sys
     from pathlib import Path
@@ -69,7 +70,8 @@ def test_a_passing_suite_leaves_nothing_in_the_temp_folder(tmp_path):
     root = Path(__file__).resolve().parents[1]
     temp = tmp_path / "temp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # as a fresh shell has it
+    env.update(TMPDIR=str(temp), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [
             sys.executable,
@@ -79,8 +81,9 @@ def test_a_passing_suite_leaves_nothing_in_the_temp_folder(tmp_path):
             "-p",
             "no:cacheprovider",
             str(Path(__file__)),
+            str(root / "tests" / "test_speed.py"),
             "-k",
-            "applied_model",
+            "applied_model or compiled_speed_of_a_config",  # torch.compile writes a kernel cache
             "-x",
         ],
         cwd=root,

@@ -48,6 +48,11 @@ STEP_CANDIDATES = (64, 32, 16, 8)
 MEASURE_ATTEMPTS = 3
 
 
+def align_rank(rank: int, step: int) -> int:
+    """``rank`` rounded down to a multiple of ``step``; a rank below one step is kept as it is."""
+    return rank // step * step if rank >= step > 1 else rank
+
+
 @dataclass(frozen=True)
 class Workload:
     """A decode step of ``batch`` sequences, and a prefill of ``prefill_batch`` prompts of ``prompt`` tokens."""
@@ -172,8 +177,8 @@ class LatencyTable:
         ranks = {}
         for name, rank in plan.ranks.items():
             cost = self.cost(table[name])
-            if align and cost.step > 1:
-                rank = max(cost.step, rank // cost.step * cost.step) if rank >= cost.step else rank
+            if align:
+                rank = align_rank(rank, cost.step)
             if rank < cost.break_even("decode"):
                 ranks[name] = rank
         return plan.with_ranks(ranks)

@@ -82,9 +82,11 @@ def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
         def generate_until(self, requests, disable_tqdm: bool = not verbose):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-    lm = InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-    lm._device = input_device(model)  # HFLM takes the first parameter's, which may be offloaded (meta)
-    return lm
+        @property
+        def device(self):  # where inputs go: HFLM takes the first parameter's, which may be offloaded (meta)
+            return input_device(model)
+
+    return InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, max_length=config.max_length)
 
 
 def _check_model(model, tokenizer, config: EvalConfig) -> None:

@@ -67,14 +67,16 @@ class Constraints:
     max_perplexity: Optional[float] = None
 
     def violations(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> List[float]:
-        """Optuna's convention: one value per constraint, feasible when <= 0."""
+        """Optuna's convention: one value per constraint, feasible when <= 0 (each metric read where
+        its objective keeps it)."""
+        accuracy, params, perplexity = (OBJECTIVES.get(o).attribute for o in ("accuracy", "params", "perplexity"))
         out = []
         if self.max_drop is not None:
-            out.append((baseline["accuracy"] - self.max_drop) - metrics["accuracy"])
+            out.append((baseline[accuracy] - self.max_drop) - metrics[accuracy])
         if self.max_params is not None:
-            out.append(metrics["params_ratio"] - self.max_params)
+            out.append(metrics[params] - self.max_params)
         if self.max_perplexity is not None:
-            out.append(metrics["perplexity"] - self.max_perplexity)
+            out.append(metrics[perplexity] - self.max_perplexity)
         return out
 
     def __bool__(self) -> bool:
