@@ -9,8 +9,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import BENCHMARKS
-from helpers import write_study
+from helpers import mutated, write_study
 from optuna.trial import TrialState
 
 from dse.cli import main
@@ -53,6 +54,9 @@ def test_a_trial_writes_its_record_in_one_storage_call(measurer, tmp_path, tiny_
 def test_one_loaded_model_serves_two_studies_as_two_processes_would(measurer, tmp_path, tiny_llama_dir):
     """Two studies with other tasks and objectives on one loaded model (Measurer.for_study) give the
     numbers that two fresh ``dse run`` processes give."""
+    (tmp_path / "base").mkdir()
+    default = yaml.safe_load(write_study(tmp_path / "base", tiny_llama_dir).read_text())["evaluation"]
+    arc = mutated(mutated(default, ("tasks",), ["arc_easy"]), ("perplexity", "text", "rows"), [1, 2])
     studies = {
         "piqa": {"n_trials": 3},
         "arc": {
@@ -60,21 +64,7 @@ def test_one_loaded_model_serves_two_studies_as_two_processes_would(measurer, tm
             "n_trials": 3,
             "objectives": ["perplexity", "params"],
             "seed": 1,
-            "evaluation": {
-                "tasks": ["arc_easy"],
-                "limit": 4,
-                "batch_size": 4,
-                "data_dir": str(BENCHMARKS),
-                "perplexity": {
-                    "text": {
-                        "path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"),
-                        "field": "page",
-                        "rows": [1, 2],
-                    },
-                    "window": 64,
-                    "max_tokens": 256,
-                },
-            },
+            "evaluation": arc,
         },
     }
     values = {}
