@@ -327,7 +327,7 @@ def _add_result_verbs(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="write front.{csv,parquet} and trials.{csv,parquet} here")
     p.set_defaults(func=_cmd_pareto)
 
-    p = sub.add_parser("plot", help="front, hypervolume, module heatmap and per-task plots (PNG and SVG)")
+    p = sub.add_parser("plot", help="front, hypervolume, module heatmap, per-task and healing plots (PNG and SVG)")
     p.add_argument("study", metavar="STUDY_YAML")
     p.add_argument("--storage")
     p.add_argument("--out", metavar="DIR", required=True)

@@ -22,7 +22,16 @@ The built-in methods register here. A method is one unit, a config class and its
 from .cache import MEMORY, FactorCache, check_memory, model_fingerprint
 from .calibration import Calibration, CalibrationSpec, calibrate, collect_calibration, collect_stats
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
-from .heal import HealConfig, HealReport, add_lora, heal_, heal_memory, low_rank_modules, remove_lora
+from .heal import (
+    HealConfig,
+    HealReport,
+    add_lora,
+    heal_,
+    heal_memory,
+    low_rank_modules,
+    remove_lora,
+    temporarily_healed,
+)
 from .lowrank import LowRankLinear
 from .methods import (
     METHODS,
@@ -87,6 +96,7 @@ __all__ = [
     "get_method",
     "heal_",
     "heal_memory",
+    "temporarily_healed",
     "is_decomposed",
     "low_rank_modules",
     "make_config",

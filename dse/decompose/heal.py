@@ -438,6 +438,28 @@ def heal_(
     return report
 
 
+@contextmanager
+def temporarily_healed(
+    model: nn.Module, windows: torch.Tensor, config: HealConfig, progress: bool = True
+) -> Iterator[HealReport]:
+    """``with temporarily_healed(model, windows, config) as report:`` the decomposed ``model``
+    healed for the block (see :func:`heal_`), then put back as it was: the heal trains private
+    copies of the factors (a factor cache they were truncated from is never changed) and the norms
+    it trains are restored bit-exact afterwards, also on an exception."""
+    modules = low_rank_modules(model)
+    for module in modules.values():
+        for factor in module.factors:
+            factor.data = factor.data.clone()
+    norms = {name: p.detach().clone() for name, p in _norms(model)} if config.norms else {}
+    try:
+        yield heal_(model, windows, config, progress=progress)
+    finally:
+        with torch.no_grad():
+            for name, p in _norms(model):
+                if name in norms:
+                    p.copy_(norms[name])
+
+
 def _save(path: Path, run: dict, params, optimizer, scheduler, report: HealReport) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,

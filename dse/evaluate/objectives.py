@@ -10,7 +10,7 @@ worker, ``dse status``, ``dse pareto``, the front and its plots all read it from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
 from ..core.registry import Registry
@@ -31,6 +31,7 @@ class Objective:
     given the study's :class:`~dse.evaluate.EvalConfig`, the evaluation field that must be switched
     on for the value to exist (None when it is). ``derive``: computes the value from a trial's
     other metrics (None when it cannot), for objectives no evaluation measures directly.
+    ``healed``: measured after each trial's model is healed (the study needs ``heal:``).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Objective:
     size: bool = False
     requires: Optional[Requires] = None
     derive: Optional[Derive] = None
+    healed: bool = False
     help: str = ""
 
     def __post_init__(self):
@@ -67,6 +69,29 @@ OBJECTIVES: Registry[Objective] = Registry("objective")
 
 def register_objective(objective: Objective) -> Objective:
     return OBJECTIVES.register(objective.name, objective)
+
+
+HEALED = "_healed"  # the suffix of a metric measured after healing
+
+
+def healed(objective: Objective) -> Objective:
+    """``objective`` measured after the trial's model is healed: ``<name>_healed``, kept in
+    ``<attribute>_healed``."""
+    return replace(
+        objective,
+        name=objective.name + HEALED,
+        attribute=objective.attribute + HEALED,
+        label=f"{objective.label}, healed",
+        header=f"{objective.header} healed",
+        derive=None,
+        healed=True,
+        help=f"{objective.help}, after the study's heal: of the trial's model",
+    )
+
+
+def healed_metrics(metrics: Mapping[str, float]) -> dict:
+    """``metrics`` (an evaluation's) under their healed names."""
+    return {key + HEALED: value for key, value in metrics.items()}
 
 
 def derive_metrics(metrics: Mapping[str, float]) -> dict:

@@ -97,6 +97,16 @@ def front_trials(study) -> list:
     return [t for t, keep in zip(trials, mask) if keep]
 
 
+def joins_front(study, values: Sequence[float]) -> bool:
+    """Whether a trial with objective ``values`` (in the order of ``study.directions``) would be on
+    the front of the study's feasible complete trials: none of them dominates it."""
+    trials = feasible_trials(study)
+    if not trials:
+        return True
+    loss = np.vstack([_loss(trials, study.directions), np.asarray(values, dtype=float) * _signs(study.directions)])
+    return bool(_on_front(loss)[-1])
+
+
 COLUMNS = ["number", "state", "baseline", "plan", "n_modules", "params_pct", "params_m", "bytes"]
 
 

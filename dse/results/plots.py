@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import List, Mapping, Optional
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 from ..core.errors import ResultsError
 from ..core.io import atomic_path
 from ..decompose import get_method
-from ..evaluate import OBJECTIVES
+from ..evaluate import HEALED, OBJECTIVES
 from ..model import locate, ordered_types, tensor_types
 from ..space import curves, heatmap_frame
 from .front import front_rows, front_trials, hypervolume_history, pareto_front, quality, reference_point, trials_frame
@@ -117,6 +118,83 @@ def plot_hypervolume(study, ax: Optional[Axes] = None, reference=None) -> Axes:
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return ax
+
+
+def _healed_quality(study):
+    """``(plain, healed)``: the study's quality objective before and after healing."""
+    objective = quality(study)
+    plain = OBJECTIVES.get(objective.name.removesuffix(HEALED)) if objective.healed else objective
+    healed = OBJECTIVES.get(plain.name + HEALED, "quality")
+    return plain, healed
+
+
+def healed_trials(frame: pd.DataFrame, study) -> pd.DataFrame:
+    """The complete trials of a trials frame that were healed (a healed value of the quality)."""
+    _, healed = _healed_quality(study)
+    done = frame[frame["state"] == "COMPLETE"]
+    return done[done[healed.attribute].notna()] if healed.attribute in done else done.iloc[:0]
+
+
+def plot_healed(study, ax: Optional[Axes] = None) -> Axes:
+    """The study's quality against size before and after healing: every healed trial as an arrow
+    from its plain to its healed value, and the two fronts (plain over all trials, healed over the
+    healed ones)."""
+    ax = _axes(ax)
+    plain, healed = _healed_quality(study)
+    size = OBJECTIVES.get("params")
+    df = trials_frame(study)
+    rows = healed_trials(df, study)
+    if rows.empty:
+        raise ResultsError(f"study {study.study_name!r}: no trial was healed (give the study a heal: section)")
+    for _, row in rows.iterrows():
+        ax.annotate(
+            "",
+            (row["params_pct"], row[healed.attribute]),
+            (row["params_pct"], row[plain.attribute]),
+            arrowprops={"arrowstyle": "->", "color": "0.7"},
+        )
+    done = df[(df["state"] == "COMPLETE") & df["feasible"]]
+    for objective, frame, color, name in ((plain, done, "C0", "plain"), (healed, rows, "C2", "healed")):
+        front = front_rows(frame, [size, objective]).sort_values("params_pct")
+        ax.step(front["params_pct"], front[objective.attribute], where="post", color=color, alpha=0.5)
+        label = f"{name} front ({len(front)})"
+        ax.plot(front["params_pct"], front[objective.attribute], "o", color=color, ms=7, label=label)
+    base = study.user_attrs.get("baseline") or {}
+    if plain.attribute in base:
+        ax.plot(100.0, base[plain.attribute], "*", color="C3", ms=15, mec="k", label="undecomposed model (dense)")
+    ax.set_xlabel(size.label)
+    ax.set_ylabel(plain.label)
+    _millions_axis(ax, study)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{study.study_name}: {plain.attribute} before and after healing, {len(rows)} healed trials")
+    return ax
+
+
+def plot_heal_losses(study, ax: Optional[Axes] = None) -> Axes:
+    """The training loss of every healed trial's heal, step by step, coloured by the trial's size."""
+    ax = _axes(ax, (7, 4))
+    curves = [
+        (t.number, record["params_ratio"], record["heal_losses"])
+        for t in study.get_trials(deepcopy=False)
+        for record in [TrialRecord.of(t)]
+        if record.get("heal_losses")
+    ]
+    if not curves:
+        raise ResultsError(f"study {study.study_name!r}: no trial was healed (give the study a heal: section)")
+    ratios = [ratio for _, ratio, _ in curves]
+    low, high = min(ratios), max(ratios)
+    cmap = matplotlib.colormaps["viridis"]
+    for number, ratio, losses in curves:
+        shade = cmap((ratio - low) / (high - low) if high > low else 0.5)
+        ax.plot(range(1, len(losses) + 1), losses, color=shade, alpha=0.8, label=f"trial {number} ({ratio:.1%})")
+    ax.set_xlabel("heal step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{study.study_name}: heal loss of {len(curves)} trials (colour: parameters kept)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 12:
+        ax.legend(loc="upper right", fontsize=7)
     return ax
 
 
@@ -307,6 +385,8 @@ def save_plots(study, out_dir, *, formats=("png", "svg"), x: str = "params") -> 
         plots[f"front-{x}"] = partial(plot_front, x=x)
     if any(k.startswith("acc/") for t in front_trials(study) for k in TrialRecord.of(t).metrics):
         plots["tasks"] = plot_task_accuracy
+    if any(TrialRecord.of(t).get("heal_losses") for t in study.get_trials(deepcopy=False)):
+        plots.update({"healed": plot_healed, "heal-loss": plot_heal_losses})
     return [
         path
         for name, plot in plots.items()

@@ -93,14 +93,19 @@ class MultiFidelity:
     margin: float = 0.05
 
 
+HEAL_TRIALS = ("front", "all")
+
+
 @dataclass(frozen=True)
 class StudyHeal:
-    """A study's ``heal:`` block: the recipe (:class:`~dse.decompose.HealConfig`'s fields) and the
-    ``text`` it trains on, apart from the evaluation's perplexity text. ``dse estimate`` sizes it;
-    trials are not healed yet."""
+    """A study's ``heal:`` block: the recipe (:class:`~dse.decompose.HealConfig`'s fields), the
+    ``text`` it trains on (apart from the evaluation's perplexity text) and which ``trials`` are
+    healed after their plain measurement: ``front`` (those that join the current front of the
+    plain measures) or ``all`` (needed to optimise a ``*_healed`` objective)."""
 
     recipe: HealConfig
     text: TextSource
+    trials: str = "front"
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     )
     calibration = _calibration(data.get("calibration"), base, method, space)
     evaluation = EvalConfig.from_dict(data.get("evaluation") or {}, base)
-    objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space)
+    heal = _heal(data.get("heal"), base, evaluation)
+    objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space, heal)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     return StudyConfig(
         name=name,
@@ -201,7 +207,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         grace_s=integer(data.get("grace_s", StudyConfig.grace_s), "grace_s", 1),
         multi_fidelity=_multi_fidelity(data.get("multi_fidelity"), evaluation, objectives),
         latency_table=None if data.get("latency_table") is None else TableSpec.from_dict(data["latency_table"], base),
-        heal=_heal(data.get("heal"), base, evaluation),
+        heal=heal,
     )
 
 
@@ -238,20 +244,28 @@ def _calibration(data, base: Path, method: MethodConfig, space: AnySpace) -> Opt
 def _heal(data, base: Path, evaluation: EvalConfig) -> Optional[StudyHeal]:
     if data is None:
         return None
-    data = text_section(data, "heal", {f.name for f in dataclasses.fields(HealConfig)} | {"text"}, base)
+    data = text_section(data, "heal", {f.name for f in dataclasses.fields(HealConfig)} | {"text", "trials"}, base)
     text = data.pop("text")
+    trials = data.pop("trials", StudyHeal.trials)
+    if trials not in HEAL_TRIALS:
+        raise ConfigError(f"heal.trials: expected one of {', '.join(HEAL_TRIALS)}, got {trials!r}")
     if evaluation.perplexity is not None:
         text.check_disjoint(evaluation.perplexity.text)
-    return StudyHeal(HealConfig.from_dict(data), text)
+    return StudyHeal(HealConfig.from_dict(data), text, trials)
 
 
-def _objectives(data, evaluation: EvalConfig, space: AnySpace) -> Tuple[str, ...]:
+def _objectives(data, evaluation: EvalConfig, space: AnySpace, heal: Optional[StudyHeal]) -> Tuple[str, ...]:
     if not isinstance(data, list) or not data:
         raise ConfigError(f"objectives: expected a non-empty list of objective names, got {data!r}")
     for i, name in enumerate(data):
-        missing = OBJECTIVES.get(name, f"objectives[{i}]").missing(evaluation)
+        objective = OBJECTIVES.get(name, f"objectives[{i}]")
+        missing = objective.missing(evaluation)
         if missing:
             raise ConfigError(f"objectives[{i}]: {name!r} needs {missing}")
+        if objective.healed and (heal is None or heal.trials != "all"):
+            raise ConfigError(
+                f"objectives[{i}]: {name!r} is measured after healing every trial; add heal: with trials: all"
+            )
         if name in data[:i]:
             raise ConfigError(f"objectives[{i}]: {name!r} is listed twice")
     for i, start in enumerate(space.starts):

@@ -15,10 +15,10 @@ import time
 from typing import Any, Dict, Optional
 
 from ..core.errors import StudyError
-from ..decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, plan_size
+from ..decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, plan_size, temporarily_healed
 from ..decompose.latency import LatencyTable, TableSpec, latency_table
-from ..evaluate import EarlyStop, EvalConfig, Evaluator, derive_metrics, staged_run
-from ..model import family_of, find_projections, load_model, param_count
+from ..evaluate import EarlyStop, EvalConfig, Evaluator, derive_metrics, healed_metrics, staged_run
+from ..model import family_of, find_projections, load_model, param_count, token_windows
 from ..space import importance
 from .config import StudyConfig
 
@@ -64,6 +64,7 @@ class Measurer:
         self.model_params = param_count(model)
         self._latency = latency
         self._importances: Optional[Dict[str, Any]] = None
+        self._heal_windows = None
 
     @classmethod
     def from_config(cls, config: StudyConfig, progress: bool = True) -> "Measurer":
@@ -182,6 +183,32 @@ class Measurer:
             raise
         out.update(metrics)
         return derive_metrics(out)
+
+    def measure_healed(self, plan: Plan) -> Dict[str, Any]:
+        """Decompose with ``plan``, heal by the study's ``heal:`` recipe, evaluate, restore: the
+        evaluation's metrics under their healed names (``accuracy_healed`` ...) and what the heal
+        did (``heal_steps``, ``heal_seconds``, ``heal_tokens_per_s``, ``heal_losses``). The dense
+        plan has nothing to heal: its healed measures are its own. The model is restored bit-exact
+        and the factor cache is not changed (:func:`dse.decompose.temporarily_healed`)."""
+        heal = self.config.heal
+        if heal is None:
+            raise StudyError("heal: the study has no heal: block")
+        if self._heal_windows is None:
+            text = heal.text.read()
+            self._heal_windows = token_windows(self.tokenizer, text, heal.recipe.seq_len, where="heal.seq_len")
+        out: Dict[str, Any] = {"heal_steps": 0, "heal_seconds": 0.0}
+        with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
+            if not len(plan):
+                return {**out, **healed_metrics(derive_metrics(self.evaluator.run(progress=self.progress)))}
+            with temporarily_healed(self.model, self._heal_windows, heal.recipe, self.progress) as report:
+                out.update(
+                    heal_steps=report.steps,
+                    heal_seconds=report.seconds,
+                    heal_tokens_per_s=report.tokens_per_s,
+                    heal_losses=report.losses,
+                )
+                metrics = self.evaluator.run(progress=self.progress)
+        return {**out, **healed_metrics(derive_metrics(metrics))}
 
 
 def _calibration(config: StudyConfig, model, tokenizer, table, cache: FactorCache, progress: bool):

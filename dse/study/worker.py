@@ -23,6 +23,7 @@ from ..core.errors import StudyError
 from ..core.validate import finite
 from ..decompose import Plan, model_fingerprint
 from ..evaluate import OBJECTIVES, EarlyStop
+from ..results.front import joins_front
 from ..results.record import TrialRecord
 from ..space import STARTS, Baseline, SpaceContext
 from .config import MultiFidelity, StudyConfig
@@ -66,7 +67,10 @@ class Worker:
             study.set_user_attr("dse", study_meta(self.config, self.measurer.family, fingerprint))
         self.baseline = study.user_attrs.get("baseline") or {}
         if not self.baseline:
-            self.baseline = self.measurer.measure(Plan({}, self.config.method))
+            dense = Plan({}, self.config.method)
+            self.baseline = self.measurer.measure(dense)
+            if self.config.heal is not None:
+                self.baseline.update(self.measurer.measure_healed(dense))
             study.set_user_attr("baseline", self.baseline)
         if self.progress:
             done = len(
@@ -151,6 +155,18 @@ class Worker:
         mf = self.config.multi_fidelity
         return early_stop_rule(study, mf, self.measurer.params_after(plan)) if mf and len(plan) else None
 
+    def _heals(self, study: optuna.Study, metrics: Mapping[str, Any]) -> bool:
+        """Whether the study's ``heal:`` heals this trial: every trial, or one whose plain
+        measures join the current front (``trials: front``), unless already healed (the dense plan's
+        baseline is)."""
+        heal = self.config.heal
+        if heal is None or "heal_steps" in metrics:
+            return False
+        if heal.trials == "all":
+            return True
+        values = [metrics.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
+        return all(finite(v) for v in values) and joins_front(study, values)
+
     def objective(self, trial: optuna.Trial) -> List[float]:
         """Plan, measure (or reuse a repeated plan's measurement), write the trial's record once."""
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (or died in it)
@@ -161,7 +177,10 @@ class Worker:
             if earlier is not None:
                 record = dataclasses.replace(record, metrics=earlier.metrics, duplicate_of=earlier.duplicate_of)
             else:
-                record = dataclasses.replace(record, metrics=self.measure(plan, self._early_stop(trial.study, plan)))
+                metrics = self.measure(plan, self._early_stop(trial.study, plan))
+                if self._heals(trial.study, metrics):
+                    metrics.update(self.measurer.measure_healed(plan))
+                record = dataclasses.replace(record, metrics=metrics)
             values = [record.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
             bad = [(o, v) for o, v in zip(self.config.objectives, values) if not finite(v)]
             if bad:
