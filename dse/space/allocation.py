@@ -39,8 +39,9 @@ layers, interpolated linearly in log space); a module's weight is its type's tim
 All are log-uniform in ``[low, high]`` (default ``[0.1, 10]``: factors around the importance
 estimate; on SmolLM2 a range of ``[1e-3, 1e3]`` left TPE unable to beat the starts).
 
-**Alignment.** ``align: N`` rounds every rank down to a multiple of ``N``; ``align: auto`` to each
-shape's measured fast step (the study's latency table), as in a grid space.
+**Alignment.** ``align: N`` rounds every allocated rank of at least ``N`` down to a multiple of
+``N``; ``align: auto`` to each shape's measured fast step (the study's latency table), as in a grid
+space. The ``errormodel`` start and sampler (:mod:`dse.space.knapsack`) choose among aligned ranks only.
 
 **Starts** (enqueued once per study): ``flat`` (every weight 1: the spectrum alone decides) and
 ``sensitivity`` (weights from measured sensitivity: each type and each knot's band of layers is
