@@ -182,3 +182,32 @@ def test_errormodel_start_and_sampler_run_a_tiny_study(tiny_llama_dir, tmp_path)
     rho, n, metric = prediction_agreement(result)  # a random model's losses carry no signal to rank
     assert n == 5 and metric == "perplexity" and (math.isnan(rho) or -1 <= rho <= 1)
     assert "error model: Spearman" in format_status(result)
+
+
+def test_sampler_is_seeded_and_refits_after_each_finished_trial(table):
+    import optuna
+
+    from dse.study.modelsampler import ErrorModelSampler
+
+    space = space_from_dict(
+        {**SPACE, "layers": "all", "types": None, "budget": {"ratio": 0.3}, "weights": {"layer_knots": 2}}
+    )
+    context = SpaceContext(table, "svd", 0, None, spectra(table))
+    probes = space.probe_plans(table, "svd", model_params=0)
+    study = optuna.create_study()
+    study.set_user_attr("baseline", {"perplexity": 10.0})
+    study.set_user_attr("sensitivity", {n: {"perplexity": 10.0 * (1.1 + 0.1 * i)} for i, n in enumerate(probes)})
+    trial = study.ask()
+    plans = [ErrorModelSampler(seed=1, explore=1.0).propose(trial, space, context, "perplexity") for _ in range(2)]
+    assert plans[0].ranks == plans[1].ranks and params_of(plans[0].ranks, space.selected(table)) <= space.budget.kept(
+        space.selected(table), 0
+    )
+    sampler = ErrorModelSampler(seed=1)
+    before = sampler.model(study, space, context, "perplexity")
+    TrialRecord(plan=plans[0].to_dict(), metrics={"perplexity": 30.0}).write(trial)
+    study.tell(trial, 30.0)
+    after = sampler.model(study, space, context, "perplexity")
+    assert after.n_observations == before.n_observations + 1 and not np.allclose(after.coef, before.coef)
+    assert ErrorModelSampler(seed=1, refit=False).model(study, space, context, "perplexity").n_observations == len(
+        probes
+    )
