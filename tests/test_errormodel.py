@@ -14,6 +14,7 @@ from conftest import BENCHMARKS, make_tiny
 from optuna.trial import TrialState
 
 from dse.core.errors import ConfigError, SpaceError
+from dse.decompose import Plan
 from dse.model import find_projections
 from dse.results.record import TrialRecord
 from dse.results.status import format_status, prediction_agreement
@@ -21,6 +22,7 @@ from dse.space import (
     AllocationError,
     Observation,
     SpaceContext,
+    allocate,
     best_plan,
     candidate_ranks,
     fit,
@@ -211,3 +213,25 @@ def test_sampler_is_seeded_and_refits_after_each_finished_trial(table):
     assert ErrorModelSampler(seed=1, refit=False).model(study, space, context, "perplexity").n_observations == len(
         probes
     )
+
+
+def test_latency_budget_and_align_auto_inside_the_program(table):
+    """Under a latency budget with ``align: auto`` every rank is a multiple of its shape's measured
+    step and faster than dense, the predicted step keeps the budget, and the optimum is no worse
+    than the greedy allocation's plan (aligned and cut to faster ranks, so one of its candidates)."""
+    from test_latency import synthetic
+
+    latency = synthetic(table, slope=0.02, dense=0.3, step=4, rest=2.0)
+    space = space_from_dict({**SPACE, "layers": "all", "types": None, "budget": {"latency": 0.8}, "align": "auto"})
+    importances = spectra(table, seed=2)
+    context = SpaceContext(table, "svd", 0, latency, importances)
+    model = fit([Observation({n: 4 for n in table}, 1.0)], table, importances)
+    plan = best_plan(space, context, model)
+    total = latency.predict(Plan({}), table)["predicted_decode_ms"]
+    assert latency.predict(plan, table)["predicted_decode_ms"] <= 0.8 * total + 1e-9
+    assert plan.ranks and all(r % 4 == 0 and r < latency.cost(table[n]).break_even() for n, r in plan.ranks.items())
+    weights = {n: model.weight(n) for n in table}
+    kept = space.budget.kept(table, 0, space.budget.cost(latency, table))
+    greedy = allocate(table, importances, kept, weights, space.budget.cost(latency, table))
+    greedy = latency.faster_plan(Plan(greedy), table, align=True)
+    assert model.predict(plan.ranks) <= model.predict(greedy.ranks) + 1e-12
