@@ -115,5 +115,6 @@ def fit(obs: Sequence[Observation], table: Mapping, importances: Mapping, ridge:
     w, _ = nnls(A, b, maxiter=50 * k)
     resid = y - Xs @ w
     sigma2 = float(resid @ resid) / max(len(y) - 1, 1) + 1e-12 * float(y @ y + 1)
-    cov_w = sigma2 * np.linalg.pinv(Xs.T @ Xs + lam * np.eye(k))
+    cov_w = sigma2 * np.linalg.pinv(Xs.T @ Xs + lam * np.eye(k), hermitian=True)
+    cov_w = (cov_w + cov_w.T) / 2
     return ErrorModel(names, prior * w, prior**2 * cov_w, table, tail, len(obs))
