@@ -248,6 +248,7 @@ class AllocationSpace(ModelSpace):
             f"{n_params} continuous parameters ({len(types)} type weights, "
             f"{self.layer_knots} layer knots), log-uniform in "
             f"[{self.low:g}, {self.high:g}]; starts: {', '.join(self.starts) or 'none'}"
+            + ("" if self.align == 1 else f"; ranks aligned to {self.align}")
         )
         return "\n".join(lines)
 
