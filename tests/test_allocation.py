@@ -153,7 +153,7 @@ def test_space_round_trip_and_plans(table):
         ({"weights": {"layer_knots": 1}}, r"^space\.weights\.layer_knots: expected 0"),
         ({"weights": {"low": 5, "high": 1}}, r"^space\.weights\.high: must be in"),
         ({"weights": {"lo": 1}}, r"^space\.weights\.lo: unknown key"),
-        ({"starts": ["best"]}, r"^space\.starts\[0\]: unknown start 'best'; known: flat, sensitivity"),
+        ({"starts": ["best"]}, r"^space\.starts\[0\]: unknown start 'best'; known: errormodel, flat, sensitivity"),
         ({"types": ["qq"]}, r"^space\.types\[0\]: 'qq' is not a tensor type"),
     ],
 )

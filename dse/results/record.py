@@ -3,7 +3,7 @@ user attribute and read back, by every reader, through :meth:`TrialRecord.of`.
 
 A trial's record is written once, when the trial ends (one storage round trip, which matters on
 a shared PostgreSQL); what must be known before then has its own attribute, written when the
-trial is enqueued (``baseline``, ``baseline_spec``, ``start``) or starts (``worker``). Studies
+trial is enqueued (``baseline``, ``baseline_spec``, ``start``, ``planned``) or starts (``worker``). Studies
 written before records existed kept every entry as an attribute of its own: :meth:`TrialRecord.of`
 reads those too.
 """
@@ -20,7 +20,7 @@ class TrialRecord:
     objectives' attributes (``params``, ``params_ratio``, ``accuracy``, ``acc/<task>`` ...)."""
 
     ATTRIBUTE: ClassVar[str] = "dse_record"  # the user attribute the record is written in
-    EARLY: ClassVar[tuple] = ("baseline", "baseline_spec", "start", "worker")  # attributes of their own
+    EARLY: ClassVar[tuple] = ("baseline", "baseline_spec", "start", "planned", "worker")  # attributes of their own
 
     metrics: Mapping[str, Any] = field(default_factory=dict)
     plan: Optional[Mapping[str, Any]] = None  # ``Plan.to_dict()``
@@ -32,6 +32,7 @@ class TrialRecord:
     baseline: Optional[str] = None
     baseline_spec: Optional[List[Any]] = None
     start: Optional[str] = None
+    planned: Optional[Mapping[str, Any]] = None  # an enqueued start's plan (``Plan.to_dict()``)
     worker: Optional[str] = None  # host:pid of the process that ran it
 
     @classmethod

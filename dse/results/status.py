@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from typing import Optional, Tuple
 
 import pandas as pd
+from scipy.stats import spearmanr
 
 from ..evaluate import OBJECTIVES
 from .front import objectives, pareto_front
+from .record import TrialRecord
 
 # frame column -> (header, format) of the columns every table shows; objectives add their own
 SHOWN = {
@@ -35,6 +39,30 @@ def format_front(front: pd.DataFrame) -> str:
         header, fmt = shown.get(c, (c, "{:.4f}"))
         cells[header] = [("-" if pd.isna(v) else fmt.format(v)) for v in front[c]]
     return pd.DataFrame(cells).to_string(index=False)
+
+
+def prediction_agreement(study) -> Optional[Tuple[float, int, str]]:
+    """How well the error model's predictions (``predicted_loss``, recorded by the ``errormodel``
+    sampler) rank the measured losses: Spearman's rank correlation over the completed trials that
+    have both (nan where either is constant), the number of trials and the metric (perplexity,
+    else accuracy lost); None with fewer than three such trials."""
+    pairs = {"perplexity": [], "accuracy": []}
+    for t in study.get_trials(deepcopy=False):
+        record = TrialRecord.of(t)
+        predicted = record.get("predicted_loss")
+        if t.state.name != "COMPLETE" or predicted is None:
+            continue
+        for metric, sign in (("perplexity", 1), ("accuracy", -1)):
+            value = record.get(metric)
+            if value is not None and math.isfinite(value):
+                pairs[metric].append((predicted, sign * value))
+    metric = "perplexity" if pairs["perplexity"] else "accuracy"
+    if len(pairs[metric]) < 3:
+        return None
+    predicted, measured = zip(*pairs[metric])
+    constant = len(set(predicted)) < 2 or len(set(measured)) < 2
+    rho = math.nan if constant else spearmanr(predicted, measured).statistic
+    return float(rho), len(predicted), metric
 
 
 def format_status(study) -> str:
@@ -66,6 +94,11 @@ def format_status(study) -> str:
         ]
         shown += [f"{k} {v:.4g}" for k, v in base.items() if k.startswith("acc/")]
         lines.append("baseline (undecomposed): " + ", ".join(shown))
+    agreement = prediction_agreement(study)
+    if agreement is not None:
+        rho, n, metric = agreement
+        lost = "" if metric == "perplexity" else " lost"
+        lines.append(f"error model: Spearman {rho:.3f} between predicted loss and measured {metric}{lost} ({n} trials)")
     if meta:
         front = pareto_front(study)
         lines.append(f"front: {len(front)} feasible configs" + (":" if len(front) else ""))

@@ -1,5 +1,6 @@
 """Search spaces: grid spaces (layers x tensor types x ranks, grouped, with pruning rules),
-allocation spaces (a fixed budget spread by importance), baseline plans and sensitivity probes.
+allocation spaces (a fixed budget spread by importance), baseline plans, sensitivity probes and
+the error model of a plan with its exact minimiser (:mod:`~dse.space.errormodel`, :mod:`~dse.space.knapsack`).
 
 :func:`load_space` reads a space file: an allocation space when it has ``budget:``, else a grid
 space. The built-in groups, allocation starts, baseline kinds and probe kinds register here; each
@@ -40,9 +41,11 @@ from .baselines import (
     spread_layers,
     uniform_rank_plan,
 )
+from .errormodel import ErrorModel, Observation, fit
 from .fields import SpaceContext
 from .grid import Layout, Rules, Space, format_counts, label, resolve_rank
 from .groups import DENSE, GROUPS, Group, LayerGroup, LayerXTypeGroup, ModuleGroup, SharedGroup, TypeGroup
+from .knapsack import best_plan, candidate_ranks, errormodel_start, solve
 from .probes import (
     PROBE_KINDS,
     ProbeKind,
@@ -69,6 +72,10 @@ STARTS.register("flat", Start(flat_start, help="every weight 1: the importance e
 STARTS.register(
     "sensitivity",
     Start(sensitivity_start, measures=True, help="weights from each probe's measured loss per removed parameter"),
+)
+STARTS.register(
+    "errormodel",
+    Start(errormodel_start, measures=True, help="the error model's optimum, fitted to the sensitivity probes"),
 )
 
 BASELINES.register(
@@ -152,6 +159,8 @@ __all__ = [
     "Baseline",
     "BaselineKind",
     "Budget",
+    "ErrorModel",
+    "Observation",
     "Group",
     "Layout",
     "ProbeKind",
@@ -161,6 +170,10 @@ __all__ = [
     "Start",
     "Unit",
     "allocate",
+    "best_plan",
+    "candidate_ranks",
+    "fit",
+    "solve",
     "curve_layers",
     "curves",
     "format_counts",

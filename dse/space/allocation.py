@@ -10,7 +10,7 @@ An allocation space fixes the size and searches how to spread it::
     types: [q, k, v, o, gate, up, down]
     budget: {ratio: 0.2}             # or {params: 0.85}, or {latency: 0.8}
     weights: {low: 0.1, high: 10, layer_knots: 4}
-    starts: [flat, sensitivity]
+    starts: [flat, sensitivity]     # or errormodel (dse.space.knapsack)
 
 **Budget.** ``ratio: R``: the size of SVD-LLM's uniform rule on the selected modules (each loses
 ``R`` of its parameters, rank ``int(m·n·(1−R)/(m+n))``); ``params: F``: the whole model keeps the
@@ -39,6 +39,10 @@ layers, interpolated linearly in log space); a module's weight is its type's tim
 All are log-uniform in ``[low, high]`` (default ``[0.1, 10]``: factors around the importance
 estimate; on SmolLM2 a range of ``[1e-3, 1e3]`` left TPE unable to beat the starts).
 
+**Alignment.** ``align: N`` rounds every allocated rank of at least ``N`` down to a multiple of
+``N``; ``align: auto`` to each shape's measured fast step (the study's latency table), as in a grid
+space. The ``errormodel`` start and sampler (:mod:`dse.space.knapsack`) choose among aligned ranks only.
+
 **Starts** (enqueued once per study): ``flat`` (every weight 1: the spectrum alone decides) and
 ``sensitivity`` (weights from measured sensitivity: each type and each knot's band of layers is
 cut alone at the budget's average ratio, and its weight is its loss per removed parameter
@@ -50,15 +54,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..core.errors import SpaceError
 from ..core.registry import Registry
-from ..core.validate import integer, mapping, number
+from ..core.validate import integer, is_int, mapping, number
 from ..decompose import MethodConfig, Plan, as_config, get_method, uniform_plan
+from ..decompose.latency import align_rank
 from .fields import ModelSpace, SpaceContext, parse_layers, parse_model, parse_types
 
 Measure = Callable[[str, Plan], float]  # (probe name, plan) -> loss increase (> 0 is worse)
@@ -208,6 +213,7 @@ class AllocationSpace(ModelSpace):
     high: float = 10.0
     layer_knots: int = 4
     starts: Tuple[str, ...] = ("flat", "sensitivity")
+    align: Union[int, str] = 1  # or "auto": each shape's measured fast step (a latency table)
     description: str = ""
 
     needs_importance = True  # suggest() takes the components' importance (:func:`importance`)
@@ -242,6 +248,7 @@ class AllocationSpace(ModelSpace):
             f"{n_params} continuous parameters ({len(types)} type weights, "
             f"{self.layer_knots} layer knots), log-uniform in "
             f"[{self.low:g}, {self.high:g}]; starts: {', '.join(self.starts) or 'none'}"
+            + ("" if self.align == 1 else f"; ranks aligned to {self.align}")
         )
         return "\n".join(lines)
 
@@ -274,11 +281,17 @@ class AllocationSpace(ModelSpace):
         cost = self.budget.cost(latency, table)
         kept = self.budget.kept(sel, context.model_params, cost)
         ranks = allocate(sel, importances, kept, self._weights(sel, value), cost)
+        if self.align != "auto":  # auto: the study rounds to the latency table's steps
+            ranks = {n: align_rank(r, self.align) for n, r in ranks.items()}
         return Plan(ranks, method)
 
     @property
     def spends_latency(self) -> bool:
         return self.budget.latency is not None
+
+    @property
+    def aligns_ranks(self) -> bool:
+        return self.align == "auto"
 
     def suggest(self, trial, context: SpaceContext) -> Plan:
         """Sample the weights with ``trial.suggest_float`` (log scale) and allocate."""
@@ -333,8 +346,8 @@ class AllocationSpace(ModelSpace):
 @dataclass(frozen=True)
 class Start:
     """A starting point enqueued once per study: ``params(space, table, method, model_params,
-    measure, latency)`` gives its weights; ``measures``: it calls ``measure`` (so the study needs a
-    perplexity or accuracy objective to measure with)."""
+    measure, latency, importances)`` gives its weights, or its :class:`Plan` itself; ``measures``:
+    it calls ``measure`` (so the study needs a perplexity or accuracy objective to measure with)."""
 
     params: Callable[..., Dict[str, float]]
     measures: bool = False
@@ -342,14 +355,28 @@ class Start:
 
 
 def flat_start(
-    space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int, measure: Measure, latency=None
+    space: AllocationSpace,
+    table: Mapping,
+    method: MethodConfig,
+    *,
+    model_params: int,
+    measure: Measure,
+    latency=None,
+    importances=None,
 ) -> Dict[str, float]:
     """Every weight 1: the spectrum and the importance estimate alone decide."""
     return space.flat_params(table)
 
 
 def sensitivity_start(
-    space: AllocationSpace, table: Mapping, method: MethodConfig, *, model_params: int, measure: Measure, latency=None
+    space: AllocationSpace,
+    table: Mapping,
+    method: MethodConfig,
+    *,
+    model_params: int,
+    measure: Measure,
+    latency=None,
+    importances=None,
 ) -> Dict[str, float]:
     """Weights from measured sensitivity: each probe of :meth:`AllocationSpace.probe_plans` is
     measured, and its loss per removed parameter sets its weight."""
@@ -364,7 +391,19 @@ def sensitivity_start(
 STARTS: Registry[Start] = Registry("start")
 
 
-_KEYS = ("name", "description", "model", "model_config", "family", "layers", "types", "budget", "weights", "starts")
+_KEYS = (
+    "name",
+    "description",
+    "model",
+    "model_config",
+    "family",
+    "layers",
+    "types",
+    "budget",
+    "weights",
+    "starts",
+    "align",
+)
 
 
 def _parse(data) -> AllocationSpace:
@@ -391,6 +430,9 @@ def _parse(data) -> AllocationSpace:
         raise SpaceError(f"space.starts: expected a list of {', '.join(STARTS)}, got {starts!r}")
     for i, start in enumerate(starts):
         STARTS.get(start, f"space.starts[{i}]", SpaceError)
+    align = data.get("align", 1)
+    if align != "auto" and not (is_int(align) and align >= 1):
+        raise SpaceError(f"space.align: expected an integer >= 1 or 'auto', got {align!r}")
     return AllocationSpace(
         **fields,
         budget=budget,
@@ -400,4 +442,5 @@ def _parse(data) -> AllocationSpace:
         high=high,
         layer_knots=knots,
         starts=tuple(starts),
+        align=align,
     )

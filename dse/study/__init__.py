@@ -14,6 +14,7 @@ unit, an Optuna sampler class and ``dse``'s defaults::
 
 import optuna
 
+from .modelsampler import ErrorModelSampler
 from .samplers import SAMPLERS, Sampler, SamplerConfig, parse_sampler
 
 SAMPLERS.register(
@@ -27,6 +28,10 @@ SAMPLERS.register(
 )
 SAMPLERS.register("nsga2", Sampler(optuna.samplers.NSGAIISampler, help="NSGA-II, a genetic multi-objective search"))
 SAMPLERS.register("gp", Sampler(optuna.samplers.GPSampler, help="Gaussian-process Bayesian optimisation"))
+SAMPLERS.register(
+    "errormodel",
+    Sampler(ErrorModelSampler, help="the error model's exact optimum, refitted after every trial (allocation spaces)"),
+)
 SAMPLERS.register("random", Sampler(optuna.samplers.RandomSampler, help="independent uniform draws"))
 
-__all__ = ["SAMPLERS", "Sampler", "SamplerConfig", "parse_sampler"]
+__all__ = ["ErrorModelSampler", "SAMPLERS", "Sampler", "SamplerConfig", "parse_sampler"]

@@ -182,6 +182,8 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     heal = _heal(data.get("heal"), base, evaluation)
     objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space, heal)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
+    sampler = parse_sampler(data.get("sampler"))
+    _check_proposer(sampler, space, objectives)
     return StudyConfig(
         name=name,
         path=path,
@@ -195,7 +197,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
         **_placement(data, base),
         calibration=calibration,
         objectives=objectives,
-        sampler=parse_sampler(data.get("sampler")),
+        sampler=sampler,
         seed=integer(data.get("seed", StudyConfig.seed), "seed"),
         n_trials=integer(data.get("n_trials", StudyConfig.n_trials), "n_trials", 1),
         timeout=None if data.get("timeout") is None else number(data["timeout"], "timeout", 0, open_low=True),
@@ -274,6 +276,16 @@ def _objectives(data, evaluation: EvalConfig, space: AnySpace, heal: Optional[St
                 f"space.starts[{i}]: {start!r} measures the perplexity or accuracy objective; the study has neither"
             )
     return tuple(data)
+
+
+def _check_proposer(sampler: SamplerConfig, space: AnySpace, objectives) -> None:
+    """A sampler that proposes whole plans (``errormodel``) needs an allocation space and a loss to fit."""
+    if not hasattr(sampler.unit.cls, "propose"):
+        return
+    if not space.needs_importance:
+        raise ConfigError(f"sampler: {sampler.name} proposes plans of allocation spaces (budget:), not grid spaces")
+    if not {"perplexity", "accuracy"} & set(objectives):
+        raise ConfigError(f"sampler: {sampler.name} fits the perplexity or accuracy objective; the study has neither")
 
 
 def _constraints(data, evaluation: EvalConfig) -> Constraints:

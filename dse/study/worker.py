@@ -28,6 +28,7 @@ from ..results.record import TrialRecord
 from ..space import STARTS, Baseline, SpaceContext
 from .config import MultiFidelity, StudyConfig
 from .measure import Measurer
+from .modelsampler import measured_loss
 
 
 class TrialFailed(RuntimeError):
@@ -91,8 +92,7 @@ class Worker:
         if not space.starts or study.user_attrs.get("starts_enqueued"):
             return
         with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
-            metric = "perplexity" if "perplexity" in self.config.objectives else "accuracy"  # checked in config
-            measure = probe_measure(study, self.measurer, self.baseline, metric, bar)
+            measure = probe_measure(study, self.measurer, self.baseline, self.loss_metric, bar)
             starts = {
                 name: STARTS.get(name).params(
                     space,
@@ -101,12 +101,21 @@ class Worker:
                     model_params=self.measurer.model_params,
                     measure=measure,
                     latency=self.measurer.latency(),
+                    importances=self.measurer.importances(),
                 )
                 for name in space.starts
             }  # all measured before any is enqueued
         for name, params in starts.items():
-            study.enqueue_trial(params, user_attrs={"start": name})
+            if isinstance(params, Plan):  # a start that gives its plan itself
+                study.enqueue_trial({}, user_attrs={"start": name, "planned": params.to_dict()})
+            else:
+                study.enqueue_trial(params, user_attrs={"start": name})
         study.set_user_attr("starts_enqueued", True)
+
+    @property
+    def loss_metric(self) -> str:
+        """What probes and the error model measure loss by (the study has one of them: checked in config)."""
+        return "perplexity" if "perplexity" in self.config.objectives else "accuracy"
 
     def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Optuna callback: advance the progress bar with the trial's result."""
@@ -129,17 +138,27 @@ class Worker:
             self._bar = None
 
     # --- trial-level ----------------------------------------------------------------------------
-    def plan_for(self, trial: optuna.Trial) -> Plan:
-        """The enqueued baseline plan of ``trial``, or the space's suggestion."""
-        spec = TrialRecord.of(trial).baseline_spec
-        method, space = self.config.method, self.config.space
-        if spec is not None:
-            return Baseline(*spec).plan(self.measurer.table, method, model_params=self.measurer.model_params)
+    def context(self) -> SpaceContext:
         m = self.measurer
-        context = SpaceContext(
-            m.table, method, m.model_params, m.latency(), m.importances() if space.needs_importance else None
-        )
-        plan = space.suggest(trial, context)
+        importances = m.importances() if self.config.space.needs_importance else None
+        return SpaceContext(m.table, self.config.method, m.model_params, m.latency(), importances)
+
+    def plan_for(self, trial: optuna.Trial) -> Plan:
+        """The enqueued baseline plan of ``trial``, an enqueued start's plan, the sampler's plan (a
+        sampler that proposes plans, for a trial not enqueued), or the space's suggestion."""
+        record = TrialRecord.of(trial)
+        method, space = self.config.method, self.config.space
+        if record.baseline_spec is not None:
+            return Baseline(*record.baseline_spec).plan(
+                self.measurer.table, method, model_params=self.measurer.model_params
+            )
+        if record.planned is not None:
+            return Plan.from_dict(record.planned)
+        propose = getattr(trial.study.sampler, "propose", None)
+        if propose is not None and record.start is None:  # a start's enqueued weights are the space's
+            plan = propose(trial, space, self.context(), self.loss_metric)
+        else:
+            plan = space.suggest(trial, self.context())
         align = space.aligns_ranks
         if self.config.optimises_latency or align:  # never a rank measured slower than dense
             plan = self.measurer.latency().faster_plan(plan, self.measurer.table, align=align)
@@ -191,6 +210,11 @@ class Worker:
         except Exception as e:
             dataclasses.replace(record, error=f"{type(e).__name__}: {e}".splitlines()[0][:500]).write(trial)
             raise
+        predict = getattr(trial.study.sampler, "predict", None)
+        if predict is not None:  # the error model's prediction beside the measurement
+            loss = predict(trial, self.config.space, self.context(), self.loss_metric, plan)
+            if loss is not None:
+                record = dataclasses.replace(record, metrics={**record.metrics, "predicted_loss": loss})
         if self.config.constraints:
             record = dataclasses.replace(
                 record, constraints=self.config.constraints.violations(record.metrics, self.baseline)
@@ -250,8 +274,7 @@ def probe_measure(study: optuna.Study, measurer: Measurer, baseline: Mapping, me
             record[name] = {metric: measurer.measure(plan)[metric], "params_removed": removed}
             study.set_user_attr("sensitivity", record)
         bar.update(1)
-        base, value = baseline[metric], record[name][metric]
-        return math.log(value / base) if metric == "perplexity" else base - value
+        return measured_loss(metric, record[name][metric], baseline[metric])
 
     return measure
 
