@@ -16,7 +16,8 @@ from conftest import make_tiny
 from dse.core.errors import ExportError
 from dse.decompose import model_fingerprint, plan_size, uniform_plan
 from dse.model import find_projections
-from dse.results.compressed import MODELING_FILE, WEIGHTS_FILE, apply_config, load_compressed
+from dse.results.compressed import apply_config, load_compressed
+from dse.results.formats import MODELING_FILE, WEIGHTS_FILE
 from dse.results.rankconfig import RankConfig
 
 CAUSAL = ["llama", "gemma3_text", "phi3", "gpt2", "opt"]
