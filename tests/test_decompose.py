@@ -24,6 +24,7 @@ from dse.decompose import (
     decompose_,
     decomposed,
     is_decomposed,
+    model_fingerprint,
     restore_,
     swap_module,
 )
@@ -138,7 +139,7 @@ def test_originals_are_kept_inside_the_low_rank_modules_and_nowhere_else():
     decompose_(model, plan)
     lows = {n: model.get_submodule(n) for n in plan.ranks}
     assert all(lows[n].original is m for n, m in dense.items())
-    assert set(vars(model)) - before <= {"_dse_fingerprint"}  # the fingerprint memo, not an original
+    assert set(vars(model)) == before
     assert all(set(m.state_dict()) == {"factors.0", "factors.1"} for m in lows.values())
     originals = {id(p) for m in dense.values() for p in m.parameters()} | {id(m) for m in dense.values()}
     assert not originals & {id(p) for p in model.parameters()}
@@ -244,6 +245,26 @@ def test_methods_do_not_share_cache_entries():
         decompose_(model, full_rank_plan(table, method), cache=cache)
         restore_(model)
     assert cache.misses == len(cache) == len(PLAIN_METHODS) * len(table)
+
+
+def test_changing_a_weight_in_place_changes_the_fingerprint():
+    """The fingerprint is read from the weights: an in-place change gives a new one, undoing it
+    gives the old one back, and nothing is stored on the model."""
+    model = make_tiny("llama")
+    table = find_projections(model)
+    before, attributes = model_fingerprint(model, table), set(vars(model))
+    weight = model.get_submodule(next(iter(table))).weight
+    first = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = first + 1.0
+    assert model_fingerprint(model, table) != before
+    with torch.no_grad():
+        weight[0, 0] = first
+        weight.mul_(2.0)
+    assert model_fingerprint(model, table) != before
+    with torch.no_grad():
+        weight.div_(2.0)
+    assert model_fingerprint(model, table) == before and set(vars(model)) == attributes
 
 
 def test_weights_changed_in_place_are_factorized_again():
