@@ -88,7 +88,7 @@ def write_transformers(model, config: RankConfig, folder: Path) -> None:
     write_low_rank(model, config, folder)
     base = type(model)
     cls_name = f"DseLowRank{base.__name__}"
-    (folder / MODELING_FILE).write_text(MODELING.format(base=base.__name__, cls=cls_name))
+    (folder / MODELING_FILE).write_text(modeling_source(base.__name__, cls_name), encoding="utf-8")
     path = folder / "config.json"
     data = json.loads(path.read_text())
     data["architectures"] = [cls_name]
@@ -101,6 +101,21 @@ def write_transformers(model, config: RankConfig, folder: Path) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def modeling_source(base: str, cls: str) -> str:
+    """The modeling file of a ``transformers`` folder: ``cls``, a ``base`` whose listed projections
+    are ``LowRankLinear`` shells of the stored sizes. Its ``LowRankLinear`` is dse's own class with
+    an ``__init__`` that builds empty factors from sizes (named and shaped as dse's, so the same
+    weights load) and :meth:`LowRankLinear.forward`'s source as it is."""
+    import inspect
+    import textwrap
+
+    from ..decompose import LowRankLinear
+
+    forward = textwrap.indent(textwrap.dedent(inspect.getsource(LowRankLinear.forward)), "    ")
+    doc = inspect.getdoc(LowRankLinear).splitlines()[0]
+    return MODELING.format(base=base, cls=cls, doc=doc, forward=forward)
+
+
 MODELING = '''"""{cls}: a {base} whose listed projections are chains of low-rank factors.
 
 Written by dse (design-space exploration of low-rank decompositions). It needs only torch and
@@ -109,12 +124,13 @@ transformers: ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=T
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import {base}
 
 
 class LowRankLinear(nn.Module):
-    """``y = x F1^T F2^T [F3^T] + b``: the factors in input-to-output order, each (out_i, in_i)."""
+    """{doc}"""
 
     def __init__(self, in_features, out_features, ranks, bias):
         super().__init__()
@@ -122,12 +138,7 @@ class LowRankLinear(nn.Module):
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(o, i)) for i, o in zip(sizes, sizes[1:])])
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x):
-        *rest, last = self.factors
-        for factor in rest:
-            x = nn.functional.linear(x, factor)
-        return nn.functional.linear(x, last, self.bias)
-
+{forward}
 
 class {cls}({base}):
     def __init__(self, config):
