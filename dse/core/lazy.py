@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
+from pathlib import Path
 from typing import Callable, Iterable, List, Mapping, Tuple
 
 
@@ -18,6 +19,10 @@ def lazy_names(package: str, modules: Mapping[str, Iterable[str]]) -> Tuple[Call
     """``(__getattr__, names)`` for the face of ``package``: each name listed under a submodule of
     ``modules`` is imported from it on first access and kept on the package."""
     where = {name: sub for sub, names in modules.items() for name in names}
+    folder = Path(sys.modules[package].__file__).parent
+    for name in where:  # importing that submodule would set the package attribute to the module
+        if (folder / f"{name}.py").exists() or (folder / name).is_dir():
+            raise ValueError(f"{package}.{name}: a lazy name may not be a submodule's name; import it at once")
 
     def __getattr__(name: str):
         if name not in where:

@@ -15,6 +15,7 @@ The built-in objectives and task sources register here. An objective is one unit
 from ..core.lazy import lazy_names
 from ..core.validate import finite
 from .objectives import OBJECTIVES, Objective, derive_metrics, register_objective
+from .perplexity import perplexity
 from .sources import BENCHMARK_FILES, TASK_SOURCES, LocalCopy, benchmarks_source, local_copy
 from .tasks import check_tasks, convention_source, expand_tasks, load_tasks
 
@@ -26,7 +27,6 @@ __getattr__, _LAZY = lazy_names(
         "encoder": ("TextSet", "embedding_similarity", "pseudo_perplexity", "sentence_embeddings"),
         "evaluator": ("Evaluator",),
         "latency": ("prompt_ids", "tokens_per_second"),
-        "perplexity": ("perplexity",),
         "staged": ("EarlyStop", "staged_run"),
     },
 )
