@@ -21,9 +21,8 @@ import statistics
 import tempfile
 import time
 
-from measure import ROOT, child, mb, reset_peak, vm
-
-BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+from common import BENCHMARKS, ROOT
+from measure import child, mb, reset_peak, vm
 
 
 class Draw:

@@ -33,8 +33,7 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from dse.decompose import LowRankLinear, Plan, decompose_, restore_, swap_module, uniform_plan
-from dse.decompose.latency import align_rank
+from dse.decompose import LowRankLinear, Plan, align_rank, decompose_, restore_, swap_module, uniform_plan
 from dse.model import auto_class, find_projections, input_device, load_model, model_bytes
 from dse.model.shapes import config_from_dict
 from dse.model.timing import CompiledDecode, decode, prefill, timed
@@ -66,22 +65,22 @@ def random_model(path: str, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def random_factors_(model, plan: Plan) -> dict:
-    """Each planned module swapped for two random factors of its rank; returns the originals
-    (speed depends on the factors' shapes, not their values)."""
-    originals = {}
+def random_factors_(model, plan: Plan) -> None:
+    """Each planned module swapped for two random factors of its rank, keeping its original as
+    ``decompose_`` does, so ``restore_`` puts it back (speed depends on the factors' shapes, not
+    their values)."""
     for name, rank in plan.ranks.items():
         module = model.get_submodule(name)
         out_f, in_f = module.weight.shape
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
         factors = [torch.randn(rank, in_f, **kw) / in_f**0.5, torch.randn(out_f, rank, **kw) * 0.02 / rank**0.5]
-        originals[name] = swap_module(model, name, LowRankLinear.from_linear(module, factors))
-    return originals
+        low_rank = LowRankLinear.from_linear(module, factors)
+        low_rank.keep_original(swap_module(model, name, low_rank))
 
 
 def aligned(plan: Plan, step) -> Plan:
     """``plan`` with its ranks rounded down to multiples of ``step`` if given, as ``align: auto``
-    rounds them (:func:`dse.decompose.latency.align_rank`)."""
+    rounds them (:func:`dse.decompose.align_rank`)."""
     return plan.with_ranks({n: align_rank(r, step) for n, r in plan.ranks.items()}) if step else plan
 
 
@@ -124,9 +123,8 @@ def main(argv=None) -> None:
     sizes, compile_s, products = {}, {}, {}
     for round_ in range(args.rounds):
         for plan_name, plan in plans.items():
-            originals = {}
             if plan is not None and args.model_config:
-                originals = random_factors_(model, plan)
+                random_factors_(model, plan)
             elif plan is not None:
                 decompose_(model, Plan(plan.ranks, "svd"))
             try:
@@ -143,8 +141,6 @@ def main(argv=None) -> None:
                     if "compiled" in modes:
                         products[plan_name]["compiled"] = product_seconds(run, setup)
             finally:
-                for module_name, module in originals.items():
-                    swap_module(model, module_name, module)
                 restore_(model)  # a no-op where nothing was decomposed
             print(
                 f"round {round_}: {plan_name}: {sizes[plan_name] / 1e6:.1f} MB, "

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
+from common import BENCHMARKS
 
 from dse.decompose import FactorCache, calibrate, decomposed, get_method, uniform_plan
 from dse.evaluate import perplexity
 from dse.model import find_projections, load_model
 from dse.study.protocols import p1_calibration, p1_windows
-
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 
 
 def main(argv=None) -> None:

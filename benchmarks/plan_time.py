@@ -11,19 +11,17 @@ Prints the median seconds of each step (no weights are loaded: the projection ta
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
+from common import ROOT
 
 from dse.decompose import Plan, uniform_plan
 from dse.decompose.latency import PHASES, LatencyTable, ShapeCost, Workload, rank_grid
 from dse.model.shapes import projection_table
+from dse.model.timing import timed
 from dse.space import AllocationSpace, Budget, SpaceContext, load_space
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def modelled_table(table) -> LatencyTable:
@@ -37,15 +35,6 @@ def modelled_table(table) -> LatencyTable:
         low = [r * (m + n) * 4 / 25e6 + 0.027 for r in ranks]
         shapes[f"{m}x{n}"] = ShapeCost(m, n, ranks, dict.fromkeys(PHASES, dense), dict.fromkeys(PHASES, low), 64)
     return LatencyTable({}, Workload(), "llama2-7b", dict.fromkeys(PHASES, 5.0), shapes)
-
-
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
     }
     print(f"{len(table)} projections; median of {args.repeats}")
     for label, run in rows.items():
-        print(f"{label:45s} {median_seconds(run, args.repeats):8.4f} s")
+        print(f"{label:45s} {timed(run, torch.device('cpu'), repeats=args.repeats, warmup=0).median:8.4f} s")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+from common import ROOT
 from optuna.trial import TrialState
 
 from dse.decompose import Plan, uniform_plan
@@ -52,7 +53,6 @@ from dse.study.measure import Measurer
 from dse.study.runner import run_study
 from dse.study.samplers import SamplerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIRM_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande")
 
 

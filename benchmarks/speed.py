@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from common import BENCHMARKS, ROOT
 
 from dse.decompose import Plan, decomposed, model_fingerprint, plan_size, uniform_plan
 from dse.decompose.latency import TableSpec, Workload, measure_table
@@ -51,9 +52,6 @@ from dse.study.config import load_study_config
 from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_windows
 from dse.study.runner import run_study
-
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 
 
 def measured_step_ms(model, prompt: int = 128, steps: int = 8, repeats: int = 5) -> float:

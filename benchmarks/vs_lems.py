@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
+from common import BENCHMARKS, plan_perplexities
 
-from dse.decompose import FactorCache, calibrate, decomposed, factor_forms, make_config, uniform_plan
+from dse.decompose import FactorCache, calibrate, factor_forms, make_config, uniform_plan
 from dse.evaluate import perplexity
 from dse.model import find_projections, load_model
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 KFAC_SVD_UNIFORM = {0.1: 69.12, 0.2: 95.64, 0.4: 230.87}  # KFAC-SVD's own code on SmolLM2 under P1, issue 30
 SVDLLM_UNIFORM = {0.1: 74.94, 0.2: 116.44, 0.4: 322.82}  # dse svdllm (jitter 1e-3), docs/vs_svdllm.md
 
@@ -69,10 +68,8 @@ def main(argv=None) -> None:
         factor_forms(model, table, config, cache=cache, calibration=calibration, table=table)
         factor_s = time.perf_counter() - start
         for ratio in args.ratios:
-            with decomposed(
-                model, uniform_plan(table, ratio=ratio, method=config), cache=cache, calibration=calibration
-            ):
-                results[name, ratio] = {k: perplexity(model, w) for k, w in windows.items()}
+            plan = uniform_plan(table, ratio=ratio, method=config)
+            results[name, ratio] = plan_perplexities(model, plan, windows, cache=cache, calibration=calibration)
             print(
                 f"{name} R={ratio:g}: P1 {results[name, ratio]['P1']:.2f}, held-out "
                 f"{results[name, ratio]['held-out']:.2f} (factorization {factor_s:.1f} s)",

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from common import BENCHMARKS, ROOT, plan_perplexities
 
-from dse.decompose import FactorCache, Plan, calibrate, decomposed, factor_forms, uniform_plan
+from dse.decompose import FactorCache, Plan, calibrate, factor_forms, uniform_plan
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model, param_count
 from dse.results import TrialRecord
@@ -36,14 +37,7 @@ from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
 from dse.study.runner import run_study
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 SVDLLM_REFERENCE = {0.1: 84.63, 0.2: 131.83, 0.4: 323.73}  # SVD-LLM's code on SmolLM2, issue 9
-
-
-def measured(model, plan: Plan, cache, calibration, windows) -> list:
-    with decomposed(model, plan, cache=cache, calibration=calibration):
-        return [perplexity(model, w) for w in windows]
 
 
 def main(argv=None) -> None:
@@ -99,7 +93,9 @@ def main(argv=None) -> None:
     dense = Plan({}, method).kept_params(table)
     for ratio in args.ratios:
         uniform = uniform_plan(table, ratio=ratio, method=method)
-        u_p1, u_held = measured(model, uniform, cache, calibration, [p1, held])
+        u_p1, u_held = plan_perplexities(
+            model, uniform, {"P1": p1, "held": held}, cache=cache, calibration=calibration
+        ).values()
         space = dataclasses.replace(base_config.space, budget=Budget(ratio=ratio))
         config = dataclasses.replace(
             base_config,
@@ -115,7 +111,7 @@ def main(argv=None) -> None:
         plan = Plan.from_dict(TrialRecord.of(best).plan)
         plan.save(out / "plans" / f"R{ratio:g}.json")
         best_plans[ratio] = plan
-        s_held = measured(model, plan, cache, calibration, [held])[0]
+        s_held = plan_perplexities(model, plan, {"held": held}, cache=cache, calibration=calibration)["held"]
         flat = next(t.value for t in study.trials if TrialRecord.of(t).start == "flat")
         kept_uniform, kept_searched = uniform.kept_params(table), plan.kept_params(table)
         assert kept_searched <= kept_uniform, (kept_searched, kept_uniform)

@@ -27,7 +27,7 @@ def clean_registries():
 
 
 def test_the_doc_has_an_example_per_plug_in_kind():
-    assert set(SECTIONS) == {"A method", "A model family", "An objective", "A sampler", "A task source"}
+    assert set(SECTIONS) == {"A method", "A model family", "A measurement", "A sampler", "A task source"}
     assert all(len(code.strip().splitlines()) <= 25 for code in SECTIONS.values())
 
 
@@ -46,10 +46,18 @@ def test_example_runs(section, clean_registries, tmp_path):
         form = get_method("colscaled").factorize(weight, namespace["ColumnScaledConfig"](), None)
         assert torch.allclose(form.U * form.S @ form.Vh, weight, atol=1e-12)  # exact at full rank
         assert torch.equal(model_output(model, ids), before)  # restored bit for bit
-    if section == "An objective":
-        from dse.evaluate import derive_metrics
+    if section == "A measurement":
+        import yaml
 
-        assert derive_metrics({"perplexity": 8.0})["bits_per_token"] == pytest.approx(3.0)
+        from dse.study.config import ConfigError, study_config_from_dict
+
+        assert "bits" in _registry("objectives")
+        path = DOC.parents[1] / "studies" / "smollm2-quick.yaml"
+        study = {**yaml.safe_load(path.read_text()), "objectives": ["bits", "params"]}
+        assert study_config_from_dict(study, path).objectives == ("bits", "params")
+        del study["evaluation"]["perplexity"]
+        with pytest.raises(ConfigError, match=r"^objectives\[0\]: 'bits' needs evaluation.perplexity$"):
+            study_config_from_dict(study, path)
     if section == "A task source":
         from dse.evaluate import local_copy
 

@@ -16,7 +16,18 @@ from conftest import FAMILIES, make_tiny, model_output
 from helpers import assert_unchanged, calibration_for, full_rank_plan, random_plan, rel_err, snapshot, token_ids
 
 from dse.core.errors import PlanError
-from dse.decompose import METHODS, FactorCache, LowRankLinear, Plan, decompose_, decomposed, is_decomposed, restore_
+from dse.decompose import (
+    METHODS,
+    FactorCache,
+    LowRankLinear,
+    Plan,
+    decompose_,
+    decomposed,
+    is_decomposed,
+    model_fingerprint,
+    restore_,
+    swap_module,
+)
 from dse.model import find_projections
 
 FULL_RANK_RTOL = 1e-4
@@ -118,6 +129,39 @@ def test_decompose_twice_raises_and_keeps_the_first_decomposition():
     assert all(model.get_submodule(n) is m for n, m in lows.items())
 
 
+def test_originals_are_kept_inside_the_low_rank_modules_and_nowhere_else():
+    """As PEFT keeps ``base_layer``, but held, not registered: no state_dict key, parameter or
+    named module of the decomposed model is an original's; the root model holds nothing."""
+    model = make_tiny("llama")
+    plan = Plan({n: 2 for n in list(find_projections(model))[:4]})
+    dense = {n: model.get_submodule(n) for n in plan.ranks}
+    before = set(vars(model))
+    decompose_(model, plan)
+    lows = {n: model.get_submodule(n) for n in plan.ranks}
+    assert all(lows[n].original is m for n, m in dense.items())
+    assert set(vars(model)) == before
+    assert all(set(m.state_dict()) == {"factors.0", "factors.1"} for m in lows.values())
+    originals = {id(p) for m in dense.values() for p in m.parameters()} | {id(m) for m in dense.values()}
+    assert not originals & {id(p) for p in model.parameters()}
+    assert not originals & {id(m) for m in model.modules()}
+    assert sum(p.numel() for p in lows[next(iter(lows))].parameters()) == sum(
+        f.numel() for f in lows[next(iter(lows))].factors
+    )
+    restore_(model)
+    assert all(model.get_submodule(n) is m for n, m in dense.items())
+
+
+def test_restore_leaves_low_rank_modules_without_an_original():
+    model = make_tiny("llama")
+    name = next(iter(find_projections(model)))
+    dense = model.get_submodule(name)
+    shell = LowRankLinear.from_linear(dense, [torch.ones(2, dense.in_features), torch.ones(dense.out_features, 2)])
+    swap_module(model, name, shell)
+    assert shell.original is None and not is_decomposed(model)
+    restore_(model)
+    assert model.get_submodule(name) is shell
+
+
 def test_restore_of_a_dense_model_is_a_no_op():
     model = make_tiny("gpt2")
     snap = snapshot(model)
@@ -201,6 +245,26 @@ def test_methods_do_not_share_cache_entries():
         decompose_(model, full_rank_plan(table, method), cache=cache)
         restore_(model)
     assert cache.misses == len(cache) == len(PLAIN_METHODS) * len(table)
+
+
+def test_changing_a_weight_in_place_changes_the_fingerprint():
+    """The fingerprint is read from the weights: an in-place change gives a new one, undoing it
+    gives the old one back, and nothing is stored on the model."""
+    model = make_tiny("llama")
+    table = find_projections(model)
+    before, attributes = model_fingerprint(model, table), set(vars(model))
+    weight = model.get_submodule(next(iter(table))).weight
+    first = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = first + 1.0
+    assert model_fingerprint(model, table) != before
+    with torch.no_grad():
+        weight[0, 0] = first
+        weight.mul_(2.0)
+    assert model_fingerprint(model, table) != before
+    with torch.no_grad():
+        weight.div_(2.0)
+    assert model_fingerprint(model, table) == before and set(vars(model)) == attributes
 
 
 def test_weights_changed_in_place_are_factorized_again():

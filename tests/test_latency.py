@@ -277,6 +277,6 @@ def test_bad_latency_table_section_names_the_field(tiny_llama_dir, tmp_path, cap
 @pytest.mark.parametrize("rank, step, aligned", [(70, 32, 64), (64, 32, 64), (20, 32, 20), (5, 1, 5), (17, 16, 16)])
 def test_align_rank_is_the_one_rounding_of_align_auto(rank, step, aligned):
     """align: auto (LatencyTable.faster_plan) and the benchmarks round ranks with this one function."""
-    from dse.decompose.latency import align_rank
+    from dse.decompose import align_rank
 
     assert align_rank(rank, step) == aligned

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -151,3 +153,35 @@ def test_loading_a_compressed_model_imports_no_study_machinery():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _imports_torch(code: str) -> bool:
+    """Whether running ``code`` in a fresh interpreter imports torch (its last line of output)."""
+    code += "\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1] == "True"
+
+
+def test_dse_list_imports_no_torch():
+    assert not _imports_torch("import sys; from dse.cli import main; sys.argv = ['dse', 'list']; main()")
+
+
+def test_reading_the_shipped_spaces_imports_no_torch():
+    """``dse space`` reads and validates a space file without torch (only the model's shapes, built
+    on the meta device, need it)."""
+    files = sorted(str(p) for p in (ROOT.parent / "spaces").glob("*.yaml"))
+    assert files
+    assert not _imports_torch(f"import sys; from dse.space import load_space; [load_space(f) for f in {files!r}]")
+
+
+FACES = sorted(m for m in MODULES if m.count(".") == 1 and hasattr(import_module(m), "__all__"))
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_no_public_name_of_a_face_is_shadowed_by_a_submodule(face):
+    """Importing a submodule sets the package attribute of its name: a lazy name must not be one."""
+    for name in MODULES:
+        if name.startswith(face + "."):
+            import_module(name)
+    package = import_module(face)
+    assert not [n for n in package.__all__ if isinstance(getattr(package, n), ModuleType)]

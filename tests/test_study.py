@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from dse.cli import main
 from dse.core.errors import StudyError
+from dse.decompose import is_decomposed
 from dse.results.record import TrialRecord
 from dse.study.config import ConfigError, load_study_config
 from dse.study.measure import Measurer
@@ -130,7 +131,7 @@ def test_three_trials_end_to_end(measurer, tmp_path, tiny_llama_dir):
         assert t.values == [a["accuracy"], a["params_ratio"]]
         assert math.isclose(a["compression"], 1 - a["params_ratio"])
     # the model is dense again after the study, bit for bit
-    assert not getattr(measurer.model, "_dse_originals", None)
+    assert not is_decomposed(measurer.model)
 
 
 def test_failed_trial_does_not_stop_study(measurer, tmp_path, tiny_llama_dir, monkeypatch):
@@ -167,7 +168,7 @@ def test_resume_and_interrupt(measurer, tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(measurer.evaluator, "run", real_run)
     study = open_study(config, create=False)
     assert [t.state for t in study.trials][-1] == TrialState.FAIL  # marked, not left RUNNING
-    assert not getattr(measurer.model, "_dse_originals", None)
+    assert not is_decomposed(measurer.model)
 
     study = run_study(config, n_trials=4, measurer=measurer, progress=False)
     done = study.get_trials(states=(TrialState.COMPLETE,))

@@ -3,6 +3,8 @@ import, at the low-rank size; its logits equal ``dse.load_compressed``'s and it 
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import struct
 import subprocess
@@ -14,9 +16,10 @@ import torch
 from conftest import make_tiny
 
 from dse.core.errors import ExportError
-from dse.decompose import model_fingerprint, plan_size, uniform_plan
+from dse.decompose import LowRankLinear, model_fingerprint, plan_size, uniform_plan
 from dse.model import find_projections
-from dse.results.compressed import MODELING_FILE, WEIGHTS_FILE, apply_config, load_compressed
+from dse.results.compressed import apply_config, load_compressed
+from dse.results.formats import MODELING_FILE, WEIGHTS_FILE, modeling_source
 from dse.results.rankconfig import RankConfig
 
 CAUSAL = ["llama", "gemma3_text", "phi3", "gpt2", "opt"]
@@ -100,3 +103,26 @@ def test_unknown_format_is_one_line(tmp_path, capsys):
         .err.strip()
         .startswith("dse: error: format: unknown format 'tranformers' (did you mean 'transformers'?)")
     )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("ranks", [[3], [3, 4]])
+def test_the_modeling_files_low_rank_module_is_dses(ranks, bias):
+    """The modeling file's ``LowRankLinear.forward`` is dse's own source, and its shells hold the
+    tensors of dse's module under the same names and shapes and compute the same outputs."""
+    source = modeling_source("LlamaForCausalLM", "DseLowRankLlamaForCausalLM")
+    exported = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "LowRankLinear")
+    forward = next(n for n in exported.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    assert ast.dump(forward) == ast.dump(ast.parse(textwrap.dedent(inspect.getsource(LowRankLinear.forward))).body[0])
+
+    namespace: dict = {}
+    exec(compile(source, MODELING_FILE, "exec"), namespace)
+    shell = namespace["LowRankLinear"](8, 6, ranks, bias)
+    sizes = [8, *ranks, 6]
+    generator = torch.Generator().manual_seed(0)
+    factors = [torch.randn(o, i, generator=generator) for i, o in zip(sizes, sizes[1:])]
+    ours = LowRankLinear(factors, torch.randn(6, generator=generator) if bias else None)
+    assert {k: v.shape for k, v in shell.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    shell.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, generator=generator)
+    torch.testing.assert_close(shell(x), ours(x), rtol=0, atol=0)

@@ -19,20 +19,8 @@ The built-in methods register here. A method is one unit, a config class and its
 (the whole example is in ``docs/architecture.md``).
 """
 
-from .cache import MEMORY, FactorCache, check_memory, model_fingerprint
-from .calibration import Calibration, CalibrationSpec, calibrate, collect_calibration, collect_stats
+from ..core.lazy import lazy_names
 from .data_aware import ASVDConfig, SVDLLMConfig, asvd_factorize, svdllm_factorize
-from .heal import (
-    HealConfig,
-    HealReport,
-    add_lora,
-    heal_,
-    heal_memory,
-    low_rank_modules,
-    remove_lora,
-    temporarily_healed,
-)
-from .lowrank import LowRankLinear
 from .methods import (
     METHODS,
     Method,
@@ -45,12 +33,41 @@ from .methods import (
     make_config,
     register_method,
 )
-from .plan import PLAN_FORMAT, Plan, uniform_plan
-from .size import SizeReport, plan_size
-from .stats import InputStats, ProjectionStats, StatsStore
-from .surgery import decompose_, decomposed, dense_modules, factor_forms, is_decomposed, restore_, swap_module
+from .plan import PLAN_FORMAT, Plan, align_rank, uniform_plan
 from .svd import SVDConfig, Tucker2Config, svd_form, truncate_three, truncate_two
 from .twosided import TwoSidedConfig, twosided_factorize
+
+# the modules that need torch load on first use of one of their names
+__getattr__, _LAZY = lazy_names(
+    __name__,
+    {
+        "cache": ("MEMORY", "FactorCache", "check_memory", "model_fingerprint"),
+        "calibration": ("Calibration", "CalibrationSpec", "calibrate", "collect_calibration", "collect_stats"),
+        "heal": (
+            "HealConfig",
+            "HealReport",
+            "add_lora",
+            "align_rank",
+            "heal_",
+            "heal_memory",
+            "low_rank_modules",
+            "remove_lora",
+            "temporarily_healed",
+        ),
+        "lowrank": ("LowRankLinear",),
+        "size": ("SizeReport", "plan_size"),
+        "stats": ("InputStats", "ProjectionStats", "StatsStore"),
+        "surgery": (
+            "decompose_",
+            "decomposed",
+            "dense_modules",
+            "factor_forms",
+            "is_decomposed",
+            "restore_",
+            "swap_module",
+        ),
+    },
+)
 
 register_method(SVDConfig, svd_form, truncate_two)
 register_method(Tucker2Config, svd_form, truncate_three, pair_ranks=True)
@@ -83,6 +100,7 @@ __all__ = [
     "Tucker2Config",
     "TwoSidedConfig",
     "add_lora",
+    "align_rank",
     "as_config",
     "as_pair",
     "calibrate",
@@ -96,7 +114,6 @@ __all__ = [
     "get_method",
     "heal_",
     "heal_memory",
-    "temporarily_healed",
     "is_decomposed",
     "low_rank_modules",
     "make_config",
@@ -107,6 +124,7 @@ __all__ = [
     "restore_",
     "svd_form",
     "swap_module",
+    "temporarily_healed",
     "truncate_three",
     "truncate_two",
     "twosided_factorize",

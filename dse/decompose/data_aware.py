@@ -15,11 +15,12 @@ the inputs seen in calibration*. ``stats`` is a :class:`dse.decompose.calibratio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from .methods import MethodConfig, SVDForm
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class SVDLLMConfig(MethodConfig):
 
 
 def asvd_factorize(weight: torch.Tensor, config: ASVDConfig, stats) -> SVDForm:
+    import torch
+
     s = stats.abs_mean.to(weight).pow(config.alpha)
     top = s.max()
     s = torch.ones_like(s) if top <= 0 else s.clamp(min=config.floor * top)
@@ -62,6 +65,8 @@ def asvd_factorize(weight: torch.Tensor, config: ASVDConfig, stats) -> SVDForm:
 
 def regularized(xtx: torch.Tensor, jitter: float) -> torch.Tensor:
     """``xtx + jitter · mean(diag(xtx)) · I``, symmetrized."""
+    import torch
+
     eps = jitter * xtx.diagonal().mean().clamp(min=0)
     return (xtx + xtx.T) / 2 + eps * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
 
@@ -69,6 +74,8 @@ def regularized(xtx: torch.Tensor, jitter: float) -> torch.Tensor:
 def square_root(C: torch.Tensor) -> torch.Tensor:
     """``F`` with ``F Fᵀ = C``: the Cholesky factor, or ``Q Λ½`` with ``Λ`` clamped at 0 when ``C``
     is not positive definite."""
+    import torch
+
     L, info = torch.linalg.cholesky_ex(C)
     if info == 0:
         return L
@@ -79,6 +86,8 @@ def square_root(C: torch.Tensor) -> torch.Tensor:
 def svdllm_factorize(weight: torch.Tensor, config: SVDLLMConfig, stats) -> SVDForm:
     """``U, S`` from the eigenvectors and eigenvalues of ``W C Wᵀ`` (on the smaller side), then
     ``Vh = diag(1/S) Uᵀ W``, so ``U_r diag(S_r) Vh_r = U_r U_rᵀ W``."""
+    import torch
+
     C = regularized(stats.xtx.to(weight), config.jitter)
     m, n = weight.shape
     if m <= n:  # the m × m Gram of the whitened weight: W C Wᵀ

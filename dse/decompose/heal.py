@@ -293,16 +293,22 @@ def _recompute(model: nn.Module, on: bool) -> None:
         getattr(model, f"{name}_checkpointing_disable")()
 
 
-def _dense_teacher(model: nn.Module, params: Dict[str, nn.Parameter], saved: Dict[str, torch.Tensor]) -> Callable:
-    """Logits of the dense model the decomposed ``model`` came from: its original modules swapped
-    in, and the starting values of whatever else trains."""
+def _dense_teacher(
+    model: nn.Module,
+    modules: Dict[str, LowRankLinear],
+    params: Dict[str, nn.Parameter],
+    saved: Dict[str, torch.Tensor],
+) -> Callable:
+    """Logits of the dense model the decomposed ``model`` came from: the originals its low-rank
+    ``modules`` keep swapped in (over a LoRA chain too), and the starting values of whatever else
+    trains."""
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         current = {n: params[n].data for n in saved}
         try:
             for n, value in saved.items():
                 params[n].data = value
-            with dense_modules(model):
+            with dense_modules(model, modules):
                 model.eval()
                 return model(ids, use_cache=False).logits
         finally:
@@ -395,7 +401,7 @@ def heal_(
         torch.cuda.reset_peak_memory_stats(device)
     with _trainable(model, modules, config) as (params, param_slots, saved):
         if config.loss == "distill" and teacher is None:
-            teacher = _dense_teacher(model, params, saved)
+            teacher = _dense_teacher(model, modules, params, saved)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step))
         report = HealReport(0, 0, 0.0)

@@ -40,17 +40,12 @@ from ..core.validate import check_keys, integer, mapping, read_json
 from ..model import input_device
 from ..model.timing import cpu_name, decode, prefill, sync, threads, timed
 from .methods import get_method
-from .plan import Plan
+from .plan import Plan, align_rank
 
 TABLE_FORMAT = 1
 PHASES = ("decode", "prefill")
 STEP_CANDIDATES = (64, 32, 16, 8)
 MEASURE_ATTEMPTS = 3
-
-
-def align_rank(rank: int, step: int) -> int:
-    """``rank`` rounded down to a multiple of ``step``; a rank below one step is kept as it is."""
-    return rank // step * step if rank >= step > 1 else rank
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,11 @@ class LowRankLinear(nn.Module):
     Two factors are a truncated SVD (``W ≈ B · A``); three are Tucker-2 (``W ≈ U_out · G · U_inᵀ``).
     ``transposed`` remembers that the dense module stored its weight as ``(in, out)`` (GPT-2's
     ``Conv1D``) so that :meth:`to_dense` gives back the same kind of module.
+
+    :attr:`original` is the dense module it replaced, which :func:`dse.decompose_` keeps here (as
+    PEFT keeps ``base_layer``) for ``restore_``; it is held, not registered, so it is in no
+    ``state_dict``, parameter count or ``named_modules`` walk and ``.to()`` leaves it where it is.
+    A module built any other way (a loaded compressed model's) has none.
     """
 
     def __init__(self, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, transposed: bool = False):
@@ -29,6 +34,15 @@ class LowRankLinear(nn.Module):
         self.factors = nn.ParameterList([nn.Parameter(f, requires_grad=False) for f in factors])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.transposed = transposed
+
+    @property
+    def original(self) -> Optional[nn.Module]:
+        """The dense module this one replaced, or ``None`` (see the class doc)."""
+        return self.__dict__.get("_original")
+
+    def keep_original(self, module: Optional[nn.Module]) -> None:
+        """Hold ``module`` as :attr:`original` without registering it as a submodule."""
+        self.__dict__["_original"] = module
 
     @property
     def in_features(self) -> int:

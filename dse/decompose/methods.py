@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 Rank = Union[int, Tuple[int, int]]
 
@@ -54,8 +55,8 @@ class MethodConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
 
-Factorize = Callable[[torch.Tensor, MethodConfig, Optional[Any]], SVDForm]
-Truncate = Callable[[SVDForm, Rank], List[torch.Tensor]]
+Factorize = Callable[["torch.Tensor", MethodConfig, Optional[Any]], SVDForm]
+Truncate = Callable[[SVDForm, Rank], List["torch.Tensor"]]
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,11 @@ class Plan:
         )
 
 
+def align_rank(rank: int, step: int) -> int:
+    """``rank`` rounded down to a multiple of ``step``; a rank below one step is kept as it is."""
+    return rank // step * step if rank >= step > 1 else rank
+
+
 def uniform_plan(
     table: Mapping,
     rank=None,

@@ -1,8 +1,9 @@
 """Module surgery: ``decompose_`` swaps projections for ``LowRankLinear``; ``restore_`` undoes it.
 
 Both act in place, like ``torchao.quantize_``. The whole plan is validated, and every factor is
-built, before the first module is swapped: a bad plan leaves the model untouched. The original
-modules are kept (not copied) on the model, so ``restore_`` is bit-exact.
+built, before the first module is swapped: a bad plan leaves the model untouched. Each original
+module is kept (not copied) inside the ``LowRankLinear`` that replaces it
+(:attr:`~dse.decompose.LowRankLinear.original`), so ``restore_`` is bit-exact.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from .lowrank import LowRankLinear
 from .methods import MethodConfig, SVDForm, get_method
 from .plan import Plan
 
-_ORIGINALS = "_dse_originals"
+
+def kept_originals(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: dense original}`` of every ``LowRankLinear`` of ``model`` that keeps one."""
+    return {n: m.original for n, m in model.named_modules() if isinstance(m, LowRankLinear) and m.original is not None}
 
 
 def is_decomposed(model: nn.Module) -> bool:
-    return bool(getattr(model, _ORIGINALS, None))
+    """Whether ``model`` holds modules :func:`decompose_` swapped in (with their originals)."""
+    return any(isinstance(m, LowRankLinear) and m.original is not None for m in model.modules())
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -79,7 +84,8 @@ def decompose_(
         name: LowRankLinear.from_linear(model.get_submodule(name), method.truncate(form, plan.ranks[name]))
         for name, form in forms
     }
-    setattr(model, _ORIGINALS, {name: swap_module(model, name, new) for name, new in built.items()})
+    for name, new in built.items():
+        new.keep_original(swap_module(model, name, new))
     return model
 
 
@@ -121,10 +127,14 @@ def factor_forms(model: nn.Module, names: Iterable[str], config: MethodConfig, *
 
 
 @contextmanager
-def dense_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """The decomposed modules' dense originals in their places for the block (the dense model,
-    bit-exact), whatever sits there now; afterwards what was there is put back."""
-    originals = getattr(model, _ORIGINALS, None) or {}
+def dense_modules(model: nn.Module, modules: Optional[Mapping[str, LowRankLinear]] = None) -> Iterator[nn.Module]:
+    """The dense originals of ``modules`` (by name; default: the model's ``LowRankLinear``) in
+    their places for the block (the dense model, bit-exact), whatever sits there now (a healing
+    LoRA chain); afterwards what was there is put back."""
+    if modules is None:
+        originals = kept_originals(model)
+    else:
+        originals = {n: m.original for n, m in modules.items() if m.original is not None}
     now = {name: swap_module(model, name, old) for name, old in originals.items()}
     try:
         yield model
@@ -134,9 +144,8 @@ def dense_modules(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def restore_(model: nn.Module) -> nn.Module:
-    """Put the original dense modules back (bit-exact). A no-op on a model never decomposed."""
-    originals = getattr(model, _ORIGINALS, None) or {}
-    for name, old in originals.items():
+    """Put the original dense modules back (bit-exact). A no-op on a model never decomposed, and
+    for ``LowRankLinear`` modules without an original (a loaded compressed model's)."""
+    for name, old in kept_originals(model).items():
         swap_module(model, name, old)
-    setattr(model, _ORIGINALS, {})
     return model

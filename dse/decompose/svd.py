@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, List
 
 from .methods import MethodConfig, Rank, SVDForm, as_pair
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Tucker2Config(MethodConfig):
 def svd_form(weight: torch.Tensor, config: MethodConfig = None, stats=None) -> SVDForm:
     """Thin SVD of ``weight`` in float64 (``torch.linalg.svd``, full_matrices=False); ``config``
     and ``stats`` are unused (the signature of every factorization)."""
+    import torch
+
     U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
     return SVDForm(U, S, Vh)
 
@@ -45,6 +48,8 @@ def truncate_two(form: SVDForm, rank: Rank) -> List[torch.Tensor]:
 
 def truncate_three(form: SVDForm, rank: Rank) -> List[torch.Tensor]:
     """``[U_inᵀ, G, U_out]`` with ``G = diag(S)[:r_out, :r_in]``."""
+    import torch
+
     r_out, r_in = as_pair(rank)
     core = torch.zeros(r_out, r_in, dtype=form.S.dtype, device=form.S.device)
     d = min(r_out, r_in)

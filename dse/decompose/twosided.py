@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Tuple
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Tuple
 
 from ..core.errors import ConfigError
 from .methods import MethodConfig, SVDForm
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def scaled(moment: torch.Tensor, what: str) -> torch.Tensor:
     """``moment / mean(diag(moment))``, symmetrized (a positive factor on ``G`` or ``C`` moves no
     optimum; this keeps both factors of a form at the weight's scale however small the loss
     gradients are); a one-line ``ConfigError`` naming ``what`` if it is non-finite or zero."""
+    import torch
+
     if not torch.isfinite(moment).all():
         raise ConfigError(
             f"calibration: the {what} has non-finite entries (an overflow?); calibrate the model in float32"
@@ -86,6 +89,8 @@ def _say_regularized() -> None:  # one message for all, so that Python shows it 
 def ridged(moment: torch.Tensor, jitter: float) -> torch.Tensor:
     """``moment + jitter · I`` (of a :func:`scaled` moment), said so when the ridge dominates a
     direction (a Cholesky factor of ``moment − jitter · I`` fails: cheaper than its eigenvalues)."""
+    import torch
+
     eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
     if torch.linalg.cholesky_ex(moment - jitter * eye).info != 0:
         _say_regularized()
@@ -94,6 +99,8 @@ def ridged(moment: torch.Tensor, jitter: float) -> torch.Tensor:
 
 def roots(moment: torch.Tensor, jitter: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(M½, M^-½)`` of a :func:`scaled` moment: eigenvalues clamped at 0, plus ``jitter``."""
+    import torch
+
     lam, Q = torch.linalg.eigh(moment)
     if lam[0] < jitter:
         _say_regularized()
@@ -107,6 +114,8 @@ def twosided_factorize(weight: torch.Tensor, config: TwoSidedConfig, stats) -> S
     ``(A W B)(A W B)ᵀ = A W C Wᵀ A`` (then ``Vᵀ B⁻¹ = diag(1/S) Uᵀ A W``); for ``m > n`` those of ``C``
     and of ``(A W B)ᵀ(A W B) = B Wᵀ G W B`` (then ``A⁻¹ U = W B V diag(1/S)``). The larger moment
     needs no root and no inverse. ``stats`` is a :class:`dse.decompose.stats.ProjectionStats`."""
+    import torch
+
     of = f" of {stats.name}" if stats.name else ""
     G = scaled(stats.grad_moment.to(weight), f"output-gradient moment{of}")
     C = scaled(stats.inputs.xtx.to(weight), f"input moment{of}")

@@ -12,16 +12,24 @@ The built-in objectives and task sources register here. An objective is one unit
         derive=lambda m: math.log2(m["perplexity"]) if "perplexity" in m else None))
 """
 
+from ..core.lazy import lazy_names
 from ..core.validate import finite
-from .config import METRICS, EvalConfig, PerplexityConfig
-from .encoder import TextSet, embedding_similarity, pseudo_perplexity, sentence_embeddings
-from .evaluator import Evaluator
-from .latency import prompt_ids, tokens_per_second
 from .objectives import HEALED, OBJECTIVES, Objective, derive_metrics, healed, healed_metrics, register_objective
 from .perplexity import perplexity
 from .sources import BENCHMARK_FILES, TASK_SOURCES, LocalCopy, benchmarks_source, local_copy
-from .staged import EarlyStop, staged_run
 from .tasks import check_tasks, convention_source, expand_tasks, load_tasks
+
+# the modules that need torch load on first use of one of their names
+__getattr__, _LAZY = lazy_names(
+    __name__,
+    {
+        "config": ("METRICS", "EvalConfig", "PerplexityConfig"),
+        "encoder": ("TextSet", "embedding_similarity", "pseudo_perplexity", "sentence_embeddings"),
+        "evaluator": ("Evaluator",),
+        "latency": ("prompt_ids", "tokens_per_second"),
+        "staged": ("EarlyStop", "staged_run"),
+    },
+)
 
 register_objective(
     Objective(

@@ -4,24 +4,30 @@ PPL = exp(mean token NLL over every predicted token of every window, each window
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
-from ..model import input_device
+if TYPE_CHECKING:
+    import torch
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """exp(mean NLL) of ``model`` over all predicted tokens of ``windows`` (each window alone)."""
+    """exp(mean NLL) of ``model`` over all predicted tokens of ``windows`` (each window alone).
+
+    Imported by the face at once (it shares its module's name), so it imports torch when it runs."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from ..model.devices import input_device
+
     device = input_device(model)
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(batch).logits[:, :-1].float()
-        labels = batch[:, 1:].to(logits.device)  # a spread model returns logits where its head is
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
-        total += nll.item()
-        count += batch[:, 1:].numel()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(batch).logits[:, :-1].float()
+            labels = batch[:, 1:].to(logits.device)  # a spread model returns logits where its head is
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
+            total += nll.item()
+            count += batch[:, 1:].numel()
     return math.exp(total / count)

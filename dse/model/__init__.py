@@ -10,17 +10,7 @@ hold its projections (see :mod:`dse.model.families`)::
         "attention.out_lin": "o", "ffn.lin1": "up", "ffn.lin2": "down"}))
 """
 
-from .devices import (
-    DEVICE_MAPS,
-    DeviceMap,
-    execution_device,
-    host_state_dict,
-    input_device,
-    is_offloaded,
-    module_tensors,
-    parse_device_map,
-    parse_max_memory,
-)
+from ..core.lazy import lazy_names
 from .families import (
     CANONICAL_TYPES,
     FAMILIES,
@@ -36,19 +26,37 @@ from .families import (
     register_family,
     tensor_types,
 )
-from .load import (
-    BUILTIN,
-    DTYPES,
-    auto_class,
-    is_causal_lm,
-    is_masked_lm,
-    load_config,
-    load_model,
-    resolve_device,
-    resolve_dtype,
+
+# the modules that need torch load on first use of one of their names
+__getattr__, _LAZY = lazy_names(
+    __name__,
+    {
+        "devices": (
+            "DEVICE_MAPS",
+            "DeviceMap",
+            "execution_device",
+            "host_state_dict",
+            "input_device",
+            "is_offloaded",
+            "module_tensors",
+            "parse_device_map",
+            "parse_max_memory",
+        ),
+        "load": (
+            "BUILTIN",
+            "DTYPES",
+            "auto_class",
+            "is_causal_lm",
+            "is_masked_lm",
+            "load_config",
+            "load_model",
+            "resolve_device",
+            "resolve_dtype",
+        ),
+        "text": ("TextSource", "text_section", "token_ids", "token_windows"),
+        "weights": ("model_bytes", "param_count"),
+    },
 )
-from .text import TextSource, text_section, token_ids, token_windows
-from .weights import model_bytes, param_count
 
 register_family(
     Family(

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
-
-from torch import nn
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import ModelError
 from ..core.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CANONICAL_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 GENERIC = "generic"
@@ -83,6 +84,8 @@ def register_family(family: Family) -> Family:
 
 
 def _layer_lists(model: nn.Module) -> List[Tuple[str, nn.ModuleList]]:
+    from torch import nn
+
     return [
         (path, mod)
         for path, mod in model.named_modules()
@@ -99,6 +102,8 @@ def _has(block: nn.Module, path: str) -> bool:
 
 
 def _linears(block: nn.Module) -> Dict[str, str]:
+    from torch import nn
+
     return {
         n: n.rsplit(".", 1)[-1]
         for n, m in block.named_modules()

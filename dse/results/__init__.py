@@ -2,7 +2,8 @@
 hypervolume (:mod:`~dse.results.front`), terminal tables (:mod:`~dse.results.status`), plots
 (:mod:`~dse.results.plots`), each trial's record (:mod:`~dse.results.record`), rank configs
 (:mod:`~dse.results.rankconfig`,
-:mod:`~dse.results.export`), compressed models (:mod:`~dse.results.compressed`) and speed reports
+:mod:`~dse.results.export`), compressed models (:mod:`~dse.results.compressed`, in the
+:mod:`~dse.results.formats`) and speed reports
 of any target (:mod:`~dse.results.speed`).
 
 Nothing here imports Optuna: studies are read through the attributes of Optuna's public API. The
@@ -10,7 +11,7 @@ export formats register here; this face imports no pandas or matplotlib, so load
 model needs neither.
 """
 
-from .compressed import FORMATS, ExportFormat, write_low_rank, write_merged, write_transformers
+from .formats import FORMATS, ExportFormat, write_low_rank, write_merged, write_transformers
 from .record import TrialRecord
 
 FORMATS.register("dse", ExportFormat(write_low_rank, True, "the factors; loads with dse.load_compressed"))

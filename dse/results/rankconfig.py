@@ -18,7 +18,7 @@ from .. import __version__
 from ..core.errors import ExportError, PlanError
 from ..core.io import atomic_write_text
 from ..core.validate import read_json
-from ..decompose import Plan, model_fingerprint
+from ..decompose import Plan
 from ..model import FAMILIES, find_projections
 
 CONFIG_FORMAT = 1
@@ -93,6 +93,8 @@ class RankConfig:
 
     def check(self, model, where: str = "config") -> None:
         """Refuse ``model`` unless it is the one this config was found for and the plan fits it."""
+        from ..decompose import model_fingerprint
+
         table = find_projections(model, self.family)
         fingerprint = model_fingerprint(model, table)
         if fingerprint != self.fingerprint:

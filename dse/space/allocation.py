@@ -54,17 +54,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
 from ..core.errors import SpaceError
 from ..core.registry import Registry
 from ..core.validate import integer, is_int, mapping, number
-from ..decompose import MethodConfig, Plan, as_config, get_method, uniform_plan
-from ..decompose.latency import align_rank
+from ..decompose import MethodConfig, Plan, align_rank, as_config, get_method, uniform_plan
 from .fields import ModelSpace, SpaceContext, parse_layers, parse_model, parse_types
+
+if TYPE_CHECKING:
+    import torch
 
 Measure = Callable[[str, Plan], float]  # (probe name, plan) -> loss increase (> 0 is worse)
 
