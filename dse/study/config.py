@@ -150,6 +150,12 @@ class StudyConfig:
         return self.optimises_latency or self.space.aligns_ranks or self.latency_table is not None
 
     @property
+    def loss_metric(self) -> str:
+        """What sensitivity probes and the error model measure loss by: perplexity if the study
+        optimises it, else accuracy (a study that needs one has one of them: checked on load)."""
+        return "perplexity" if "perplexity" in self.objectives else "accuracy"
+
+    @property
     def directions(self) -> List[str]:
         return [OBJECTIVES.get(o).direction for o in self.objectives]
 

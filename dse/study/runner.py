@@ -97,14 +97,14 @@ def run_study(
                 n_trials=remaining,
                 timeout=timeout,
                 catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.report],
+                callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED), worker.bar],
                 gc_after_trial=False,
             )
             if target - finished_trials(study) == remaining:
                 break  # every trial of the round failed: see their "error" attributes
         _settle(study, worker, config, storage or config.storage_url)
     finally:
-        worker.close()
+        worker.bar.close()
     return study
 
 
@@ -137,7 +137,7 @@ def _settle(study: optuna.Study, worker, config: StudyConfig, url: str) -> None:
                 worker.objective,
                 n_trials=len(_retries(study)),
                 catch=(Exception,),
-                callbacks=[worker.report],
+                callbacks=[worker.bar],
                 gc_after_trial=False,
             )
         elif time.monotonic() > deadline:

@@ -35,6 +35,33 @@ class TrialFailed(RuntimeError):
     """A trial whose measurement cannot be used (an objective that is not finite)."""
 
 
+class TrialBar:
+    """The study's progress bar, an Optuna callback: one step per finished trial, with its state,
+    size and quality; nothing when not ``enabled``."""
+
+    def __init__(self, total: int, done: int, name: str, enabled: bool = True):
+        self._bar = tqdm(total=total, initial=done, desc=f"study {name}", unit="trial") if enabled else None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(1)
+        record = TrialRecord.of(trial)
+        post = {"state": trial.state.name.lower()}
+        if "params_ratio" in record:
+            post["params"] = f"{record['params_ratio']:.1%}"
+        if finite(record.get("accuracy")):
+            post["acc"] = f"{record['accuracy']:.3f}"
+        if finite(record.get("perplexity")):
+            post["ppl"] = f"{record['perplexity']:.1f}"
+        self._bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class Worker:
     """The Optuna side of a study: suggests each trial's plan, has the :class:`Measurer` measure it
     (or reuses the measurement of a repeated plan, or the dense baseline), and writes the trial's
@@ -45,7 +72,7 @@ class Worker:
         self.measurer = measurer
         self.progress = progress
         self.baseline: Dict[str, Any] = {}
-        self._bar = None
+        self.bar = TrialBar(0, 0, config.name, enabled=False)  # the study's, once prepared
 
     @classmethod
     def from_config(cls, config: StudyConfig, progress: bool = True, measurer: Optional[Measurer] = None) -> "Worker":
@@ -73,15 +100,9 @@ class Worker:
             if self.config.heal is not None:
                 self.baseline.update(self.measurer.measure_healed(dense))
             study.set_user_attr("baseline", self.baseline)
-        if self.progress:
-            done = len(
-                study.get_trials(
-                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                )
-            )
-            self._bar = tqdm(
-                total=target or self.config.n_trials, initial=done, desc=f"study {self.config.name}", unit="trial"
-            )
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=finished))
+        self.bar = TrialBar(target or self.config.n_trials, done, self.config.name, self.progress)
 
     def enqueue_starts(self, study: optuna.Study) -> None:
         """Enqueue the space's starting points once per study (allocation spaces, see
@@ -92,7 +113,7 @@ class Worker:
         if not space.starts or study.user_attrs.get("starts_enqueued"):
             return
         with tqdm(desc="sensitivity probes", unit="probe", disable=not self.progress, leave=False) as bar:
-            measure = probe_measure(study, self.measurer, self.baseline, self.loss_metric, bar)
+            measure = probe_measure(study, self.measurer, self.baseline, self.config.loss_metric, bar)
             starts = {
                 name: STARTS.get(name).params(
                     space,
@@ -111,31 +132,6 @@ class Worker:
             else:
                 study.enqueue_trial(params, user_attrs={"start": name})
         study.set_user_attr("starts_enqueued", True)
-
-    @property
-    def loss_metric(self) -> str:
-        """What probes and the error model measure loss by (the study has one of them: checked in config)."""
-        return "perplexity" if "perplexity" in self.config.objectives else "accuracy"
-
-    def report(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optuna callback: advance the progress bar with the trial's result."""
-        if self._bar is None:
-            return
-        self._bar.update(1)
-        attrs = TrialRecord.of(trial)
-        post = {"state": trial.state.name.lower()}
-        if "params_ratio" in attrs:
-            post["params"] = f"{attrs['params_ratio']:.1%}"
-        if finite(attrs.get("accuracy")):
-            post["acc"] = f"{attrs['accuracy']:.3f}"
-        if finite(attrs.get("perplexity")):
-            post["ppl"] = f"{attrs['perplexity']:.1f}"
-        self._bar.set_postfix(post)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
     # --- trial-level ----------------------------------------------------------------------------
     def context(self) -> SpaceContext:
@@ -156,7 +152,7 @@ class Worker:
             return Plan.from_dict(record.planned)
         propose = getattr(trial.study.sampler, "propose", None)
         if propose is not None and record.start is None:  # a start's enqueued weights are the space's
-            plan = propose(trial, space, self.context(), self.loss_metric)
+            plan = propose(trial, space, self.context(), self.config.loss_metric)
         else:
             plan = space.suggest(trial, self.context())
         align = space.aligns_ranks
@@ -174,18 +170,6 @@ class Worker:
         mf = self.config.multi_fidelity
         return early_stop_rule(study, mf, self.measurer.params_after(plan)) if mf and len(plan) else None
 
-    def _heals(self, study: optuna.Study, metrics: Mapping[str, Any]) -> bool:
-        """Whether the study's ``heal:`` heals this trial: every trial, or one whose plain
-        measures join the current front (``trials: front``), unless already healed (the dense plan's
-        baseline is)."""
-        heal = self.config.heal
-        if heal is None or "heal_steps" in metrics:
-            return False
-        if heal.trials == "all":
-            return True
-        values = [metrics.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
-        return all(finite(v) for v in values) and joins_front(study, values)
-
     def objective(self, trial: optuna.Trial) -> List[float]:
         """Plan, measure (or reuse a repeated plan's measurement), write the trial's record once."""
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (or died in it)
@@ -197,7 +181,7 @@ class Worker:
                 record = dataclasses.replace(record, metrics=earlier.metrics, duplicate_of=earlier.duplicate_of)
             else:
                 metrics = self.measure(plan, self._early_stop(trial.study, plan))
-                if self._heals(trial.study, metrics):
+                if heals(self.config, trial.study, metrics):
                     metrics.update(self.measurer.measure_healed(plan))
                 record = dataclasses.replace(record, metrics=metrics)
             values = [record.get(OBJECTIVES.get(o).attribute) for o in self.config.objectives]
@@ -212,7 +196,7 @@ class Worker:
             raise
         predict = getattr(trial.study.sampler, "predict", None)
         if predict is not None:  # the error model's prediction beside the measurement
-            loss = predict(trial, self.config.space, self.context(), self.loss_metric, plan)
+            loss = predict(trial, self.config.space, self.context(), self.config.loss_metric, plan)
             if loss is not None:
                 record = dataclasses.replace(record, metrics={**record.metrics, "predicted_loss": loss})
         if self.config.constraints:
@@ -221,6 +205,19 @@ class Worker:
             )
         record.write(trial)
         return values
+
+
+def heals(config: StudyConfig, study: optuna.Study, metrics: Mapping[str, Any]) -> bool:
+    """Whether the study's ``heal:`` heals a trial measured as ``metrics``: every trial, or one
+    whose plain measures join the current front (``trials: front``), unless already healed (the
+    dense plan's baseline is)."""
+    heal = config.heal
+    if heal is None or "heal_steps" in metrics:
+        return False
+    if heal.trials == "all":
+        return True
+    values = [metrics.get(OBJECTIVES.get(o).attribute) for o in config.objectives]
+    return all(finite(v) for v in values) and joins_front(study, values)
 
 
 def earlier_result(study: optuna.Study, plan: Plan) -> Optional[TrialRecord]:
