@@ -13,7 +13,7 @@ The built-in objectives and task sources register here. An objective is one unit
 """
 
 from ..core.validate import finite
-from .config import METRICS, EvalConfig, PerplexityConfig
+from .config import ENGINES, METRICS, EvalConfig, PerplexityConfig
 from .encoder import TextSet, embedding_similarity, pseudo_perplexity, sentence_embeddings
 from .evaluator import Evaluator
 from .latency import prompt_ids, tokens_per_second
@@ -121,6 +121,7 @@ TASK_SOURCES.register("convention", convention_source)
 
 __all__ = [
     "BENCHMARK_FILES",
+    "ENGINES",
     "METRICS",
     "OBJECTIVES",
     "TASK_SOURCES",

@@ -1,0 +1,202 @@
+"""The lm-eval models an :class:`~dse.evaluate.Evaluator` scores tasks with (``evaluation.engine``).
+
+* ``hflm``: :class:`InMemoryLM`, lm-eval's ``HFLM`` over the in-memory model as it is. For every
+  (context, continuation) request it runs context + continuation and projects every position of
+  the batch onto the vocabulary.
+* ``fast``: :class:`SharedContextLM`, the same ``HFLM`` with the same per-request loglikelihoods and
+  ``is_greedy`` (to float tolerance) for less compute:
+
+  - each distinct context runs once; its KV cache is repeated for each of its continuations
+    (multiple-choice tasks score 2 to 5 continuations of one context), which then run alone;
+  - the vocabulary projection is applied only at the positions whose score is read (the hidden
+    states of the base model go through ``get_output_embeddings()`` there, with Gemma's final
+    logit soft-capping where the config has one); a model whose logits are something else (checked
+    once on a probe) is scored from its full logits instead, said once;
+  - contexts run in batches of one length, so no context is padded, and a continuation batch is
+    padded only at its end, where no score is read.
+
+  It reads the tokens as ``HFLM`` does: a request's scored input is
+  ``(context + continuation)[-(max_length + 1):][:-1]``, its last ``len(continuation)`` positions
+  scored. Rolling loglikelihoods (perplexity tasks) and generation run the plain ``HFLM`` path,
+  said once per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from ..model import input_device
+from ..model.devices import execution_device
+from ..model.timing import cache_keyword, cache_of
+
+log = logging.getLogger(__name__)
+
+HEAD_CHUNK = 512  # scored positions projected onto the vocabulary at once (bounds the logits' memory)
+
+
+class InMemoryLM(HFLM):
+    """lm-eval's ``HFLM`` over an in-memory model (never reloaded); progress bars only if ``verbose``."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int, max_length: int, verbose: bool = False):
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        self.quiet = not verbose
+
+    def loglikelihood(self, requests, disable_tqdm: Optional[bool] = None):
+        return super().loglikelihood(requests, disable_tqdm=self.quiet if disable_tqdm is None else disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: Optional[bool] = None):
+        return super().loglikelihood_rolling(
+            requests, disable_tqdm=self.quiet if disable_tqdm is None else disable_tqdm
+        )
+
+    def generate_until(self, requests, disable_tqdm: Optional[bool] = None):
+        return super().generate_until(requests, disable_tqdm=self.quiet if disable_tqdm is None else disable_tqdm)
+
+    @property
+    def device(self):  # where inputs go: HFLM takes the first parameter's, which may be offloaded (meta)
+        return input_device(self._model)
+
+
+class SharedContextLM(InMemoryLM):
+    """``HFLM``'s loglikelihoods with each context run once and the head applied at scored positions."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plain = False  # True while a request type this engine does not speed up runs
+        self.said: set = set()
+        self.head_ok: Optional[bool] = None  # whether head(base hidden states) gives the model's logits
+
+    def say_once(self, what: str, message: str) -> None:
+        if what not in self.said:
+            self.said.add(what)
+            log.warning(message)
+
+    @contextmanager
+    def plain_path(self, kind: str):
+        self.say_once(kind, f"evaluation.engine fast: {kind} requests run lm-eval's plain HFLM path")
+        self.plain = True
+        try:
+            yield
+        finally:
+            self.plain = False
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: Optional[bool] = None):
+        with self.plain_path("loglikelihood_rolling"):
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: Optional[bool] = None):
+        with self.plain_path("generate_until"):
+            return super().generate_until(requests, disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None):
+        if self.plain or self.backend != "causal" or self.mixed_precision_dtype is not None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if self.head_ok is None:
+            self.head_ok = _head_matches(self._model)
+            if not self.head_ok:
+                self.say_once(
+                    "head",
+                    "evaluation.engine fast: the model's logits are not its head on its last hidden "
+                    "states; scoring from full logits (contexts still run once)",
+                )
+        groups = _groups(requests, self.max_length)
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
+            for batch in _batches(list(groups), self.batch_size):
+                scores = self._score_batch(batch, [groups[p] for p in batch], requests)
+                for i, answer in scores.items():
+                    results[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(scores))
+        return results
+
+    @torch.no_grad()
+    def _score_batch(self, prefixes: Sequence[tuple], members: Sequence[List[int]], requests) -> Dict[int, tuple]:
+        """Loglikelihood and is_greedy of every request of ``members`` (request indices per prefix);
+        the ``prefixes`` all have one length."""
+        model = self._model
+        run = model.base_model if self.head_ok else model
+        out = run(torch.tensor(prefixes, device=self.device), use_cache=True)
+        states = out.last_hidden_state if self.head_ok else out.logits
+        rows = [(b, i) for b, ids in enumerate(members) for i in ids]
+        tails = [requests[i][2][:-1] for _, i in rows]  # continuation tokens fed after the context
+        width = max(len(t) for t in tails)
+        if width:
+            cache = cache_of(out)
+            cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=self.device))
+            fed = torch.tensor([t + [0] * (width - len(t)) for t in tails], device=self.device)
+            more = run(fed, use_cache=True, **{cache_keyword(run): cache})
+            tail_states = more.last_hidden_state if self.head_ok else more.logits
+        picked, targets, counts = [], [], []
+        for r, (b, i) in enumerate(rows):
+            continuation = requests[i][2]
+            picked.append(states[b, -1:])
+            if len(continuation) > 1:
+                picked.append(tail_states[r, : len(continuation) - 1])
+            targets.extend(continuation)
+            counts.append(len(continuation))
+        logprobs, greedy = self._scored(torch.cat(picked), torch.tensor(targets))
+        return {
+            i: (float(lp.sum()), bool(g.all()))
+            for (_, i), lp, g in zip(rows, logprobs.split(counts), greedy.split(counts))
+        }
+
+    def _scored(self, states: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The target tokens' log-probabilities and whether each is the argmax, position by position."""
+        logprobs, greedy = [], []
+        for chunk, target in zip(states.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)):
+            logits = _logits(self._model, chunk) if self.head_ok else chunk
+            lsm = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            target = target.to(lsm.device)
+            logprobs.append(lsm.gather(1, target.unsqueeze(1)).squeeze(1))
+            greedy.append(lsm.argmax(dim=-1) == target)
+        return torch.cat(logprobs), torch.cat(greedy)
+
+
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its last hidden states: its head, then Gemma's soft-capping if set."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(execution_device(head)))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def _head_matches(model, length: int = 8) -> bool:
+    """Whether head(base model's hidden states) is the model's logits, on a probe of ``length`` tokens."""
+    if model.get_output_embeddings() is None:
+        return False
+    ids = (torch.arange(length) * 7 + 3).remainder(model.config.vocab_size).unsqueeze(0).to(input_device(model))
+    full = model(ids).logits
+    mine = _logits(model, model.base_model(ids).last_hidden_state).to(full.device)
+    return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
+
+
+def _groups(requests, max_length: int) -> Dict[tuple, List[int]]:
+    """Request indices by the tokens fed before their continuation (``HFLM``'s left truncation applied)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (_, context, continuation) in enumerate(requests):
+        whole = (context + continuation)[-(max_length + 1) :]
+        groups.setdefault(tuple(whole[: len(whole) - len(continuation)]), []).append(i)
+    return groups
+
+
+def _batches(prefixes: List[tuple], size: int) -> List[List[tuple]]:
+    """The prefixes, longest first, in batches of at most ``size`` of one length each."""
+    batches: List[List[tuple]] = []
+    for prefix in sorted(prefixes, key=lambda p: (-len(p), p)):
+        if batches and len(batches[-1]) < size and len(batches[-1][0]) == len(prefix):
+            batches[-1].append(prefix)
+        else:
+            batches.append([prefix])
+    return batches
