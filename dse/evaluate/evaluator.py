@@ -2,9 +2,10 @@
 encoders embedding similarity to the dense model and pseudo-perplexity.
 
 :class:`Evaluator` is built once per study from an :class:`~dse.evaluate.EvalConfig`: it wraps the
-model in lm-eval's ``HFLM`` (never reloading it), loads the tasks' datasets and tokenizes the
-perplexity windows once. :meth:`Evaluator.run` then measures the model as it is at that moment,
-so a caller can ``decompose_`` and ``restore_`` it in place between runs::
+model in an lm-eval model (``evaluation.engine``, :mod:`dse.evaluate.engine`; never reloading
+it), loads the tasks' datasets and tokenizes the perplexity windows once. :meth:`Evaluator.run`
+then measures the model as it is at that moment, so a caller can ``decompose_`` and ``restore_``
+it in place between runs::
 
     evaluator = Evaluator(model, tokenizer, EvalConfig(tasks=["piqa"], limit=100, data_dir=BENCH))
     decompose_(model, plan)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 
 import pandas as pd
 
 from ..evaluate import OBJECTIVES
 from .front import objectives, pareto_front
+from .record import TrialRecord
 
 # frame column -> (header, format) of the columns every table shows; objectives add their own
 SHOWN = {
@@ -35,6 +37,24 @@ def format_front(front: pd.DataFrame) -> str:
         header, fmt = shown.get(c, (c, "{:.4f}"))
         cells[header] = [("-" if pd.isna(v) else fmt.format(v)) for v in front[c]]
     return pd.DataFrame(cells).to_string(index=False)
+
+
+def time_split(trials) -> str:
+    """Where a trial's time goes: the median seconds of each step over the completed, decomposed
+    trials that recorded it (decompose, each evaluation measure, restore, the whole evaluation)."""
+    done = [TrialRecord.of(t).metrics for t in trials if t.state.name == "COMPLETE"]
+    done = [a for a in done if a.get("n_modules") and "eval_seconds" in a]
+    if not done:
+        return ""
+    measures = dict.fromkeys(k for a in done for k in a if k.startswith("seconds/"))
+    steps = [("decompose", "decompose_seconds"), *((k[len("seconds/") :], k) for k in measures)]
+    steps += [("restore", "restore_seconds"), ("evaluation", "eval_seconds")]
+    shown = [
+        f"{label} {statistics.median(values):.2f}"
+        for label, key in steps
+        if (values := [a[key] for a in done if key in a])
+    ]
+    return f"seconds per trial (median of {len(done)}): " + ", ".join(shown)
 
 
 def format_status(study) -> str:
@@ -66,6 +86,9 @@ def format_status(study) -> str:
         ]
         shown += [f"{k} {v:.4g}" for k, v in base.items() if k.startswith("acc/")]
         lines.append("baseline (undecomposed): " + ", ".join(shown))
+    split = time_split(trials)
+    if split:
+        lines.append(split)
     if meta:
         front = pareto_front(study)
         lines.append(f"front: {len(front)} feasible configs" + (":" if len(front) else ""))
