@@ -63,7 +63,7 @@ def test_same_scores_and_accuracy_on_every_local_task(name, tiny_llama, tokenize
     include = str(ROOT / "tasks") if name == "piqa_qa" else None
     requests = requests_of(name, benchmarks_dir, 12, include)
     fast = assert_same(tiny_llama, tokenizer, requests)
-    assert fast.head_ok  # Llama: the tied head on the last hidden states
+    assert fast.mode == "head"  # Llama: the tied head on the last hidden states
     config = EvalConfig(tasks=[name], limit=12, batch_size=4, data_dir=str(benchmarks_dir), include_path=include)
     evaluator = Evaluator(tiny_llama, tokenizer, config)
     assert isinstance(evaluator.lm, SharedContextLM)
@@ -88,7 +88,7 @@ def test_same_scores_on_every_causal_family_with_truncation(family, tokenizer, b
 def test_gemma_soft_capping_and_a_head_that_is_not_the_logits(tokenizer, benchmarks_dir):
     requests = requests_of("piqa", benchmarks_dir, 6)
     capped = causal_tiny("gemma3_text", len(tokenizer), final_logit_softcapping=0.5)
-    assert assert_same(capped, tokenizer, requests).head_ok
+    assert assert_same(capped, tokenizer, requests).mode == "head"
     scaled = transformers.CohereForCausalLM(  # logits = head(hidden) * logit_scale: scored from full logits
         transformers.CohereConfig(
             hidden_size=32,
@@ -100,7 +100,7 @@ def test_gemma_soft_capping_and_a_head_that_is_not_the_logits(tokenizer, benchma
             logit_scale=3.0,
         )
     ).eval()
-    assert not assert_same(scaled, tokenizer, requests).head_ok
+    assert assert_same(scaled, tokenizer, requests).mode == "logits"
 
 
 def test_generation_and_rolling_fall_back_saying_so_once(tiny_llama, tokenizer, caplog):
@@ -140,4 +140,4 @@ def test_engine_switch(tiny_llama, tokenizer, benchmarks_dir):
 def test_smollm2_same_scores(name, smollm2, benchmarks_dir):
     model, tokenizer = smollm2
     fast = assert_same(model, tokenizer, requests_of(name, benchmarks_dir, 6), batch_size=8)
-    assert fast.head_ok
+    assert fast.mode == "head"

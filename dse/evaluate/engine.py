@@ -10,10 +10,13 @@
     (multiple-choice tasks score 2 to 5 continuations of one context), which then run alone;
   - the vocabulary projection is applied only at the positions whose score is read (the hidden
     states of the base model go through ``get_output_embeddings()`` there, with Gemma's final
-    logit soft-capping where the config has one); a model whose logits are something else (checked
-    once on a probe) is scored from its full logits instead, said once;
-  - contexts run in batches of one length, so no context is padded, and a continuation batch is
-    padded only at its end, where no score is read.
+    logit soft-capping where the config has one).
+
+  Both are checked once, on a probe context with two continuations, against the full forward's
+  log-probabilities: a model whose logits are not its head on its last hidden states is scored
+  from its full logits (contexts still run once), and one where a repeated KV cache does not give
+  its numbers either runs ``HFLM``'s path; each said once. Contexts run in batches of one length,
+  so none is padded, and a continuation batch is padded only at its end, where no score is read.
 
   It reads the tokens as ``HFLM`` does: a request's scored input is
   ``(context + continuation)[-(max_length + 1):][:-1]``, its last ``len(continuation)`` positions
@@ -38,6 +41,7 @@ from ..model.timing import cache_keyword, cache_of
 
 log = logging.getLogger(__name__)
 
+WHO = "evaluation.engine fast"
 HEAD_CHUNK = 512  # scored positions projected onto the vocabulary at once (bounds the logits' memory)
 
 
@@ -71,7 +75,7 @@ class SharedContextLM(InMemoryLM):
         super().__init__(*args, **kwargs)
         self.plain = False  # True while a request type this engine does not speed up runs
         self.said: set = set()
-        self.head_ok: Optional[bool] = None  # whether head(base hidden states) gives the model's logits
+        self.mode: Optional[str] = None  # "head", "logits" or "plain": how the model is scored (see probe)
 
     def say_once(self, what: str, message: str) -> None:
         if what not in self.said:
@@ -80,7 +84,7 @@ class SharedContextLM(InMemoryLM):
 
     @contextmanager
     def plain_path(self, kind: str):
-        self.say_once(kind, f"evaluation.engine fast: {kind} requests run lm-eval's plain HFLM path")
+        self.say_once(kind, f"{WHO}: {kind} requests run lm-eval's plain HFLM path")
         self.plain = True
         try:
             yield
@@ -96,16 +100,11 @@ class SharedContextLM(InMemoryLM):
             return super().generate_until(requests, disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None):
-        if self.plain or self.backend != "causal" or self.mixed_precision_dtype is not None:
+        fast = not self.plain and self.backend == "causal" and self.mixed_precision_dtype is None
+        if fast and self.mode is None:
+            self.mode = self.probe()
+        if not fast or self.mode == "plain":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        if self.head_ok is None:
-            self.head_ok = _head_matches(self._model)
-            if not self.head_ok:
-                self.say_once(
-                    "head",
-                    "evaluation.engine fast: the model's logits are not its head on its last hidden "
-                    "states; scoring from full logits (contexts still run once)",
-                )
         groups = _groups(requests, self.max_length)
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
@@ -123,18 +122,19 @@ class SharedContextLM(InMemoryLM):
         """Loglikelihood and is_greedy of every request of ``members`` (request indices per prefix);
         the ``prefixes`` all have one length."""
         model = self._model
-        run = model.base_model if self.head_ok else model
+        head = self.mode == "head"
+        run = model.base_model if head else model
         out = run(torch.tensor(prefixes, device=self.device), use_cache=True)
-        states = out.last_hidden_state if self.head_ok else out.logits
+        states = out.last_hidden_state if head else out.logits
         rows = [(b, i) for b, ids in enumerate(members) for i in ids]
         tails = [requests[i][2][:-1] for _, i in rows]  # continuation tokens fed after the context
         width = max(len(t) for t in tails)
         if width:
             cache = cache_of(out)
-            cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=self.device))
+            cache.batch_select_indices(torch.tensor([b for b, _ in rows]))  # on the CPU: a spread cache's layers differ
             fed = torch.tensor([t + [0] * (width - len(t)) for t in tails], device=self.device)
             more = run(fed, use_cache=True, **{cache_keyword(run): cache})
-            tail_states = more.last_hidden_state if self.head_ok else more.logits
+            tail_states = more.last_hidden_state if head else more.logits
         picked, targets, counts = [], [], []
         for r, (b, i) in enumerate(rows):
             continuation = requests[i][2]
@@ -149,11 +149,42 @@ class SharedContextLM(InMemoryLM):
             for (_, i), lp, g in zip(rows, logprobs.split(counts), greedy.split(counts))
         }
 
+    @torch.no_grad()
+    def probe(self, length: int = 9) -> str:
+        """How to score this model, checked once on two requests sharing a probe context: ``head``
+        (the head at scored positions), else ``logits`` (full logits, contexts still run once), else
+        ``plain`` (``HFLM``'s path): the first that gives the full forward's log-probabilities."""
+        model = self._model
+        ids = [(7 * i + 3) % model.config.vocab_size for i in range(length)]
+        logprobs = F.log_softmax(model(torch.tensor([ids], device=self.device)).logits[0].double(), dim=-1)
+        cut = length // 2
+        requests = [(None, ids[:cut], ids[cut:]), (None, ids[:cut], ids[cut:-1])]
+        expected = [float(sum(logprobs[j - 1, ids[j]] for j in range(cut, cut + len(c)))) for _, _, c in requests]
+        eps = torch.finfo(next(model.parameters()).dtype).eps
+        tolerance = max(1e-3, 50 * eps) * max(1.0, abs(expected[0]))
+        has_head = model.get_output_embeddings() is not None and model.base_model is not model
+        for mode in ("head", "logits") if has_head else ("logits",):
+            self.mode = mode
+            got = self._score_batch([tuple(ids[:cut])], [[0, 1]], requests)
+            if all(abs(got[i][0] - expected[i]) <= tolerance for i in (0, 1)):
+                if mode == "logits":
+                    self.say_once(
+                        "logits",
+                        f"{WHO}: the model's logits are not its head on its last hidden states; "
+                        "scoring from full logits (contexts still run once)",
+                    )
+                return mode
+        self.say_once(
+            "plain",
+            f"{WHO}: shared contexts do not give the model's log-probabilities; lm-eval's plain HFLM path scores it",
+        )
+        return "plain"
+
     def _scored(self, states: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The target tokens' log-probabilities and whether each is the argmax, position by position."""
         logprobs, greedy = [], []
         for chunk, target in zip(states.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)):
-            logits = _logits(self._model, chunk) if self.head_ok else chunk
+            logits = _logits(self._model, chunk) if self.mode == "head" else chunk
             lsm = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
             target = target.to(lsm.device)
             logprobs.append(lsm.gather(1, target.unsqueeze(1)).squeeze(1))
@@ -169,17 +200,6 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-@torch.no_grad()
-def _head_matches(model, length: int = 8) -> bool:
-    """Whether head(base model's hidden states) is the model's logits, on a probe of ``length`` tokens."""
-    if model.get_output_embeddings() is None:
-        return False
-    ids = (torch.arange(length) * 7 + 3).remainder(model.config.vocab_size).unsqueeze(0).to(input_device(model))
-    full = model(ids).logits
-    mine = _logits(model, model.base_model(ids).last_hidden_state).to(full.device)
-    return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-3 * float(full.abs().max()))
 
 
 def _groups(requests, max_length: int) -> Dict[tuple, List[int]]:
