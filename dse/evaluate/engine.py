@@ -105,40 +105,60 @@ class SharedContextLM(InMemoryLM):
             self.mode = self.probe()
         if not fast or self.mode == "plain":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
+            return self._score_all(requests, bar.update)
+
+    def _score_all(self, requests, done=lambda n: None) -> List[Tuple[float, bool]]:
         groups = _groups(requests, self.max_length)
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
-            for batch in _batches(list(groups), self.batch_size):
-                scores = self._score_batch(batch, [groups[p] for p in batch], requests)
-                for i, answer in scores.items():
-                    results[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(len(scores))
+        for batch in _batches(list(groups), self.batch_size, one_length=_sliding(self._model.config)):
+            scores = self._score_batch(batch, [groups[p] for p in batch], requests)
+            for i, answer in scores.items():
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            done(len(scores))
         return results
 
     @torch.no_grad()
     def _score_batch(self, prefixes: Sequence[tuple], members: Sequence[List[int]], requests) -> Dict[int, tuple]:
-        """Loglikelihood and is_greedy of every request of ``members`` (request indices per prefix);
-        the ``prefixes`` all have one length."""
+        """Loglikelihood and is_greedy of every request of ``members`` (request indices per prefix).
+
+        The prefixes run right-padded (causal: a token never sees the padding after it); the
+        continuations then run after their prefix's repeated cache, the padding masked out and
+        their positions given."""
         model = self._model
         head = self.mode == "head"
         run = model.base_model if head else model
-        out = run(torch.tensor(prefixes, device=self.device), use_cache=True)
+        lengths = [len(p) for p in prefixes]
+        width = max(lengths)
+        ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prefixes], device=self.device)
+        out = run(ids, use_cache=True)
         states = out.last_hidden_state if head else out.logits
         rows = [(b, i) for b, ids in enumerate(members) for i in ids]
         tails = [requests[i][2][:-1] for _, i in rows]  # continuation tokens fed after the context
-        width = max(len(t) for t in tails)
-        if width:
+        span = max(len(t) for t in tails)
+        if span:
             cache = cache_of(out)
             cache.batch_select_indices(torch.tensor([b for b, _ in rows]))  # on the CPU: a spread cache's layers differ
-            fed = torch.tensor([t + [0] * (width - len(t)) for t in tails], device=self.device)
-            more = run(fed, use_cache=True, **{cache_keyword(run): cache})
+            fed = torch.tensor([t + [0] * (span - len(t)) for t in tails], device=self.device)
+            row_lengths = torch.tensor([lengths[b] for b, _ in rows]).unsqueeze(1)
+            mask = torch.cat(
+                [torch.arange(width).unsqueeze(0) < row_lengths, torch.ones(len(rows), span, dtype=torch.bool)], 1
+            )
+            positions = row_lengths + torch.arange(span).unsqueeze(0)
+            more = run(
+                fed,
+                attention_mask=mask.long().to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                **{cache_keyword(run): cache},
+            )
             tail_states = more.last_hidden_state if head else more.logits
         picked, targets, counts = [], [], []
         for r, (b, i) in enumerate(rows):
             continuation = requests[i][2]
-            picked.append(states[b, -1:])
+            picked.append(states[b, lengths[b] - 1 : lengths[b]])
             if len(continuation) > 1:
                 picked.append(tail_states[r, : len(continuation) - 1])
             targets.extend(continuation)
@@ -151,22 +171,23 @@ class SharedContextLM(InMemoryLM):
 
     @torch.no_grad()
     def probe(self, length: int = 9) -> str:
-        """How to score this model, checked once on two requests sharing a probe context: ``head``
+        """How to score this model, checked once on probe requests (two share a context): ``head``
         (the head at scored positions), else ``logits`` (full logits, contexts still run once), else
         ``plain`` (``HFLM``'s path): the first that gives the full forward's log-probabilities."""
         model = self._model
         ids = [(7 * i + 3) % model.config.vocab_size for i in range(length)]
         logprobs = F.log_softmax(model(torch.tensor([ids], device=self.device)).logits[0].double(), dim=-1)
-        cut = length // 2
-        requests = [(None, ids[:cut], ids[cut:]), (None, ids[:cut], ids[cut:-1])]
-        expected = [float(sum(logprobs[j - 1, ids[j]] for j in range(cut, cut + len(c)))) for _, _, c in requests]
+        cut = length // 2  # two continuations of one context and one of a shorter context
+        spans = [(cut, length), (cut, length - 1), (cut - 2, length - 2)]
+        requests = [(None, ids[:c], ids[c:e]) for c, e in spans]
+        expected = [float(sum(logprobs[j - 1, ids[j]] for j in range(c, e))) for c, e in spans]
         eps = torch.finfo(next(model.parameters()).dtype).eps
         tolerance = max(1e-3, 50 * eps) * max(1.0, abs(expected[0]))
         has_head = model.get_output_embeddings() is not None and model.base_model is not model
         for mode in ("head", "logits") if has_head else ("logits",):
             self.mode = mode
-            got = self._score_batch([tuple(ids[:cut])], [[0, 1]], requests)
-            if all(abs(got[i][0] - expected[i]) <= tolerance for i in (0, 1)):
+            got = self._score_all(requests)
+            if all(abs(have - want) <= tolerance for (have, _), want in zip(got, expected)):
                 if mode == "logits":
                     self.say_once(
                         "logits",
@@ -211,11 +232,16 @@ def _groups(requests, max_length: int) -> Dict[tuple, List[int]]:
     return groups
 
 
-def _batches(prefixes: List[tuple], size: int) -> List[List[tuple]]:
-    """The prefixes, longest first, in batches of at most ``size`` of one length each."""
+def _sliding(config) -> bool:
+    """Whether some attention layer has a sliding window (its reach counts padding: one length per batch)."""
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
+def _batches(prefixes: List[tuple], size: int, one_length: bool = False) -> List[List[tuple]]:
+    """The prefixes, longest first, in batches of at most ``size`` (of one length each if ``one_length``)."""
     batches: List[List[tuple]] = []
     for prefix in sorted(prefixes, key=lambda p: (-len(p), p)):
-        if batches and len(batches[-1]) < size and len(batches[-1][0]) == len(prefix):
+        if batches and len(batches[-1]) < size and (not one_length or len(batches[-1][0]) == len(prefix)):
             batches[-1].append(prefix)
         else:
             batches.append([prefix])
