@@ -122,7 +122,13 @@ def test_run_sees_in_place_decomposition_on_tiny_model(benchmarks_dir):
     evaluator = Evaluator(model, CharTokenizer(), config)
     assert evaluator.windows.shape == (4, 64)
     first = evaluator.run(progress=False)
-    assert set(first) == {"perplexity", "latency_tokens_per_s", "eval_seconds"}
+    assert set(first) == {
+        "perplexity",
+        "latency_tokens_per_s",
+        "seconds/perplexity",
+        "seconds/latency_tokens_per_s",
+        "eval_seconds",
+    }
     assert set(evaluator.timings) == {"perplexity", "latency_tokens_per_s"}
     assert evaluator.run(progress=False)["perplexity"] == first["perplexity"]
     decompose_(model, uniform_plan(find_projections(model), 1))
@@ -140,7 +146,7 @@ def test_smollm2_wikitext_perplexity(smollm2, benchmarks_dir):
     evaluator = Evaluator(model, tokenizer, EvalConfig(tasks=[], perplexity=_wikitext(benchmarks_dir)))
     assert evaluator.windows.shape == (8, 512)
     metrics = evaluator.run(progress=False)
-    assert set(metrics) == {"perplexity", "eval_seconds"}
+    assert set(metrics) == {"perplexity", "seconds/perplexity", "eval_seconds"}
     assert metrics["perplexity"] == pytest.approx(30.23, rel=0.01)
 
 
@@ -159,13 +165,12 @@ def test_smollm2_runs_are_repeatable_and_see_in_place_decomposition(smollm2, ben
     evaluator = Evaluator(model, tokenizer, config)
     assert evaluator.metrics == {"piqa": "acc_norm", "winogrande": "acc"}
     first = evaluator.run(progress=False)
-    assert set(first) == {"acc/piqa", "acc/winogrande", "accuracy", "perplexity", "eval_seconds"}
+    seconds = {"seconds/piqa", "seconds/winogrande", "seconds/perplexity", "eval_seconds"}
+    assert set(first) == {"acc/piqa", "acc/winogrande", "accuracy", "perplexity"} | seconds
     assert all(0 <= first[k] <= 1 for k in ("acc/piqa", "acc/winogrande", "accuracy"))
     assert first["accuracy"] == pytest.approx((first["acc/piqa"] + first["acc/winogrande"]) / 2)
     second = evaluator.run(progress=False)
-    assert {k: v for k, v in second.items() if k != "eval_seconds"} == {
-        k: v for k, v in first.items() if k != "eval_seconds"
-    }
+    assert {k: v for k, v in second.items() if k not in seconds} == {k: v for k, v in first.items() if k not in seconds}
 
     decompose_(model, uniform_plan(find_projections(model), 8))
     try:

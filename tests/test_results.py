@@ -165,6 +165,8 @@ def test_status_lists_counts_baseline_and_front(tiny_study):
     text = format_status(study)
     assert f"{config.n_trials} trials" in text and "complete" in text
     assert "baseline" in text and "front" in text
+    split = next(line for line in text.splitlines() if line.startswith("seconds per trial (median of "))
+    assert ": decompose " in split and ", restore " in split and ", evaluation " in split
 
 
 def test_failed_and_running_trials_are_listed_but_not_on_the_front(tiny_study):

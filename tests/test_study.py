@@ -183,7 +183,10 @@ def test_cli_run_and_status(tmp_path, tiny_llama_dir, capsys):
     assert main(["run", str(path), "--quiet"]) == 0
     assert (tmp_path / "runs" / "tiny-study.db").is_file()  # default storage: SQLite beside the study
     assert main(["status", str(path)]) == 0
-    assert "tiny-study" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny-study" in out
+    split = next(line for line in out.splitlines() if line.startswith("seconds per trial (median of 1): decompose "))
+    assert all(f", {step} " in split for step in ("piqa", "perplexity", "restore", "evaluation"))
     study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-study.db'}")
     assert finished_trials(study) == 1
 

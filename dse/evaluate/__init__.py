@@ -23,7 +23,7 @@ from .tasks import check_tasks, convention_source, expand_tasks, load_tasks
 __getattr__, _LAZY = lazy_names(
     __name__,
     {
-        "config": ("METRICS", "EvalConfig", "PerplexityConfig"),
+        "config": ("ENGINES", "METRICS", "EvalConfig", "PerplexityConfig"),
         "encoder": ("TextSet", "embedding_similarity", "pseudo_perplexity", "sentence_embeddings"),
         "evaluator": ("Evaluator",),
         "latency": ("prompt_ids", "tokens_per_second"),
@@ -132,6 +132,7 @@ TASK_SOURCES.register("convention", convention_source)
 
 __all__ = [
     "BENCHMARK_FILES",
+    "ENGINES",
     "HEALED",
     "METRICS",
     "OBJECTIVES",

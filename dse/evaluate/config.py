@@ -17,6 +17,7 @@ from ..model import TextSource, text_section
 from .encoder import TextSet
 
 METRICS = ("acc", "acc_norm")
+ENGINES = ("fast", "hflm")  # the lm-eval models of dse.evaluate.engine
 
 
 @dataclass
@@ -51,7 +52,9 @@ class EvalConfig:
     ``data_dir``: a folder of local copies of the tasks' datasets (see :mod:`dse.evaluate.tasks`);
     tasks with a copy there read it instead of the hub. ``include_path``: a folder of the user's
     lm-eval task YAMLs, whose tasks ``tasks`` may name. A group or tag in ``tasks``
-    stands for its tasks. ``max_length`` caps the context lm-eval gives the model.
+    stands for its tasks. ``max_length`` caps the context lm-eval gives the model. ``engine``
+    scores the tasks: ``fast`` (each context run once, the head only where a score is read) or
+    ``hflm`` (lm-eval's plain ``HFLM``); both give the same loglikelihoods (:mod:`dse.evaluate.engine`).
     ``similarity`` and ``pseudo_perplexity`` (:class:`~dse.evaluate.encoder.TextSet`) are the encoder
     measures (:mod:`dse.evaluate.encoder`); a study section that names one and no ``tasks`` has none.
     """
@@ -67,6 +70,7 @@ class EvalConfig:
     latency: bool = False
     metrics: Dict[str, str] = field(default_factory=dict)
     max_length: int = 2048
+    engine: str = "hflm"
 
     def __post_init__(self):
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
@@ -79,6 +83,8 @@ class EvalConfig:
             integer(self.limit, "evaluation.limit", 1)
         integer(self.batch_size, "evaluation.batch_size", 1)
         integer(self.max_length, "evaluation.max_length", 1)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"evaluation.engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"evaluation.data_dir: no such folder {self.data_dir!r}")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():

@@ -2,9 +2,10 @@
 encoders embedding similarity to the dense model and pseudo-perplexity.
 
 :class:`Evaluator` is built once per study from an :class:`~dse.evaluate.EvalConfig`: it wraps the
-model in lm-eval's ``HFLM`` (never reloading it), loads the tasks' datasets and tokenizes the
-perplexity windows once. :meth:`Evaluator.run` then measures the model as it is at that moment,
-so a caller can ``decompose_`` and ``restore_`` it in place between runs::
+model in an lm-eval model (``evaluation.engine``, :mod:`dse.evaluate.engine`; never reloading
+it), loads the tasks' datasets and tokenizes the perplexity windows once. :meth:`Evaluator.run`
+then measures the model as it is at that moment, so a caller can ``decompose_`` and ``restore_``
+it in place between runs::
 
     evaluator = Evaluator(model, tokenizer, EvalConfig(tasks=["piqa"], limit=100, data_dir=BENCH))
     decompose_(model, plan)
@@ -24,7 +25,7 @@ from typing import Callable, Dict, Optional
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError
-from ..model import input_device, is_causal_lm, is_masked_lm, token_windows
+from ..model import is_causal_lm, is_masked_lm, token_windows
 from .config import EvalConfig
 from .encoder import embedding_similarity, pseudo_perplexity, sentence_embeddings
 from .latency import prompt_ids, tokens_per_second
@@ -69,24 +70,11 @@ def _quiet(verbose: bool):
 
 
 def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
-    """lm-eval's ``HFLM`` over the in-memory model; its per-request progress bars only if ``verbose``."""
-    from lm_eval.models.huggingface import HFLM
+    """The lm-eval model ``evaluation.engine`` names over the in-memory model (:mod:`dse.evaluate.engine`)."""
+    from .engine import InMemoryLM, SharedContextLM
 
-    class InMemoryLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = not verbose):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = not verbose):
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-
-        def generate_until(self, requests, disable_tqdm: bool = not verbose):
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-
-        @property
-        def device(self):  # where inputs go: HFLM takes the first parameter's, which may be offloaded (meta)
-            return input_device(model)
-
-    return InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    kind = SharedContextLM if config.engine == "fast" else InMemoryLM
+    return kind(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length, verbose=verbose)
 
 
 def _check_model(model, tokenizer, config: EvalConfig) -> None:
@@ -149,7 +137,8 @@ class Evaluator:
     def run(self, progress: bool = True, *, accuracy: Optional[Callable[[str], float]] = None) -> Dict[str, float]:
         """Flat metrics of the model now: ``acc/<task>``, ``accuracy`` (their mean), ``perplexity``,
         ``latency_tokens_per_s``, ``embedding_similarity``, ``pseudo_perplexity`` (each only if
-        configured) and ``eval_seconds``.
+        configured), the seconds each took (``seconds/<task>``, ``seconds/perplexity`` ...) and
+        ``eval_seconds`` (all of them).
 
         ``accuracy(name)`` replaces the scoring of each task (a staged evaluation,
         :func:`dse.evaluate.staged_run`, passes one). ``self.timings`` then holds the seconds each
@@ -180,5 +169,6 @@ class Evaluator:
                 self.timings[key] = time.perf_counter() - t
         if self.tasks:
             out["accuracy"] = statistics.fmean(out[f"acc/{name}"] for name in self.tasks)
+        out.update({f"seconds/{key.removeprefix('acc/')}": seconds for key, seconds in self.timings.items()})
         out["eval_seconds"] = time.perf_counter() - start
         return out

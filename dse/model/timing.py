@@ -83,7 +83,7 @@ def _greedy_steps(forward, keyword: str, out, steps: int):
     """``steps`` calls of ``forward`` on the greedy token of the last output and its cache."""
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        out = forward(token, use_cache=True, **{keyword: _cache_of(out)})
+        out = forward(token, use_cache=True, **{keyword: cache_of(out)})
     return out
 
 
@@ -139,7 +139,8 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
-def _cache_of(out):
+def cache_of(out):
+    """The KV cache a forward pass returned."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 

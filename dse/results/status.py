@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from typing import Optional, Tuple
 
@@ -65,6 +66,24 @@ def prediction_agreement(study) -> Optional[Tuple[float, int, str]]:
     return float(rho), len(predicted), metric
 
 
+def time_split(trials) -> str:
+    """Where a trial's time goes: the median seconds of each step over the completed, decomposed
+    trials that recorded it (decompose, each evaluation measure, restore, the whole evaluation)."""
+    done = [TrialRecord.of(t).metrics for t in trials if t.state.name == "COMPLETE"]
+    done = [a for a in done if a.get("n_modules") and "eval_seconds" in a]
+    if not done:
+        return ""
+    measures = dict.fromkeys(k for a in done for k in a if k.startswith("seconds/"))
+    steps = [("decompose", "decompose_seconds"), *((k[len("seconds/") :], k) for k in measures)]
+    steps += [("restore", "restore_seconds"), ("evaluation", "eval_seconds")]
+    shown = [
+        f"{label} {statistics.median(values):.2f}"
+        for label, key in steps
+        if (values := [a[key] for a in done if key in a])
+    ]
+    return f"seconds per trial (median of {len(done)}): " + ", ".join(shown)
+
+
 def format_status(study) -> str:
     """Trial counts per state, the study's setup, the undecomposed baseline and the feasible front."""
     trials = study.get_trials(deepcopy=False)
@@ -99,6 +118,9 @@ def format_status(study) -> str:
         rho, n, metric = agreement
         lost = "" if metric == "perplexity" else " lost"
         lines.append(f"error model: Spearman {rho:.3f} between predicted loss and measured {metric}{lost} ({n} trials)")
+    split = time_split(trials)
+    if split:
+        lines.append(split)
     if meta:
         front = pareto_front(study)
         lines.append(f"front: {len(front)} feasible configs" + (":" if len(front) else ""))

@@ -26,7 +26,7 @@ estimated on a laptop) and from the study's settings. With ``b`` the bytes of th
   of the largest plan, for each ``train`` choice, beyond the weights and factors above:
   :func:`dse.decompose.heal_memory` (gradients, AdamW moments and a rollback copy of what trains,
   activations kept for the backward pass, logits). Rough: an upper bound for most plans.
-* **per-trial seconds**: the median of the study's completed trials (decompose and evaluate),
+* **per-trial seconds**: the median of the study's completed trials (decompose, evaluate, restore),
   else the dense model's evaluation, when the study has run before; otherwise unknown.
 """
 
@@ -243,7 +243,8 @@ def _seconds(study) -> tuple:
 
     records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     done = [r.metrics for r in records if r.duplicate_of is None and r.get("n_modules")]
-    times = [a["decompose_seconds"] + a["eval_seconds"] for a in done if "eval_seconds" in a]
+    steps = ("decompose_seconds", "eval_seconds", "restore_seconds")
+    times = [sum(a.get(step, 0.0) for step in steps) for a in done if "eval_seconds" in a]
     if times:
         return statistics.median(times), f"median of {len(times)} completed trials"
     base = study.user_attrs.get("baseline") or {}

@@ -162,10 +162,11 @@ class Measurer:
         return plan_size(self.model, plan, self.table).params_after
 
     def measure(self, plan: Plan, early_stop=None) -> Dict[str, Any]:
-        """Decompose with ``plan``, evaluate, restore; return sizes and metrics (with every derived
-        objective's value). ``early_stop`` (multi-fidelity, see :func:`dse.evaluate.staged_run`) may
-        end the evaluation early: :class:`dse.evaluate.EarlyStop` then carries the sizes and the
-        metrics so far."""
+        """Decompose with ``plan``, evaluate, restore; return sizes, metrics (with every derived
+        objective's value) and the seconds of each step (``decompose_seconds``, the evaluator's
+        ``seconds/<measure>`` and ``eval_seconds``, ``restore_seconds``). ``early_stop``
+        (multi-fidelity, see :func:`dse.evaluate.staged_run`) may end the evaluation early:
+        :class:`dse.evaluate.EarlyStop` then carries the sizes and the metrics so far."""
         size = plan_size(self.model, plan, self.table)
         out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
         if self.latency() is not None:
@@ -178,9 +179,11 @@ class Measurer:
                     metrics = staged_run(self.evaluator, self.config.multi_fidelity.first, early_stop, self.progress)
                 else:
                     metrics = self.evaluator.run(progress=self.progress)
+                t1 = time.perf_counter()
         except EarlyStop as stop:
             stop.metrics = {**out, **stop.metrics}
             raise
+        out["restore_seconds"] = time.perf_counter() - t1
         out.update(metrics)
         return derive_metrics(out)
 
