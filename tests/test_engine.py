@@ -64,7 +64,8 @@ def test_same_scores_and_accuracy_on_every_local_task(name, tiny_llama, tokenize
     requests = requests_of(name, benchmarks_dir, 12, include)
     fast = assert_same(tiny_llama, tokenizer, requests)
     assert fast.mode == "head"  # Llama: the tied head on the last hidden states
-    config = EvalConfig(tasks=[name], limit=12, batch_size=4, data_dir=str(benchmarks_dir), include_path=include)
+    data = str(benchmarks_dir)
+    config = EvalConfig(tasks=[name], limit=12, batch_size=4, data_dir=data, include_path=include, engine="fast")
     evaluator = Evaluator(tiny_llama, tokenizer, config)
     assert isinstance(evaluator.lm, SharedContextLM)
     accuracy = evaluator.accuracy(name)
