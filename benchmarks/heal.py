@@ -4,14 +4,16 @@ The plans are docs/vs_svdllm.md's searched plans (``docs/vs_svdllm/plans/R*.json
 P1's calibration). Each is measured before and after a heal by each ``--variants`` recipe, beside
 two controls: the dense model, and the dense model tuned by the same recipe and tokens ("tuned
 dense": the full-rank ``svd`` plan, which is the dense model to float tolerance, healed as a plan
-is). Every heal reads WikiText-2 test pages 12–39, disjoint from P1's evaluation (0–5), held-out
-(6–11) and calibration (40–61) pages. Measures: P1 perplexity, the held-out pages', another
+is; only for ``lm`` variants: the dense model distilled from itself does not change). Every heal
+reads WikiText-2 test pages 12–39, disjoint from P1's evaluation (0–5), held-out (6–11) and
+calibration (40–61) pages. Measures: P1 perplexity, the held-out pages', another
 domain's (LAMBADA's fiction passages, ``lambada_openai/lambada_test.jsonl`` of the shared
 benchmarks, first 4096 tokens in windows of 512), and lm-eval accuracy on ``--tasks`` (first
-``--limit`` rows each, ``acc_norm`` where reported) with each task's standard error.
+``--limit`` rows each, ``acc_norm`` where reported, by the fast engine, which gives HFLM's
+loglikelihoods) with each task's standard error.
 
     python benchmarks/heal.py [--ratios 0.1 0.2 0.4] [--variants factors-lm factors-distill ...]
-                              [--steps 100] [--limit 600] [--out docs/heal]
+                              [--steps 100] [--limit 600] [--no-controls] [--out docs/heal]
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from common import BENCHMARKS, ROOT
 
 from dse.decompose import FactorCache, HealConfig, Plan, calibrate, decomposed, temporarily_healed
 from dse.evaluate import EvalConfig, Evaluator, perplexity
 from dse.model import TextSource, find_projections, load_model, token_windows
 from dse.study.protocols import P1_EVAL_TOKENS, P1_HELD_OUT_PAGES, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
 HEAL_PAGES = (12, 40)
 VARIANTS = {  # name -> the recipe's changes from --steps, batch 4 x 256 tokens, lr 1e-4, factors, lm
     "factors-lm": {},
@@ -69,6 +70,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy", "hellaswag"])
     ap.add_argument("--limit", type=int, default=600, help="rows per task (600: standard error under 2.1 points)")
+    ap.add_argument(
+        "--controls", action=argparse.BooleanOptionalAction, default=True, help="measure the dense and tuned dense rows"
+    )
     ap.add_argument("--benchmarks-dir", default=str(BENCHMARKS))
     ap.add_argument("--plans", default=str(ROOT / "docs" / "vs_svdllm" / "plans"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "heal"))
@@ -86,7 +90,7 @@ def main(argv=None) -> None:
     heal_text = wikitext_pages(args.benchmarks_dir, HEAL_PAGES)
     heal_windows = token_windows(tokenizer, heal_text.read(), recipe.seq_len, where="heal.seq_len")
     evaluator = Evaluator(
-        model, tokenizer, EvalConfig(tasks=args.tasks, limit=args.limit, data_dir=args.benchmarks_dir)
+        model, tokenizer, EvalConfig(tasks=args.tasks, limit=args.limit, data_dir=args.benchmarks_dir, engine="fast")
     )
     print(
         f"SmolLM2-135M, torch threads {torch.get_num_threads()}; heal: {args.steps} steps x {recipe.batch} x "
@@ -94,10 +98,12 @@ def main(argv=None) -> None:
         f"({len(heal_windows)} windows); tasks {', '.join(args.tasks)} x {args.limit} rows",
         flush=True,
     )
-    rows = [{"model": "dense", "variant": "-", **measures(model, evaluator, windows)}]
+    rows = [{"model": "dense", "variant": "-", **measures(model, evaluator, windows)}] if args.controls else []
     full = Plan({n: p.full_rank for n, p in table.items()}, "svd")
-    for variant in args.variants:
+    for variant in args.variants if args.controls else ():
         tuned = dataclasses.replace(recipe, **VARIANTS[variant])
+        if tuned.loss == "distill":  # the dense model distilled from itself: its loss is 0 from the start
+            continue
         row = healed_row(model, full, tuned, heal_windows, evaluator, windows)
         rows.append({"model": "tuned dense", "variant": variant, **row})
         print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
@@ -117,7 +123,7 @@ def main(argv=None) -> None:
     frame = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "results.csv", index=False)
+    frame.to_csv(out / f"results-{'-'.join(f'{r:g}' for r in args.ratios)}.csv", index=False)
     print("\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

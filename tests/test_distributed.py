@@ -115,7 +115,7 @@ def test_postgres_four_workers_survive_sigkill(tmp_path, tiny_llama_dir):
         pytest.skip("DSE_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server for this test)")
     if not BENCHMARKS.is_dir():
         pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    target = 40
+    target = 24
     path = write_study(tmp_path, tiny_llama_dir, f"pg-{uuid.uuid4().hex[:8]}", target)
     config = load_study_config(path)
     open_study(config, PG_URL)  # created once, before the workers join

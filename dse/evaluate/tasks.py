@@ -24,10 +24,14 @@ from .sources import LocalCopy, local_copy
 _SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 
-@lru_cache(maxsize=4)
 def task_manager(include_path: Optional[str] = None):
     """lm-eval's index of built-in tasks and those under ``include_path`` (built once per path and
     process: it scans thousands of YAMLs)."""
+    return _task_manager(include_path)  # one cache key per path, however it is passed
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include_path: Optional[str]):
     import lm_eval.tasks  # noqa: F401  (TaskManager needs the package imported first)
     from lm_eval.tasks import TaskManager
 
@@ -165,6 +169,8 @@ def check_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str]
     """The tasks ``names`` stand for (groups expanded), after checking that each is known and that
     its dataset can be read: a local copy where a source names one, else loaded once now (a task
     whose dataset cannot be reached offline fails here, before any study starts)."""
+    if not names:  # no lm-eval task: lm-eval's index (18 s to build) is not needed
+        return []
     manager = task_manager(include_path)
     tasks = expand_tasks(names, include_path)
     for i, name in tasks:
@@ -177,6 +183,8 @@ def check_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str]
 def load_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str] = None) -> Mapping[str, Any]:
     """``{task: lm-eval Task}`` for the tasks ``names`` stand for (groups expanded), in order, each
     task's dataset loaded once."""
+    if not names:
+        return {}
     manager = task_manager(include_path)
     tasks = expand_tasks(names, include_path)
     return {

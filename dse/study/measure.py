@@ -167,6 +167,19 @@ class Measurer:
         ``seconds/<measure>`` and ``eval_seconds``, ``restore_seconds``). ``early_stop``
         (multi-fidelity, see :func:`dse.evaluate.staged_run`) may end the evaluation early:
         :class:`dse.evaluate.EarlyStop` then carries the sizes and the metrics so far."""
+        out, metrics = self._measured(plan, early_stop)
+        return derive_metrics({**out, **metrics})
+
+    def measure_baseline(self) -> Dict[str, Any]:
+        """The dense model's :meth:`measure`; with a ``heal:`` block also its healed measures, which
+        are its own (a dense model has nothing to heal), so it is evaluated once."""
+        out, metrics = self._measured(Plan({}, self.config.method))
+        if self.config.heal is not None:
+            out.update(heal_steps=0, heal_seconds=0.0, **healed_metrics(derive_metrics(metrics)))
+        return derive_metrics({**out, **metrics})
+
+    def _measured(self, plan: Plan, early_stop=None):
+        """(sizes, predicted latencies and step seconds; the evaluator's metrics) of ``plan``."""
         size = plan_size(self.model, plan, self.table)
         out: Dict[str, Any] = {**size.as_dict(), "n_modules": len(plan)}
         if self.latency() is not None:
@@ -184,14 +197,12 @@ class Measurer:
             stop.metrics = {**out, **stop.metrics}
             raise
         out["restore_seconds"] = time.perf_counter() - t1
-        out.update(metrics)
-        return derive_metrics(out)
+        return out, metrics
 
     def measure_healed(self, plan: Plan) -> Dict[str, Any]:
         """Decompose with ``plan``, heal by the study's ``heal:`` recipe, evaluate, restore: the
         evaluation's metrics under their healed names (``accuracy_healed`` ...) and what the heal
-        did (``heal_steps``, ``heal_seconds``, ``heal_tokens_per_s``, ``heal_losses``). The dense
-        plan has nothing to heal: its healed measures are its own. The model is restored bit-exact
+        did (``heal_steps``, ``heal_seconds``, ``heal_tokens_per_s``, ``heal_losses``). The model is restored bit-exact
         and the factor cache is not changed (:func:`dse.decompose.temporarily_healed`)."""
         heal = self.config.heal
         if heal is None:
@@ -199,10 +210,10 @@ class Measurer:
         if self._heal_windows is None:
             text = heal.text.read()
             self._heal_windows = token_windows(self.tokenizer, text, heal.recipe.seq_len, where="heal.seq_len")
-        out: Dict[str, Any] = {"heal_steps": 0, "heal_seconds": 0.0}
+        if not len(plan):
+            raise StudyError("plan: the dense plan has nothing to heal (see measure_baseline)")
+        out: Dict[str, Any] = {}
         with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
-            if not len(plan):
-                return {**out, **healed_metrics(derive_metrics(self.evaluator.run(progress=self.progress)))}
             with temporarily_healed(self.model, self._heal_windows, heal.recipe, self.progress) as report:
                 out.update(
                     heal_steps=report.steps,

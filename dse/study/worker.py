@@ -95,10 +95,7 @@ class Worker:
             study.set_user_attr("dse", study_meta(self.config, self.measurer.family, fingerprint))
         self.baseline = study.user_attrs.get("baseline") or {}
         if not self.baseline:
-            dense = Plan({}, self.config.method)
-            self.baseline = self.measurer.measure(dense)
-            if self.config.heal is not None:
-                self.baseline.update(self.measurer.measure_healed(dense))
+            self.baseline = self.measurer.measure_baseline()
             study.set_user_attr("baseline", self.baseline)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
