@@ -187,6 +187,8 @@ def test_cli_run_and_status(tmp_path, tiny_llama_dir, capsys):
     assert "tiny-study" in out
     split = next(line for line in out.splitlines() if line.startswith("seconds per trial (median of 1): decompose "))
     assert all(f", {step} " in split for step in ("piqa", "perplexity", "restore", "evaluation"))
+    assert main(["estimate", str(path)]) == 0  # the same split beside the memory figures
+    assert split in capsys.readouterr().out.splitlines()
     study = optuna.load_study(study_name="tiny-study", storage=f"sqlite:///{tmp_path / 'runs' / 'tiny-study.db'}")
     assert finished_trials(study) == 1
 

@@ -63,6 +63,7 @@ class Estimate:
     lines: List[Line]
     trial_seconds: Optional[float] = None
     seconds_from: str = "no trial has run yet"
+    split: str = ""  # where a trial's time goes (dse.results.status.time_split), once trials have run
 
     def line(self, what: str) -> Line:
         return next(line for line in self.lines if line.what == what)
@@ -75,6 +76,8 @@ class Estimate:
             rows.append(f"{line.what:{width}}  " + "  ".join(f"{c:>10}" for c in cells))
         seconds = "unknown" if self.trial_seconds is None else f"{self.trial_seconds:.1f} s"
         rows.append(f"per trial: {seconds} ({self.seconds_from})")
+        if self.split:
+            rows.append(self.split)
         return "\n".join(rows)
 
 
@@ -154,7 +157,10 @@ def estimate(config: StudyConfig, study=None) -> Estimate:
     )
     out = Estimate(title, lines)
     if study is not None:
+        from ..results.status import time_split
+
         out.trial_seconds, out.seconds_from = _seconds(study)
+        out.split = time_split(study.get_trials(deepcopy=False))
     return out
 
 
