@@ -232,7 +232,7 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
     from dse.study.measure import Measurer
 
     config = allocation_study(tiny_llama_dir, tmp_path)
-    measure, calls = Measurer.measure, []
+    measure, calls = Measurer._measured, []  # every measurement, the baseline's included
 
     def counting(stop_at=None):  # call 1: the dense baseline, then the probes
         def wrapped(self, plan, early_stop=None):
@@ -243,14 +243,14 @@ def test_interrupted_probes_resume_and_starts_are_enqueued_once(tiny_llama_dir, 
 
         return wrapped
 
-    monkeypatch.setattr(Measurer, "measure", counting(stop_at=5))
+    monkeypatch.setattr(Measurer, "_measured", counting(stop_at=5))
     with pytest.raises(RuntimeError, match="stopped while probing"):
         run_study(config, progress=False)
     first = optuna.load_study(study_name=config.name, storage=config.storage)
     assert len(first.user_attrs["sensitivity"]) == 3 and not first.user_attrs.get("starts_enqueued")
 
     calls.clear()
-    monkeypatch.setattr(Measurer, "measure", counting())
+    monkeypatch.setattr(Measurer, "_measured", counting())
     result = run_study(config, progress=False)
     starts = [TrialRecord.of(t).start for t in result.trials if TrialRecord.of(t).start]
     assert starts == ["flat", "sensitivity"]
