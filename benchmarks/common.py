@@ -8,9 +8,18 @@ from typing import Dict, Mapping
 
 from dse.decompose import Plan, decomposed
 from dse.evaluate import perplexity
+from dse.model import token_windows
+from dse.study.protocols import wikitext_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT.parent / "shared" / "benchmarks"  # the protocols' texts, beside the checkout
+HEAL_PAGES = (12, 40)  # WikiText-2 test pages the heal benchmarks train on: disjoint from P1's 0-11 and 40-61
+
+
+def heal_training_windows(tokenizer, benchmarks_dir, seq_len: int):
+    """The heal benchmarks' training text (:data:`HEAL_PAGES`) cut into windows of ``seq_len``."""
+    text = wikitext_pages(benchmarks_dir, HEAL_PAGES).read()
+    return token_windows(tokenizer, text, seq_len, where="heal.seq_len")
 
 
 def plan_perplexities(model, plan: Plan, windows: Mapping, **kw) -> Dict[str, float]:

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import BENCHMARKS, ROOT
+from common import BENCHMARKS, HEAL_PAGES, ROOT, heal_training_windows
 
 from dse.decompose import FactorCache, HealConfig, Plan, calibrate, decomposed, temporarily_healed
 from dse.evaluate import EvalConfig, Evaluator, perplexity
 from dse.model import TextSource, find_projections, load_model, token_windows
-from dse.study.protocols import P1_EVAL_TOKENS, P1_HELD_OUT_PAGES, P1_WINDOW, p1_calibration, p1_windows, wikitext_pages
+from dse.study.protocols import P1_EVAL_TOKENS, P1_HELD_OUT_PAGES, P1_WINDOW, p1_calibration, p1_windows
 
-HEAL_PAGES = (12, 40)
 VARIANTS = {  # name -> the recipe's changes from --steps, batch 4 x 256 tokens, lr 1e-4, factors, lm
     "factors-lm": {},
     "factors-distill": {"loss": "distill"},
@@ -87,8 +86,7 @@ def main(argv=None) -> None:
         "LAMBADA": token_windows(tokenizer, other.read(), P1_WINDOW, max_tokens=P1_EVAL_TOKENS),
     }
     recipe = HealConfig(steps=args.steps, lr=args.lr)
-    heal_text = wikitext_pages(args.benchmarks_dir, HEAL_PAGES)
-    heal_windows = token_windows(tokenizer, heal_text.read(), recipe.seq_len, where="heal.seq_len")
+    heal_windows = heal_training_windows(tokenizer, args.benchmarks_dir, recipe.seq_len)
     evaluator = Evaluator(
         model, tokenizer, EvalConfig(tasks=args.tasks, limit=args.limit, data_dir=args.benchmarks_dir, engine="fast")
     )

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import BENCHMARKS, ROOT
+from common import BENCHMARKS, ROOT, heal_training_windows
 from scipy.stats import spearmanr
 
 from dse.decompose import FactorCache, HealConfig, Plan, calibrate, decomposed, temporarily_healed
 from dse.evaluate import perplexity
-from dse.model import find_projections, load_model, token_windows
-from dse.study.protocols import p1_calibration, p1_windows, wikitext_pages
-
-HEAL_PAGES = (12, 40)
+from dse.model import find_projections, load_model
+from dse.study.protocols import p1_calibration, p1_windows
 
 
 def main(argv=None) -> None:
@@ -48,9 +46,7 @@ def main(argv=None) -> None:
     table = find_projections(model)
     windows = p1_windows(tokenizer, args.benchmarks_dir)
     recipe = HealConfig(steps=args.steps, lr=args.lr)
-    heal_windows = token_windows(
-        tokenizer, wikitext_pages(args.benchmarks_dir, HEAL_PAGES).read(), recipe.seq_len, where="heal.seq_len"
-    )
+    heal_windows = heal_training_windows(tokenizer, args.benchmarks_dir, recipe.seq_len)
     kw = {"table": table, "cache": FactorCache()}
     if args.method != "svd":
         kw["calibration"] = calibrate(model, tokenizer, p1_calibration(args.benchmarks_dir), progress=False)

@@ -75,6 +75,8 @@ def _kind(manager, name: str) -> Optional[str]:
 def expand_tasks(names: Sequence[str], include_path: Optional[str] = None) -> List[Tuple[int, str]]:
     """``(index in names, task)`` for every task the listed names stand for: groups and tags
     expanded (recursively, each task once, in order). Unknown names are one-line errors."""
+    if not names:  # no lm-eval task: lm-eval's index (18 s to build) is not needed
+        return []
     manager = task_manager(include_path)
     out: Dict[str, int] = {}
 
@@ -169,24 +171,19 @@ def check_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str]
     """The tasks ``names`` stand for (groups expanded), after checking that each is known and that
     its dataset can be read: a local copy where a source names one, else loaded once now (a task
     whose dataset cannot be reached offline fails here, before any study starts)."""
-    if not names:  # no lm-eval task: lm-eval's index (18 s to build) is not needed
-        return []
-    manager = task_manager(include_path)
     tasks = expand_tasks(names, include_path)
     for i, name in tasks:
         spec = _spec(name, data_dir, include_path)
         if isinstance(spec, str):
-            _load(manager, name, spec, f"evaluation.tasks[{i}]")
+            _load(task_manager(include_path), name, spec, f"evaluation.tasks[{i}]")
     return [name for _, name in tasks]
 
 
 def load_tasks(names: Sequence[str], data_dir=None, include_path: Optional[str] = None) -> Mapping[str, Any]:
     """``{task: lm-eval Task}`` for the tasks ``names`` stand for (groups expanded), in order, each
     task's dataset loaded once."""
-    if not names:
-        return {}
-    manager = task_manager(include_path)
     tasks = expand_tasks(names, include_path)
     return {
-        name: _load(manager, name, _spec(name, data_dir, include_path), f"evaluation.tasks[{i}]") for i, name in tasks
+        name: _load(task_manager(include_path), name, _spec(name, data_dir, include_path), f"evaluation.tasks[{i}]")
+        for i, name in tasks
     }

@@ -207,11 +207,11 @@ class Measurer:
         heal = self.config.heal
         if heal is None:
             raise StudyError("heal: the study has no heal: block")
+        if not len(plan):
+            raise StudyError("plan: the dense plan has nothing to heal (see measure_baseline)")
         if self._heal_windows is None:
             text = heal.text.read()
             self._heal_windows = token_windows(self.tokenizer, text, heal.recipe.seq_len, where="heal.seq_len")
-        if not len(plan):
-            raise StudyError("plan: the dense plan has nothing to heal (see measure_baseline)")
         out: Dict[str, Any] = {}
         with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
             with temporarily_healed(self.model, self._heal_windows, heal.recipe, self.progress) as report:
