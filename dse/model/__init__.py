@@ -23,9 +23,12 @@ from .families import (
     locate,
     n_layers,
     ordered_types,
+    projections_from_config,
     register_family,
     tensor_types,
 )
+from .shapes import llama_layout
+from .shipped import BUILTIN
 
 # the modules that need torch load on first use of one of their names
 __getattr__, _LAZY = lazy_names(
@@ -43,7 +46,6 @@ __getattr__, _LAZY = lazy_names(
             "parse_max_memory",
         ),
         "load": (
-            "BUILTIN",
             "DTYPES",
             "auto_class",
             "is_causal_lm",
@@ -71,6 +73,7 @@ register_family(
             "mlp.down_proj": "down",
         },
         help="Llama-style names: Llama 2/3, Mistral, Qwen 2/3, Gemma 1/2/3, OLMo, Granite, SmolLM ...",
+        shapes=llama_layout,
     )
 )
 register_family(
@@ -159,6 +162,7 @@ __all__ = [
     "module_tensors",
     "n_layers",
     "ordered_types",
+    "projections_from_config",
     "param_count",
     "parse_device_map",
     "parse_max_memory",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import ModelError
 from ..core.registry import Registry
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 CANONICAL_TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 GENERIC = "generic"
 
+# (layer list path, layer count, {projection path: (out, in)}) of a model, from its config's fields
+ConfigLayout = Tuple[str, int, Mapping[str, Tuple[int, int]]]
+
 
 @dataclass(frozen=True)
 class Family:
@@ -35,11 +38,15 @@ class Family:
 
     A family without ``projections`` (``generic``) takes every ``nn.Linear`` of the layer list whose
     first layer holds the most of them, typed by its attribute name; it is used only when named.
+    ``shapes``, if given, reads a model's layout from its config fields alone (no torch, no model:
+    :func:`projections_from_config`), returning ``None`` for a config it does not know; a test
+    checks it against the model transformers builds.
     """
 
     name: str
     projections: Optional[Mapping[str, str]] = None
     help: str = ""
+    shapes: Optional[Callable[[Mapping[str, Any]], Optional[ConfigLayout]]] = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,26 @@ def find_projections(model: nn.Module, family: Optional[str] = None) -> Dict[str
             name = f"{layout.layers}.{i}.{rel}"
             table[name] = Projection(name, i, ttype, out_f, in_f, transposed)
     return table
+
+
+def projections_from_config(fields: Mapping[str, Any], family: Optional[str] = None) -> Optional[Dict[str, Projection]]:
+    """The :func:`find_projections` table of the model that config ``fields`` describe, by the
+    ``shapes`` rule of the family named (else of the first registered family whose rule knows the
+    config), without building the model; ``None`` when no rule knows it."""
+    candidates = list(FAMILIES.values()) if family is None else [FAMILIES[family]] if family in FAMILIES else []
+    for fam in candidates:
+        layout = fam.shapes(fields) if fam.shapes is not None else None
+        if layout is None:
+            continue
+        layers, count, shapes = layout
+        table: Dict[str, Projection] = {}
+        for i in range(count):
+            for rel, ttype in (fam.projections or {}).items():
+                if rel in shapes:
+                    name = f"{layers}.{i}.{rel}"
+                    table[name] = Projection(name, i, ttype, *shapes[rel], False)
+        return table
+    return None
 
 
 def n_layers(table: Mapping[str, Projection]) -> int:

