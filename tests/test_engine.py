@@ -14,7 +14,7 @@ from conftest import FAMILIES, TINY
 
 from dse.core.errors import ConfigError
 from dse.evaluate import BENCHMARK_FILES, EvalConfig, Evaluator, load_tasks
-from dse.evaluate.engine import InMemoryLM, SharedContextLM
+from dse.evaluate.engine import InMemoryLM, SharedContextLM, batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -145,3 +145,33 @@ def test_smollm2_same_scores(name, smollm2, benchmarks_dir):
     model, tokenizer = smollm2
     fast = assert_same(model, tokenizer, requests_of(name, benchmarks_dir, 6), batch_size=8)
     assert fast.mode == "head"
+
+
+def padded(tails, chunks) -> int:
+    """Positions run by passes over ``chunks``, written out: each context batch pads to its
+    longest context, its continuation pass to its longest continuation."""
+    out = 0
+    for chunk in chunks:
+        fed = [t for p in chunk for t in tails[p]]
+        out += len(chunk) * max(map(len, chunk)) + (len(fed) * max(fed) if fed else 0)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batches_hold_every_prefix_once_and_pad_no_more_than_sorting_by_length(seed):
+    """Contexts short with long answers of varied length (PIQA's shape) batch by their answers;
+    contexts of varied length with short answers (ARC's) by themselves."""
+    import random
+
+    rng = random.Random(seed)
+    for context, answer in [((3, 6), (5, 60)), ((10, 120), (1, 4))]:
+        tails = {
+            tuple(range(i, i + rng.randint(*context))): [rng.randint(*answer) for _ in range(rng.randint(2, 4))]
+            for i in range(40)
+        }
+        chunks = batches(tails, 8)
+        assert sorted(p for c in chunks for p in c) == sorted(tails) and max(map(len, chunks)) <= 8
+        by_length = [sorted(tails, key=lambda p: (-len(p), p))[i : i + 8] for i in range(0, 40, 8)]
+        assert padded(tails, chunks) <= padded(tails, by_length)
+        one = batches(tails, 8, one_length=True)
+        assert all(len({len(p) for p in c}) == 1 for c in one)

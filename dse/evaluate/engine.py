@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +111,9 @@ class SharedContextLM(InMemoryLM):
 
     def _score_all(self, requests, done=lambda n: None) -> List[Tuple[float, bool]]:
         groups = _groups(requests, self.max_length)
+        tails = {prefix: [len(requests[i][2]) - 1 for i in members] for prefix, members in groups.items()}
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
-        for batch in _batches(list(groups), self.batch_size, one_length=_sliding(self._model.config)):
+        for batch in batches(tails, self.batch_size, one_length=_sliding(self._model.config)):
             scores = self._score_batch(batch, [groups[p] for p in batch], requests)
             for i, answer in scores.items():
                 results[i] = answer
@@ -237,12 +239,33 @@ def _sliding(config) -> bool:
     return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
-def _batches(prefixes: List[tuple], size: int, one_length: bool = False) -> List[List[tuple]]:
-    """The prefixes, longest first, in batches of at most ``size`` (of one length each if ``one_length``)."""
-    batches: List[List[tuple]] = []
-    for prefix in sorted(prefixes, key=lambda p: (-len(p), p)):
-        if batches and len(batches[-1]) < size and (not one_length or len(batches[-1][0]) == len(prefix)):
-            batches[-1].append(prefix)
+def batches(tails: Mapping[tuple, List[int]], size: int, one_length: bool = False) -> List[List[tuple]]:
+    """The prefixes (keys of ``tails``: each prefix's continuation lengths fed after it) in batches
+    of at most ``size``, longest first: of one length each if ``one_length``; else sorted by their
+    length, by their longest continuation, or by the two summed, whichever pads the fewest
+    positions (a batch's contexts pad to its longest, its continuations to the longest of them):
+    multiple-choice tasks differ in which of the two varies more (ARC: contexts; PIQA: answers)."""
+    longest = {p: max(t, default=0) for p, t in tails.items()}
+    orders = [lambda p: (-len(p), p)]
+    if not one_length:
+        orders += [lambda p: (-longest[p], -len(p), p), lambda p: (-len(p) - longest[p], p)]
+    return min((_chunked(sorted(tails, key=order), size, one_length) for order in orders), key=partial(_padded, tails))
+
+
+def _chunked(prefixes: List[tuple], size: int, one_length: bool) -> List[List[tuple]]:
+    chunks: List[List[tuple]] = []
+    for prefix in prefixes:
+        if chunks and len(chunks[-1]) < size and (not one_length or len(chunks[-1][0]) == len(prefix)):
+            chunks[-1].append(prefix)
         else:
-            batches.append([prefix])
-    return batches
+            chunks.append([prefix])
+    return chunks
+
+
+def _padded(tails: Mapping[tuple, List[int]], chunks: List[List[tuple]]) -> int:
+    """Positions the passes over ``chunks`` run, padding included: contexts, then continuations."""
+    total = 0
+    for chunk in chunks:
+        rows = [t for p in chunk for t in tails[p]]
+        total += len(chunk) * max(len(p) for p in chunk) + len(rows) * max(rows, default=0)
+    return total
