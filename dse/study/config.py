@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import ConfigError
 from ..core.validate import check_keys, integer, mapping, number, read_yaml, resolve_path, string
@@ -138,6 +138,12 @@ class StudyConfig:
     multi_fidelity: Optional[MultiFidelity] = None
     latency_table: Optional[TableSpec] = None  # given, or implied by what needs one (see uses_latency)
     heal: Optional[StudyHeal] = None
+
+    @property
+    def placement(self) -> Dict[str, Any]:
+        """Where and how the model loads: :func:`dse.model.load_model`'s keyword arguments."""
+        keys = ("device", "dtype", "device_map", "max_memory", "offload_dir")
+        return {key: getattr(self, key) for key in keys}
 
     @property
     def optimises_latency(self) -> bool:

@@ -70,14 +70,7 @@ class Measurer:
     def from_config(cls, config: StudyConfig, progress: bool = True) -> "Measurer":
         """Load the model (placed by ``device`` or ``device_map``), calibrate if the study has a
         calibration, and build the evaluator."""
-        model, tokenizer = load_model(
-            config.model,
-            device=config.device,
-            dtype=config.dtype,
-            device_map=config.device_map,
-            max_memory=config.max_memory,
-            offload_dir=config.offload_dir,
-        )
+        model, tokenizer = load_model(config.model, **config.placement)
         table = find_projections(model, config.family)
         cache = FactorCache(config.cache_dir, config.cache_memory)
         calibration = _calibration(config, model, tokenizer, table, cache, progress)
@@ -111,17 +104,8 @@ class Measurer:
 
     def _sharing(self, config: StudyConfig, evaluator, latency: Optional[LatencyTable]) -> "Measurer":
         """A measurer on this one's model, table, cache and calibration."""
-        return Measurer(
-            config,
-            self.model,
-            self.tokenizer,
-            evaluator,
-            cache=self.cache,
-            calibration=self.calibration,
-            table=self.table,
-            latency=latency,
-            progress=self.progress,
-        )
+        kw = dict(cache=self.cache, calibration=self.calibration, table=self.table, progress=self.progress)
+        return Measurer(config, self.model, self.tokenizer, evaluator, latency=latency, **kw)
 
     def latency(self) -> Optional[LatencyTable]:
         """The study's latency table (measured, or read from the cache, on first use), or None when
@@ -129,33 +113,15 @@ class Measurer:
         if not self.config.uses_latency:
             return None
         if self._latency is None:
-            self._latency = latency_table(
-                self.model,
-                self.table,
-                self.config.latency_table or TableSpec(),
-                self.config.cache_dir,
-                progress=self.progress,
-            )
+            spec = self.config.latency_table or TableSpec()
+            self._latency = latency_table(self.model, self.table, spec, self.config.cache_dir, progress=self.progress)
         return self._latency
 
     def importances(self) -> Dict[str, Any]:
         """Every projection's per-component :func:`dse.space.importance` under the study's
         method (factorizing on first use); needs a calibration with gradients."""
         if self._importances is None:
-            if self.calibration is None or not self.calibration.grads:
-                raise StudyError("calibration: an allocation space needs a calibration with gradients")
-            forms = factor_forms(
-                self.model,
-                self.table,
-                self.config.method,
-                cache=self.cache,
-                calibration=self.calibration,
-                table=self.table,
-                progress=self.progress,
-            )
-            self._importances = {
-                n: importance(f, self.calibration.grads[n], self.calibration.stats_for(n).xtx) for n, f in forms.items()
-            }
+            self._importances = _importances(self, self.calibration)
         return self._importances
 
     def params_after(self, plan: Plan) -> int:
@@ -212,17 +178,20 @@ class Measurer:
         if self._heal_windows is None:
             text = heal.text.read()
             self._heal_windows = token_windows(self.tokenizer, text, heal.recipe.seq_len, where="heal.seq_len")
-        out: Dict[str, Any] = {}
         with decomposed(self.model, plan, cache=self.cache, calibration=self.calibration, table=self.table):
             with temporarily_healed(self.model, self._heal_windows, heal.recipe, self.progress) as report:
-                out.update(
-                    heal_steps=report.steps,
-                    heal_seconds=report.seconds,
-                    heal_tokens_per_s=report.tokens_per_s,
-                    heal_losses=report.losses,
-                )
                 metrics = self.evaluator.run(progress=self.progress)
-        return {**out, **healed_metrics(derive_metrics(metrics))}
+        done = dict(heal_steps=report.steps, heal_seconds=report.seconds, heal_tokens_per_s=report.tokens_per_s)
+        return {**done, "heal_losses": report.losses, **healed_metrics(derive_metrics(metrics))}
+
+
+def _importances(m: Measurer, calibration) -> Dict[str, Any]:
+    """Every projection's per-component :func:`dse.space.importance` under ``m``'s method."""
+    if calibration is None or not calibration.grads:
+        raise StudyError("calibration: an allocation space needs a calibration with gradients")
+    kw = dict(cache=m.cache, calibration=calibration, table=m.table, progress=m.progress)
+    forms = factor_forms(m.model, m.table, m.config.method, **kw)
+    return {n: importance(f, calibration.grads[n], calibration.stats_for(n).xtx) for n, f in forms.items()}
 
 
 def _calibration(config: StudyConfig, model, tokenizer, table, cache: FactorCache, progress: bool):
