@@ -70,7 +70,7 @@ class EvalConfig:
     latency: bool = False
     metrics: Dict[str, str] = field(default_factory=dict)
     max_length: int = 2048
-    engine: str = "hflm"
+    engine: str = "fast"
 
     def __post_init__(self):
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
