@@ -39,6 +39,7 @@ def test_the_rule_equals_the_built_model(model_type):
     fields = dict(FULL, model_type=model_type)
     table = projections_from_config(fields)
     assert table is not None and len(table) == 3 * 7
+    assert projections_from_config({**fields, "architectures": ["LlamaForCausalLM"]}) == table
     assert table == built(fields)
     assert list(table) == list(built(fields))  # same order: layer-major, the family's order
 
@@ -56,8 +57,14 @@ def test_a_left_out_field_is_derived_as_transformers_does_or_the_rule_declines(m
 
 @pytest.mark.parametrize(
     "change",
-    [{"model_type": "phi3"}, {"hidden_size": "48"}, {"num_hidden_layers": 0}, {"intermediate_size": True}],
-    ids=["other-type", "string", "zero", "bool"],
+    [
+        {"model_type": "phi3"},
+        {"hidden_size": "48"},
+        {"num_hidden_layers": 0},
+        {"intermediate_size": True},
+        {"architectures": ["LlamaForSequenceClassification"]},
+    ],
+    ids=["other-type", "string", "zero", "bool", "other-head"],
 )
 def test_the_rule_declines_what_it_does_not_know(change):
     assert llama_layout({**FULL, "model_type": "llama", **change}) is None
@@ -67,6 +74,8 @@ def test_a_config_the_rule_declines_is_built_on_the_meta_device():
     fields = dict(model_type="phi3", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
     table = projection_table(model_config=fields)
     assert {p.type for p in table.values()} == {"qkv", "o", "gate_up", "down"}
+    headless = dict(FULL, model_type="llama", architectures=["LlamaModel"])  # no causal head: no "model." prefix
+    assert next(iter(projection_table(model_config=headless))).startswith("layers.0.")
 
 
 def test_a_folder_is_read_from_its_config_json(tiny_llama_dir):

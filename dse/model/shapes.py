@@ -63,10 +63,17 @@ _GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 def llama_layout(fields: Mapping[str, Any]) -> Optional[ConfigLayout]:
     """The ``llama`` family's layout from config fields (a :class:`~dse.model.Family` ``shapes``
-    rule); ``None`` for another model type or a field missing or not a positive integer."""
-    model_type = fields.get("model_type")
+    rule) of a model that loads with its causal-LM head; ``None`` for another model type or head, or a
+    field missing or not a positive integer."""
+    model_type, architectures = fields.get("model_type"), fields.get("architectures") or []
     if model_type not in LLAMA_LAYOUT_TYPES:
         return None
+    if (
+        not isinstance(architectures, list)
+        or architectures
+        and not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures)
+    ):
+        return None  # another head (dse.model.auto_class): its modules are not under model.layers
     defaults = {"num_key_value_heads": fields.get("num_attention_heads")} if model_type == "llama" else {}
     if model_type in _DERIVED_HEAD_DIM and _positive(fields.get("num_attention_heads")):
         defaults["head_dim"] = _positive(fields.get("hidden_size")) // fields["num_attention_heads"]
