@@ -1,12 +1,12 @@
 """Evaluation seconds per trial of the quick study (``studies/smollm2-quick.yaml``'s evaluation
 block) with lm-eval's plain ``HFLM`` and with the fast engine (``evaluation.engine``), in one run.
 
-    python benchmarks/trial_cost.py [--repeats 3] [--limit 100]
+    python benchmarks/trial_cost.py [--repeats 3] [--limit 100] [--model gemma3-270m] [--tasks piqa arc_easy]
 
-SmolLM2-135M (dense: a trial's plan changes the model's cost, not the engines' ratio) is evaluated
-``repeats`` times by each engine, the two alternating. Prints the median seconds of each measure
-(``seconds/<task>``, ``seconds/perplexity``) and of the whole evaluation per engine, their ratio,
-and whether the metrics are the same.
+The study's model (SmolLM2-135M) or ``--model``, dense (a trial's plan changes the model's cost,
+not the engines' ratio), is evaluated ``repeats`` times by each engine, the two alternating.
+Prints the median seconds of each measure (``seconds/<task>``, ``seconds/perplexity``) and of
+the whole evaluation per engine, their ratio, and whether the metrics are the same.
 """
 
 from __future__ import annotations
@@ -30,15 +30,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None, help="rows per task (default: the study's)")
+    parser.add_argument("--model", default=None, help="another model name (default: the study's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="other tasks (default: the study's)")
     args = parser.parse_args()
     config = load_study_config(ROOT / "studies/smollm2-quick.yaml")
     evaluation = config.evaluation
-    if args.limit is not None:
-        evaluation = dataclasses.replace(evaluation, limit=args.limit)
-    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+    changes = {"limit": args.limit, "tasks": args.tasks}
+    evaluation = dataclasses.replace(evaluation, **{k: v for k, v in changes.items() if v is not None})
+    model, tokenizer = load_model(args.model or config.model, device=config.device, dtype=config.dtype)
     evaluators = {e: Evaluator(model, tokenizer, dataclasses.replace(evaluation, engine=e)) for e in ENGINES}
     runs = {e: [] for e in ENGINES}
-    print(f"torch threads {torch.get_num_threads()}, tasks {evaluation.tasks} (limit {evaluation.limit})", flush=True)
+    print(
+        f"{args.model or config.model}, torch threads {torch.get_num_threads()}, tasks {list(evaluation.tasks)} "
+        f"(limit {evaluation.limit})",
+        flush=True,
+    )
     for _ in range(args.repeats):
         for engine, evaluator in evaluators.items():
             runs[engine].append(evaluator.run(progress=False))
