@@ -33,7 +33,7 @@ from common import BENCHMARKS, ROOT
 from lm_eval.api.model import TemplateLM
 
 from dse.evaluate import load_tasks
-from dse.evaluate.engine import _groups, batches
+from dse.evaluate.engine import batched
 from dse.model.shapes import projection_table
 from dse.space import load_space
 
@@ -77,10 +77,9 @@ def hflm_passes(requests, batch: int):
 def fast_passes(requests, batch: int, max_length: int):
     """(rows, width, keys) of each context and continuation pass of the fast engine, and its scored
     positions."""
-    groups = _groups(requests, max_length)
-    tails = {prefix: [len(requests[i][2]) - 1 for i in members] for prefix, members in groups.items()}
+    _, tails, plan = batched(requests, max_length, batch)
     shapes = []
-    for prefixes in batches(tails, batch):
+    for prefixes in plan:
         width = max(len(p) for p in prefixes)
         shapes.append((len(prefixes), width, width))
         fed = [t for p in prefixes for t in tails[p]]
@@ -128,7 +127,7 @@ def main() -> None:
     for name, task in tasks.items():
         task.build_all_requests(limit=None, rank=0, world_size=1)
         recorder = Recorder(tokenizer)
-        recorder.loglikelihood([inst for inst in task.instances], disable_tqdm=True)
+        recorder.loglikelihood(list(task.instances), disable_tqdm=True)
         requests = recorder.requests
         hflm_shapes, hflm_head = hflm_passes(requests, args.batch_size)
         hflm = layer_flops([(r, w, w) for r, w in hflm_shapes], 1.0) + 2 * head * hflm_head

@@ -110,10 +110,9 @@ class SharedContextLM(InMemoryLM):
             return self._score_all(requests, bar.update)
 
     def _score_all(self, requests, done=lambda n: None) -> List[Tuple[float, bool]]:
-        groups = _groups(requests, self.max_length)
-        tails = {prefix: [len(requests[i][2]) - 1 for i in members] for prefix, members in groups.items()}
+        groups, _, plan = batched(requests, self.max_length, self.batch_size, _sliding(self._model.config))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
-        for batch in batches(tails, self.batch_size, one_length=_sliding(self._model.config)):
+        for batch in plan:
             scores = self._score_batch(batch, [groups[p] for p in batch], requests)
             for i, answer in scores.items():
                 results[i] = answer
@@ -232,6 +231,15 @@ def _groups(requests, max_length: int) -> Dict[tuple, List[int]]:
         whole = (context + continuation)[-(max_length + 1) :]
         groups.setdefault(tuple(whole[: len(whole) - len(continuation)]), []).append(i)
     return groups
+
+
+def batched(requests, max_length: int, size: int, one_length: bool = False):
+    """How the engine runs ``requests``: ``(groups, tails, batches)``, the request indices per
+    prefix (:func:`_groups`), the continuation lengths fed after each prefix, and the prefixes'
+    batches (:func:`batches`)."""
+    groups = _groups(requests, max_length)
+    tails = {prefix: [len(requests[i][2]) - 1 for i in members] for prefix, members in groups.items()}
+    return groups, tails, batches(tails, size, one_length)
 
 
 def _sliding(config) -> bool:

@@ -10,7 +10,9 @@ decoder with Llama-style names is the ``llama`` family whatever its ``model_type
 Mistral, Qwen 2/3, Gemma 1/2/3, OLMo, Granite ...), and a BERT is found under ``bert.encoder.layer``
 as under a bare ``encoder.layer``. Families are units of :data:`FAMILIES` (the built-ins register
 in :mod:`dse.model`). :func:`find_projections` turns a model into the ordered table of its
-decomposable modules, which every other part of ``dse`` uses.
+decomposable modules, which every other part of ``dse`` uses. Recognition names no model types;
+a family's optional ``shapes`` rule does, to give the same table from a config without building
+the model (:func:`projections_from_config`).
 """
 
 from __future__ import annotations

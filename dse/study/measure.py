@@ -121,7 +121,7 @@ class Measurer:
         """Every projection's per-component :func:`dse.space.importance` under the study's
         method (factorizing on first use); needs a calibration with gradients."""
         if self._importances is None:
-            self._importances = _importances(self, self.calibration)
+            self._importances = _importances(self)
         return self._importances
 
     def params_after(self, plan: Plan) -> int:
@@ -185,8 +185,9 @@ class Measurer:
         return {**done, "heal_losses": report.losses, **healed_metrics(derive_metrics(metrics))}
 
 
-def _importances(m: Measurer, calibration) -> Dict[str, Any]:
+def _importances(m: Measurer) -> Dict[str, Any]:
     """Every projection's per-component :func:`dse.space.importance` under ``m``'s method."""
+    calibration = m.calibration
     if calibration is None or not calibration.grads:
         raise StudyError("calibration: an allocation space needs a calibration with gradients")
     kw = dict(cache=m.cache, calibration=calibration, table=m.table, progress=m.progress)
