@@ -26,11 +26,13 @@ from dse.space import (
     best_plan,
     candidate_ranks,
     fit,
+    grid_plan,
+    grid_sizes,
     solve,
     space_from_dict,
 )
 from dse.space.allocation import ParamCost
-from dse.space.errormodel import tails
+from dse.space.errormodel import ErrorModel, coefficient_names, tails
 from dse.study.config import load_study_config, study_config_from_dict
 from dse.study.runner import run_study
 
@@ -140,7 +142,7 @@ def test_bad_input_is_one_line(table, tmp_path):
     study = {"name": "s", "space": grid, "objectives": ["perplexity", "params"], "sampler": "errormodel"}
     study["evaluation"] = {"tasks": [], "perplexity": {"text": {"path": str(tmp_path / "t.txt")}}}
     (tmp_path / "t.txt").write_text("some text")
-    with pytest.raises(ConfigError, match=r"^sampler: errormodel proposes plans of allocation spaces"):
+    with pytest.raises(ConfigError, match=r"^calibration: sampler errormodel weighs each module's truncation error"):
         study_config_from_dict(study, tmp_path / "s.yaml")
     with pytest.raises(ConfigError, match=r"^sampler: errormodel refuses these options: explore"):
         study_config_from_dict({**study, "sampler": {"name": "errormodel", "explore": 2.0}}, tmp_path / "s.yaml")
@@ -235,3 +237,109 @@ def test_latency_budget_and_align_auto_inside_the_program(table):
     greedy = allocate(table, importances, kept, weights, space.budget.cost(latency, table))
     greedy = latency.faster_plan(Plan(greedy), table, align=True)
     assert model.predict(plan.ranks) <= model.predict(greedy.ranks) + 1e-12
+
+
+class _Ask(Exception):
+    """The walk asked a parameter the prefix does not answer (its options)."""
+
+
+def grid_plans(space, context):
+    """Every plan of a grid space: its define-by-run walk run for every answer (brute force)."""
+    todo, plans = [()], []
+    while todo:
+        prefix = todo.pop()
+
+        class Trial:
+            answers = list(prefix)
+
+            def suggest_categorical(self, name, options):
+                if not self.answers:
+                    raise _Ask(options)
+                return self.answers.pop(0)
+
+        try:
+            plans.append(space.suggest(Trial(), context).ranks)
+        except _Ask as ask:
+            todo += [prefix + (o,) for o in ask.args[0]]
+    return plans
+
+
+GRIDS = [  # group, ranks, rules
+    ("module", [2, 0.5, "dense"], {}),
+    ("module", [2, 6, "dense"], {"max_layers": 1}),
+    ("layer", [2, 0.25, "dense"], {"no_adjacent": True}),
+    ("type", [2, 0.5, "dense"], {}),
+    ("shared", [1, 4, 0.5], {}),
+    ("layer_x_type", [2, 0.5], {"max_layers": 1}),
+    ("layer_x_type", [3, 6], {}),
+]
+
+
+@pytest.mark.parametrize("group,ranks,rules", GRIDS)
+def test_grid_plan_equals_brute_force(table, group, ranks, rules):
+    """On a grid space the program's plan is the least predicted loss among every plan the space's
+    walk can produce within the size, for every group and the layer rules."""
+    types = ["q", "v", "down"] if group in ("module", "layer_x_type") else None
+    space = space_from_dict(
+        {
+            "name": "g",
+            "model_config": {"model_type": "llama"},
+            "types": types,
+            "ranks": ranks,
+            "group": group,
+            "rules": rules,
+        }
+    )
+    importances = spectra(table, seed=4)
+    context = SpaceContext(table, "svd", 0, None, importances)
+    names = coefficient_names(table)
+    coef = np.random.default_rng(len(group)).uniform(0.2, 2.0, len(names))
+    model = ErrorModel(names, coef, np.eye(len(names)), table, tails(importances))
+    sel = {n: table[n] for n in space.layout(table).resolved}
+    plans = grid_plans(space, context)
+    sizes = [params_of(r, sel) for r in plans]
+    low, high = grid_sizes(space, context, model)
+    assert low == min(sizes) and high == params_of({}, sel)
+    for fraction in (0.0, 0.3, 0.7, 1.0):
+        kept = low + fraction * (high - low)
+        plan = grid_plan(space, context, model, kept)
+        best = min(model.predict(r) for r, size in zip(plans, sizes) if size <= kept)
+        assert dict(plan.ranks) in [dict(r) for r in plans]  # a plan of the space, rules included
+        assert params_of(plan.ranks, sel) <= kept
+        assert model.predict(plan.ranks) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_errormodel_sampler_runs_a_grid_study(tiny_llama_dir, tmp_path):
+    """A grid study with the errormodel sampler: random suggestions until a trial is measured, then
+    the model's optima at drawn sizes, each a plan of the grid with its prediction recorded."""
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    pages = {"path": str(BENCHMARKS / "wikitext/wikitext2_raw_test_pages.jsonl"), "field": "page"}
+    space = {"name": "g", "model": str(tiny_llama_dir), "ranks": [2, 4, "dense"], "group": "layer"}
+    study = {
+        "name": "em-grid",
+        "model": str(tiny_llama_dir),
+        "method": "svd",
+        "space": space,
+        "calibration": {"text": {**pages, "rows": [10, 12]}, "n_samples": 4, "seq_len": 32, "seed": 0},
+        "evaluation": {"tasks": [], "perplexity": {"text": {**pages, "rows": [0, 1]}, "window": 64, "max_tokens": 256}},
+        "objectives": ["perplexity", "params"],
+        "sampler": {"name": "errormodel", "explore": 0.0},
+        "n_trials": 5,
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    config = load_study_config(path)
+    result = run_study(config, progress=False)
+    trials = result.get_trials(states=(TrialState.COMPLETE,))
+    records = [TrialRecord.of(t) for t in trials]
+    assert len(records) == 5
+    assert records[0].get("predicted_loss") is None and trials[0].params  # nothing to fit: the space's draw
+    assert all(math.isfinite(r["predicted_loss"]) for r in records[1:])  # the model's optima
+    assert not any(t.params for t in trials[1:])
+    from dse.model import load_model
+
+    context = SpaceContext(find_projections(load_model(str(tiny_llama_dir))[0]), "svd", 0, None, None)
+    allowed = [dict(r) for r in grid_plans(config.space, context)]
+    assert all(dict(r.plan["ranks"]) in allowed for r in records)

@@ -45,7 +45,7 @@ from .errormodel import ErrorModel, Observation, fit
 from .fields import SpaceContext
 from .grid import Layout, Rules, Space, format_counts, label, resolve_rank
 from .groups import DENSE, GROUPS, Group, LayerGroup, LayerXTypeGroup, ModuleGroup, SharedGroup, TypeGroup
-from .knapsack import best_plan, candidate_ranks, errormodel_start, solve
+from .knapsack import Program, best_plan, candidate_ranks, errormodel_start, grid_plan, grid_sizes, solve
 from .probes import (
     PROBE_KINDS,
     ProbeKind,
@@ -164,6 +164,7 @@ __all__ = [
     "Group",
     "Layout",
     "ProbeKind",
+    "Program",
     "Rules",
     "Space",
     "SpaceError",
@@ -171,6 +172,8 @@ __all__ = [
     "Unit",
     "allocate",
     "best_plan",
+    "grid_plan",
+    "grid_sizes",
     "candidate_ranks",
     "fit",
     "solve",

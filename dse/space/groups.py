@@ -38,12 +38,20 @@ class Group:
         """The number of distinct plans among ``configurations``, when it differs (else None)."""
         return None
 
+    def units(self, layout) -> Optional[Dict[str, List[Cell]]]:
+        """Each parameter that picks a label, with the cells it sets (for :mod:`dse.space.knapsack`);
+        None for a group whose walk is not one label per parameter."""
+        return None
+
 
 class SharedGroup(Group):
     """One choice for every selected module, asked as ``rank``."""
 
     def walk(self, space, layout, choose):
         return dict.fromkeys(layout.cells, choose("rank", space.labels))
+
+    def units(self, layout):
+        return {"rank": list(layout.cells)}
 
     def count(self, space, layout, rules):
         return len(space.ranks)
@@ -61,6 +69,9 @@ class TypeGroup(Group):
 
     def count(self, space, layout, rules):
         return len(space.ranks) ** len(layout.types)
+
+    def units(self, layout):
+        return {f"type.{t}": [c for c in layout.cells if c[1] == t] for t in layout.types}
 
 
 class LayeredGroup(Group):
@@ -118,6 +129,9 @@ class ModuleGroup(LayeredGroup):
         c, dense = len(space.ranks), int(DENSE in space.labels)
         return dense, c**width - dense
 
+    def units(self, layout):
+        return {f"L{layer}.{t}": [(layer, t)] for layer, t in layout.cells}
+
 
 class LayerGroup(LayeredGroup):
     """Each selected layer picks one choice for all its selected types, ``L3``."""
@@ -128,6 +142,9 @@ class LayerGroup(LayeredGroup):
     def per_layer(self, space, width):
         c, dense = len(space.ranks), int(DENSE in space.labels)
         return dense, c - dense
+
+    def units(self, layout):
+        return {f"L{layer}": [c for c in layout.cells if c[0] == layer] for layer in layout.layers}
 
 
 class LayerXTypeGroup(LayeredGroup):

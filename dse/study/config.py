@@ -156,6 +156,12 @@ class StudyConfig:
         return self.optimises_latency or self.space.aligns_ranks or self.latency_table is not None
 
     @property
+    def needs_importance(self) -> bool:
+        """Whether trials read each component's importance (:func:`dse.space.importance`): an
+        allocation space, or a sampler that proposes plans (its error model weighs them)."""
+        return self.space.needs_importance or hasattr(self.sampler.unit.cls, "propose")
+
+    @property
     def loss_metric(self) -> str:
         """What sensitivity probes and the error model measure loss by: perplexity if the study
         optimises it, else accuracy (a study that needs one has one of them: checked on load)."""
@@ -195,7 +201,7 @@ def study_config_from_dict(data: Mapping[str, Any], path: Optional[Path] = None)
     objectives = _objectives(data.get("objectives", list(StudyConfig.objectives)), evaluation, space, heal)
     constraints = _constraints(data.get("constraints") or {}, evaluation)
     sampler = parse_sampler(data.get("sampler"))
-    _check_proposer(sampler, space, objectives)
+    _check_proposer(sampler, space, objectives, calibration)
     return StudyConfig(
         name=name,
         path=path,
@@ -290,12 +296,16 @@ def _objectives(data, evaluation: EvalConfig, space: AnySpace, heal: Optional[St
     return tuple(data)
 
 
-def _check_proposer(sampler: SamplerConfig, space: AnySpace, objectives) -> None:
-    """A sampler that proposes whole plans (``errormodel``) needs an allocation space and a loss to fit."""
+def _check_proposer(sampler: SamplerConfig, space: AnySpace, objectives, calibration) -> None:
+    """A sampler that proposes whole plans (``errormodel``) needs calibration data (the loss
+    gradients that weigh its error model) and a loss to fit."""
     if not hasattr(sampler.unit.cls, "propose"):
         return
-    if not space.needs_importance:
-        raise ConfigError(f"sampler: {sampler.name} proposes plans of allocation spaces (budget:), not grid spaces")
+    if calibration is None:
+        raise ConfigError(
+            f"calibration: sampler {sampler.name} weighs each module's truncation error by the loss "
+            "gradients of calibration data; add a calibration: section"
+        )
     if not {"perplexity", "accuracy"} & set(objectives):
         raise ConfigError(f"sampler: {sampler.name} fits the perplexity or accuracy objective; the study has neither")
 

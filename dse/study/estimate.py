@@ -171,7 +171,7 @@ def _where(what: str, nbytes: int, on_device: bool) -> Line:
 def _calibration(config: StudyConfig, table: Mapping, hf_config, b: int, on_device: bool) -> List[Line]:
     owners = input_owners(table)
     moments = config.method.needs_grad_moments
-    grads = 8 * sum(p.out_features for p in table.values()) if config.space.needs_importance or moments else 0
+    grads = 8 * sum(p.out_features for p in table.values()) if config.needs_importance or moments else 0
     grad_moments = 8 * sum(p.out_features**2 for p in table.values()) if moments else 0
     at_once = sum(8 * (n * n + n) for layer in owners.values() for n in layer) + grads + grad_moments
     spec = config.calibration

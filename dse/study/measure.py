@@ -189,7 +189,7 @@ def _importances(m: Measurer) -> Dict[str, Any]:
     """Every projection's per-component :func:`dse.space.importance` under ``m``'s method."""
     calibration = m.calibration
     if calibration is None or not calibration.grads:
-        raise StudyError("calibration: an allocation space needs a calibration with gradients")
+        raise StudyError("calibration: importances need a calibration with gradients (allocation space, errormodel)")
     kw = dict(cache=m.cache, calibration=calibration, table=m.table, progress=m.progress)
     forms = factor_forms(m.model, m.table, m.config.method, **kw)
     return {n: importance(f, calibration.grads[n], calibration.stats_for(n).xtx) for n, f in forms.items()}
@@ -212,7 +212,7 @@ def _calibration(config: StudyConfig, model, tokenizer, table, cache: FactorCach
         tokenizer,
         config.calibration,
         cache_dir=config.cache_dir,
-        gradients=config.space.needs_importance,
+        gradients=config.needs_importance,
         grad_moments=config.method.needs_grad_moments,
         on_layer=on_layer,
         progress=progress,
@@ -229,7 +229,7 @@ def _check_shared(loaded: StudyConfig, config: StudyConfig, cal) -> None:
                 f"{field}: study {config.name!r} needs {getattr(config, field)!r}, but the loaded "
                 f"model was made for {getattr(loaded, field)!r}; run it in its own process"
             )
-    if config.space.needs_importance and (cal is None or not cal.grads):
+    if config.needs_importance and (cal is None or not cal.grads):
         raise StudyError(f"space: study {config.name!r} needs a calibration with gradients; run it in its own process")
     if config.method.needs_grad_moments and (cal is None or not cal.has_grad_moments()):
         raise StudyError(f"method: study {config.name!r} needs output-gradient moments; run it in its own process")

@@ -11,6 +11,13 @@ drawn from the fit's uncertainty instead (a Thompson draw), so the search goes w
 unsure. Draws are seeded by the sampler's seed and the trial's number. ``refit: false`` fits the
 probes alone, once (to compare with refitting after every trial).
 
+On a grid space (:class:`~dse.space.Space`, no budget) each trial first draws how many parameters
+its selected modules keep, uniformly between the space's smallest plan and dense (seeded like the
+draws above), and takes the model's optimum among the grid's plans of at most that size
+(:func:`dse.space.grid_plan`: the group and the layer rules are rows of the program), so the trials
+spread along the size axis of the front. A grid study measures no probes: until it has a finished
+trial to fit, its trials are the space's random suggestions.
+
 Optuna does not see the plan's ranks as parameters: the worker asks the sampler for the plan
 (:meth:`propose`) and records the model's prediction beside the measurement (``predicted_loss``).
 """
@@ -26,7 +33,7 @@ import optuna
 from ..core.errors import StudyError
 from ..decompose import Plan
 from ..results.record import TrialRecord
-from ..space import ErrorModel, Observation, SpaceContext, best_plan, fit
+from ..space import ErrorModel, Observation, Space, SpaceContext, best_plan, fit, grid_plan, grid_sizes
 
 
 def measured_loss(metric: str, value: float, base: float) -> float:
@@ -94,9 +101,12 @@ class ErrorModelSampler(optuna.samplers.BaseSampler):
             self._fitted = {key: fit(obs, context.table, context.importances, self.ridge)}
         return self._fitted[key]
 
-    def propose(self, trial, space, context: SpaceContext, metric: str) -> Plan:
-        """The optimum of the refitted model within the budget, or of a draw from its uncertainty."""
+    def propose(self, trial, space, context: SpaceContext, metric: str) -> Optional[Plan]:
+        """The optimum of the refitted model within the budget (a grid space: within a drawn size),
+        or of a draw from its uncertainty; None for a grid space with nothing to fit yet."""
         model = self.model(trial.study, space, context, metric)
+        if model is None and isinstance(space, Space):
+            return None
         if model is None:
             raise StudyError(
                 "sampler: errormodel has nothing to fit yet: measure sensitivity probes "
@@ -104,14 +114,23 @@ class ErrorModelSampler(optuna.samplers.BaseSampler):
             )
         rng = np.random.default_rng([self.seed, trial.number])
         measured = [dict(o.ranks) for o in study_observations(trial.study, space, context, metric)]
-        plan = best_plan(space, context, model, model.draw(rng) if rng.random() < self.explore else None)
+        plan = _optimum(space, context, model, model.draw(rng) if rng.random() < self.explore else None, rng)
         for _ in range(5):  # a plan measured before teaches nothing: go where the model is unsure
             if dict(plan.ranks) not in measured:
                 break
-            plan = best_plan(space, context, model, model.draw(rng))
+            plan = _optimum(space, context, model, model.draw(rng), rng)
         return plan
 
     def predict(self, trial, space, context: SpaceContext, metric: str, plan: Plan) -> Optional[float]:
         """The current model's predicted loss increase of ``plan`` (None before anything is measured)."""
         model = self.model(trial.study, space, context, metric)
         return None if model is None else model.predict(plan.ranks)
+
+
+def _optimum(space, context: SpaceContext, model: ErrorModel, coef, rng: np.random.Generator) -> Plan:
+    """The model's optimum (under ``coef``) within an allocation space's budget, or within a size
+    drawn uniformly over a grid space's plans."""
+    if not isinstance(space, Space):
+        return best_plan(space, context, model, coef)
+    low, high = grid_sizes(space, context, model)
+    return grid_plan(space, context, model, low + rng.random() * (high - low), coef)

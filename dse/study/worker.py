@@ -133,7 +133,7 @@ class Worker:
     # --- trial-level ----------------------------------------------------------------------------
     def context(self) -> SpaceContext:
         m = self.measurer
-        importances = m.importances() if self.config.space.needs_importance else None
+        importances = m.importances() if self.config.needs_importance else None
         return SpaceContext(m.table, self.config.method, m.model_params, m.latency(), importances)
 
     def plan_for(self, trial: optuna.Trial) -> Plan:
@@ -148,9 +148,10 @@ class Worker:
         if record.planned is not None:
             return Plan.from_dict(record.planned)
         propose = getattr(trial.study.sampler, "propose", None)
+        plan = None
         if propose is not None and record.start is None:  # a start's enqueued weights are the space's
             plan = propose(trial, space, self.context(), self.config.loss_metric)
-        else:
+        if plan is None:
             plan = space.suggest(trial, self.context())
         align = space.aligns_ranks
         if self.config.optimises_latency or align:  # never a rank measured slower than dense
