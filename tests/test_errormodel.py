@@ -343,3 +343,47 @@ def test_errormodel_sampler_runs_a_grid_study(tiny_llama_dir, tmp_path):
     context = SpaceContext(find_projections(load_model(str(tiny_llama_dir))[0]), "svd", 0, None, None)
     allowed = [dict(r) for r in grid_plans(config.space, context)]
     assert all(dict(r.plan["ranks"]) in allowed for r in records)
+
+
+def test_trust_region_keeps_every_module_near_the_incumbent(table):
+    """With ``near``, each module's cost moves at most ``radius`` of its cost in ``near``, and the
+    optimum predicts no worse than ``near`` itself (a candidate); unbounded gives the global optimum."""
+    space = space_from_dict({**SPACE, "layers": "all", "types": None, "budget": {"ratio": 0.3}})
+    importances = spectra(table, seed=5)
+    context = SpaceContext(table, "svd", 0, None, importances)
+    model = fit([Observation({n: 4 for n in table}, 1.0)], table, importances)
+    sel = space.selected(table)
+    other = fit([Observation({n: 2 for n in table}, 3.0)], table, spectra(table))  # another model's optimum
+    near = dict(best_plan(space, context, other).ranks)
+    cost = ParamCost()
+
+    def spent(name, ranks):
+        return cost.dense(sel[name]) if name not in ranks else ranks[name] * cost.unit(sel[name])
+
+    for radius in (0.0, 0.25, 0.5):
+        plan = dict(best_plan(space, context, model, near=near, radius=radius).ranks)
+        assert all(abs(spent(n, plan) - spent(n, near)) <= radius * spent(n, near) + 1e-9 for n in sel)
+        assert model.predict(plan) <= model.predict(near) + 1e-12
+    assert best_plan(space, context, model, near=near, radius=0.0).ranks == near
+    assert best_plan(space, context, model, near=near, radius=math.inf).ranks == best_plan(space, context, model).ranks
+
+
+def test_trust_region_radius_steps_with_trials_that_do_not_improve():
+    import optuna
+
+    from dse.study.modelsampler import PATIENCE, ErrorModelSampler
+
+    study = optuna.create_study()
+    sampler = ErrorModelSampler(trust=0.4)
+    assert sampler.region(study, "perplexity") == (None, math.inf)
+    radii = []
+    for i, value in enumerate([50.0, 40.0] + [45.0] * (4 * PATIENCE) + [39.0]):
+        trial = study.ask()
+        TrialRecord(plan=Plan({"m": i + 1}).to_dict(), metrics={"perplexity": value}).write(trial)
+        study.tell(trial, value)
+        radii.append(sampler.region(study, "perplexity"))
+    assert radii[1] == ({"m": 2}, 0.4)  # the incumbent: trial 1
+    steps = [r for _, r in radii[1 : 2 + 4 * PATIENCE : PATIENCE]]
+    assert steps == [0.4, 0.2, 0.1, math.inf, 0.4]  # halved every PATIENCE failures, then unbounded, then again
+    assert radii[-1] == ({"m": len(radii)}, 0.4)  # a better trial is the new incumbent
+    assert ErrorModelSampler(trust=0.0).region(study, "perplexity") == (None, math.inf)

@@ -16,7 +16,7 @@ faster than dense.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -100,9 +100,18 @@ def solve(choices: Sequence[Tuple[np.ndarray, np.ndarray]], kept: float) -> List
     return [int(np.flatnonzero(x[s : s + n])[0]) for s, n in zip(starts, sizes)]
 
 
-def best_plan(space, context: SpaceContext, model: ErrorModel, coef: Optional[np.ndarray] = None) -> Plan:
+def best_plan(
+    space,
+    context: SpaceContext,
+    model: ErrorModel,
+    coef: Optional[np.ndarray] = None,
+    near: Optional[Mapping[str, int]] = None,
+    radius: float = np.inf,
+) -> Plan:
     """The plan of allocation ``space`` that minimises ``model``'s predicted loss (under ``coef``,
-    default its fitted coefficients) within the space's budget."""
+    default its fitted coefficients) within the space's budget; with ``near`` (a plan's ranks), only
+    among plans whose every module's cost is within ``radius`` (relative) of its cost in ``near``
+    (a trust region; ``near`` is one of them if the space allows its ranks)."""
     table, latency = context.table, context.latency
     sel = space.selected(table)
     cost = space.budget.cost(latency, table)
@@ -112,10 +121,18 @@ def best_plan(space, context: SpaceContext, model: ErrorModel, coef: Optional[np
         p = sel[name]
         step = latency.cost(p).step if space.aligns_ranks else space.align
         slower = latency.cost(p).break_even() if latency is not None else None
-        ranks = candidate_ranks(p, cost, step, slower)
-        loss = model.weight(name, coef) * model.tail[name][ranks]
-        options.append(list(ranks) + [None])
-        choices.append((np.append(cost.curve(p)[ranks], cost.dense(p)), np.append(loss, 0.0)))
+        ranks = [int(r) for r in candidate_ranks(p, cost, step, slower)] + [None]
+
+        def spent(r, p=p):  # a choice's cost (None: dense)
+            return float(cost.dense(p) if r is None else cost.curve(p)[r])
+
+        if near is not None:
+            here = spent(near.get(name))
+            ranks = [r for r in ranks if abs(spent(r) - here) <= radius * here]
+        options.append(ranks)
+        weight = model.weight(name, coef)
+        loss = [0.0 if r is None else weight * model.tail[name][r] for r in ranks]
+        choices.append((np.array([spent(r) for r in ranks]), np.array(loss)))
     chosen = solve(choices, kept)
     ranks = {n: int(options[j][i]) for j, (n, i) in enumerate(zip(names, chosen)) if options[j][i] is not None}
     return Plan(ranks, as_config(context.method))

@@ -11,6 +11,14 @@ drawn from the fit's uncertainty instead (a Thompson draw), so the search goes w
 unsure. Draws are seeded by the sampler's seed and the trial's number. ``refit: false`` fits the
 probes alone, once (to compare with refitting after every trial).
 
+**Trust region** (allocation spaces, ``trust`` > 0). A linear model is least wrong near what was
+measured, and an optimiser drawn to where it errs low finds plans the measurements disown. So each
+proposal keeps every module's cost within ``radius`` (relative) of its cost in the best plan
+measured so far (the incumbent; :func:`dse.space.best_plan`'s ``near``), with ``radius`` cycling
+through ``trust``, ``trust/2``, ``trust/4`` and unbounded, one step every :data:`PATIENCE` finished
+trials that do not beat the incumbent, and back to ``trust`` when one does. The radius is read
+from the study's history, so a resumed study continues where it stopped.
+
 On a grid space (:class:`~dse.space.Space`, no budget) each trial first draws how many parameters
 its selected modules keep, uniformly between the space's smallest plan and dense (seeded like the
 draws above), and takes the model's optimum among the grid's plans of at most that size
@@ -25,7 +33,7 @@ Optuna does not see the plan's ranks as parameters: the worker asks the sampler 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import optuna
@@ -33,7 +41,7 @@ import optuna
 from ..core.errors import StudyError
 from ..decompose import Plan
 from ..results.record import TrialRecord
-from ..space import ErrorModel, Observation, Space, SpaceContext, best_plan, fit, grid_plan, grid_sizes
+from ..space import AllocationError, ErrorModel, Observation, Space, SpaceContext, best_plan, fit, grid_plan, grid_sizes
 
 
 def measured_loss(metric: str, value: float, base: float) -> float:
@@ -66,16 +74,28 @@ def study_observations(
     return out
 
 
+PATIENCE = 3  # finished trials without a better plan before the trust region's radius steps
+
+
 class ErrorModelSampler(optuna.samplers.BaseSampler):
     """Proposes each trial's plan as the error model's optimum (see the module doc). Parameters a
     space samples through Optuna (none, for the plans it proposes) are drawn at random."""
 
-    def __init__(self, seed: Optional[int] = None, explore: float = 0.25, ridge: float = 0.1, refit: bool = True):
+    def __init__(
+        self,
+        seed: Optional[int] = None,
+        explore: float = 0.25,
+        ridge: float = 0.1,
+        refit: bool = True,
+        trust: float = 0.5,
+    ):
         if not 0 <= explore <= 1:
             raise ValueError(f"explore must be in [0, 1], got {explore}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
-        self.seed, self.explore, self.ridge, self.refit = seed or 0, explore, ridge, refit
+        if trust < 0:
+            raise ValueError(f"trust must be >= 0, got {trust}")
+        self.seed, self.explore, self.ridge, self.refit, self.trust = seed or 0, explore, ridge, refit, trust
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self._fitted: Dict[tuple, ErrorModel] = {}
 
@@ -114,12 +134,33 @@ class ErrorModelSampler(optuna.samplers.BaseSampler):
             )
         rng = np.random.default_rng([self.seed, trial.number])
         measured = [dict(o.ranks) for o in study_observations(trial.study, space, context, metric)]
-        plan = _optimum(space, context, model, model.draw(rng) if rng.random() < self.explore else None, rng)
+        region = self.region(trial.study, metric) if not isinstance(space, Space) else (None, math.inf)
+        plan = _optimum(space, context, model, model.draw(rng) if rng.random() < self.explore else None, rng, *region)
         for _ in range(5):  # a plan measured before teaches nothing: go where the model is unsure
             if dict(plan.ranks) not in measured:
                 break
-            plan = _optimum(space, context, model, model.draw(rng), rng)
+            plan = _optimum(space, context, model, model.draw(rng), rng, *region)
         return plan
+
+    def region(self, study: optuna.Study, metric: str) -> Tuple[Optional[Dict[str, int]], float]:
+        """The trust region of the next proposal: the incumbent's ranks and the radius (see the
+        module doc); ``(None, inf)`` without ``trust`` or before a trial with a plan has finished."""
+        sign = 1 if metric == "perplexity" else -1
+        best, since = None, 0
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for t in sorted(trials, key=lambda t: t.number):
+            record = TrialRecord.of(t)
+            value = record.get(metric)
+            if not record.plan or value is None or not math.isfinite(value):
+                continue
+            if best is None or sign * value < sign * best[0]:
+                best, since = (value, Plan.from_dict(record.plan).ranks), 0
+            else:
+                since += 1
+        if not self.trust or best is None:
+            return None, math.inf
+        step = since // PATIENCE % 4
+        return dict(best[1]), (self.trust / 2**step if step < 3 else math.inf)
 
     def predict(self, trial, space, context: SpaceContext, metric: str, plan: Plan) -> Optional[float]:
         """The current model's predicted loss increase of ``plan`` (None before anything is measured)."""
@@ -127,10 +168,13 @@ class ErrorModelSampler(optuna.samplers.BaseSampler):
         return None if model is None else model.predict(plan.ranks)
 
 
-def _optimum(space, context: SpaceContext, model: ErrorModel, coef, rng: np.random.Generator) -> Plan:
-    """The model's optimum (under ``coef``) within an allocation space's budget, or within a size
-    drawn uniformly over a grid space's plans."""
+def _optimum(space, context: SpaceContext, model: ErrorModel, coef, rng, near=None, radius=math.inf) -> Plan:
+    """The model's optimum (under ``coef``) within an allocation space's budget (and the trust
+    region ``near``, ``radius``), or within a size drawn uniformly over a grid space's plans."""
     if not isinstance(space, Space):
-        return best_plan(space, context, model, coef)
+        try:
+            return best_plan(space, context, model, coef, near, radius)
+        except AllocationError:  # no plan of the space within the budget in the region
+            return best_plan(space, context, model, coef)
     low, high = grid_sizes(space, context, model)
     return grid_plan(space, context, model, low + rng.random() * (high - low), coef)
