@@ -13,7 +13,7 @@ from helpers import dispatched, offload_map, token_ids
 from test_engine import requests_of
 
 from dse.core.errors import ConfigError
-from dse.decompose import Plan, decompose_, restore_
+from dse.decompose import HealConfig, Plan, decompose_, restore_, temporarily_healed
 from dse.evaluate import EvalConfig, Evaluator, perplexity
 from dse.evaluate.engine import SharedContextLM
 from dse.evaluate.prefix import PrefixStore
@@ -136,6 +136,27 @@ def test_a_changed_prefix_gives_new_numbers():
     decompose_(model, from_layer(model, 3))
     assert store.start() == 0
     assert perplexity(model, windows, 2, prefix=store) == perplexity(model, windows, 2)
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_a_heal_reuses_only_an_unchanged_prefix(norms):
+    """Healing the factors of layers >= 2 leaves the prefix: reused. Healing the norms too changes
+    every layer: the run starts at 0, and still does once they are put back."""
+    model = deep_tiny("llama")
+    store = PrefixStore(model, 10**8)
+    windows = token_ids(batch=4, length=24, seed=8)
+    recipe = HealConfig(steps=3, seq_len=16, batch=2, lr=1e-2, norms=norms)
+    decompose_(model, from_layer(model, 2))
+    try:
+        perplexity(model, windows, 2, prefix=store)  # kept from layer 2
+        with temporarily_healed(model, token_ids(batch=8, length=16, seed=9), recipe, progress=False):
+            assert store.start() == (0 if norms else 2)
+            got = perplexity(model, windows, 2, prefix=store)
+            assert got == pytest.approx(perplexity(model, windows, 2), rel=1e-5)
+        assert store.start() == (0 if norms else 2)
+    finally:
+        restore_(model)
+    assert store.counts["hits"] == (0 if norms else 2)
 
 
 def test_the_store_keeps_its_budget():
