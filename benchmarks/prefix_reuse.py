@@ -64,7 +64,8 @@ def main() -> None:
                 f"{median['off'] / median['on']:>7.2f}{first[key]:>11.2f}  {same}",
                 flush=True,
             )
-        print(f"{k:<12}kept {kept / 1e6:.1f} MB; perplexity {first['perplexity']:.4f}, accuracy {first['accuracy']:.4f}")
+        metrics = f"perplexity {first['perplexity']:.4f}, accuracy {first['accuracy']:.4f}"
+        print(f"{k:<12}kept {kept / 1e6:.1f} MB; {metrics}")
 
 
 def _same(a, b) -> bool:
