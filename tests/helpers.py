@@ -13,7 +13,7 @@ import yaml
 from conftest import BENCHMARKS, make_tiny
 
 from dse.decompose import METHODS, Plan, is_decomposed
-from dse.model import find_projections
+from dse.model import family_of, find_projections
 
 
 @contextmanager
@@ -239,3 +239,31 @@ def mutated(data, path, value):
     else:
         node[last] = value
     return data
+
+
+def offload_map(model, *, layer=lambda i: "disk" if i % 2 else "cpu", rest="cpu"):
+    """An explicit device map: each layer by ``layer(index)``, every other top-level part on ``rest``."""
+    layers, out = family_of(model).layers, {}
+
+    def walk(prefix: str, module) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == layers:
+                out.update({f"{path}.{i}": layer(i) for i in range(len(child))})
+            elif layers.startswith(path + "."):
+                walk(path + ".", child)
+            else:
+                out[path] = rest
+
+    walk("", model)
+    return out
+
+
+def dispatched(model, folder, device_map):
+    """``model`` saved to ``folder`` and loaded again, spread by ``device_map``."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder / "model")
+    return AutoModelForCausalLM.from_pretrained(
+        folder / "model", device_map=device_map, offload_folder=str(folder / "offload")
+    ).eval()

@@ -40,6 +40,9 @@ def test_llama2_7b_by_hand():
     assert est.line("calibration statistics on disk").disk == pytest.approx(at_once / 4, rel=1e-3)
     forms = layers * 2 * (4 * (2 * d * d + d) + 3 * (d * f + d + d * d))  # k = 4096: U m x k, S, Vh k x n
     assert est.line("factor cache (memory: cpu)").host == forms and est.line("factor cache on disk").disk == forms
+    # d bfloat16 values per position; 4096 perplexity tokens: 33.6 MB of the 2 GB default budget
+    prefix = est.line("prefix store, at most (8.2 kB per position and start layer, perplexity 33.6 MB)")
+    assert prefix.device == 2 * 10**9 and 4096 * d * 2 == 33_554_432
 
 
 def test_seventy_b_and_the_cli(capsys):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import BENCHMARKS, FAMILIES, make_tiny, model_output
-from helpers import random_plan, save_tiny_llama, token_ids
+from helpers import dispatched, offload_map, random_plan, save_tiny_llama, token_ids
 
 from dse.decompose import (
     METHODS,
@@ -30,37 +30,9 @@ from dse.decompose import (
 )
 from dse.decompose.calibration import _stream
 from dse.evaluate import perplexity, tokens_per_second
-from dse.model import execution_device, family_of, find_projections, is_offloaded, load_model
+from dse.model import execution_device, find_projections, is_offloaded, load_model
 
 CAUSAL = [f for f in FAMILIES if f != "bert"]  # bert has no causal LM to load with a device map
-
-
-def offload_map(model, *, layer=lambda i: "disk" if i % 2 else "cpu", rest="cpu"):
-    """An explicit device map: each layer by ``layer(index)``, every other top-level part on ``rest``."""
-    layers, out = family_of(model).layers, {}
-
-    def walk(prefix: str, module) -> None:
-        for name, child in module.named_children():
-            path = prefix + name
-            if path == layers:
-                out.update({f"{path}.{i}": layer(i) for i in range(len(child))})
-            elif layers.startswith(path + "."):
-                walk(path + ".", child)
-            else:
-                out[path] = rest
-
-    walk("", model)
-    return out
-
-
-def dispatched(model, folder, device_map):
-    """``model`` saved to ``folder`` and loaded again, spread by ``device_map``."""
-    from transformers import AutoModelForCausalLM
-
-    model.save_pretrained(folder / "model")
-    return AutoModelForCausalLM.from_pretrained(
-        folder / "model", device_map=device_map, offload_folder=str(folder / "offload")
-    ).eval()
 
 
 @pytest.fixture(params=CAUSAL)

@@ -7,12 +7,35 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from .errors import ConfigError
 
 INF = math.inf
+UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(" + "|".join(UNITS) + ")$")
+
+
+def byte_size(value, where: str) -> int:
+    """Bytes given as a positive integer or a size such as ``2GB`` or ``20GiB``."""
+    match = SIZE.match(value.strip()) if isinstance(value, str) else None
+    if match:
+        return int(float(match[1]) * UNITS[match[2]])
+    if not (is_int(value) and value > 0):
+        raise ConfigError(f"{where}: expected bytes or a size such as 20GiB, got {value!r}")
+    return value
 
 
 def read_yaml(path, what: str, error: type = ConfigError) -> Dict[str, Any]:

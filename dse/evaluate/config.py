@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..core.errors import ConfigError
-from ..core.validate import boolean, integer, mapping, resolve_path
+from ..core.validate import boolean, byte_size, integer, mapping, resolve_path
 from ..model import TextSource, text_section
 from .encoder import TextSet
 
@@ -57,6 +57,10 @@ class EvalConfig:
     ``hflm`` (lm-eval's plain ``HFLM``); both give the same loglikelihoods (:mod:`dse.evaluate.engine`).
     ``similarity`` and ``pseudo_perplexity`` (:class:`~dse.evaluate.encoder.TextSet`) are the encoder
     measures (:mod:`dse.evaluate.encoder`); a study section that names one and no ``tasks`` has none.
+    ``reuse_prefix`` starts each perplexity batch and each ``fast`` engine batch at the model's
+    first changed layer, from the hidden states the first run gave there (:mod:`dse.evaluate.prefix`),
+    keeping at most ``prefix_memory`` of them (bytes or a size such as ``2GB``): ``auto`` where
+    the model is a causal LM of a known family, ``true`` or a one-line error, ``false`` never.
     """
 
     tasks: List[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "piqa", "winogrande"])
@@ -71,6 +75,8 @@ class EvalConfig:
     metrics: Dict[str, str] = field(default_factory=dict)
     max_length: int = 2048
     engine: str = "fast"
+    reuse_prefix: Any = "auto"
+    prefix_memory: Any = "2GB"
 
     def __post_init__(self):
         if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
@@ -85,6 +91,9 @@ class EvalConfig:
         integer(self.max_length, "evaluation.max_length", 1)
         if self.engine not in ENGINES:
             raise ConfigError(f"evaluation.engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not (isinstance(self.reuse_prefix, bool) or self.reuse_prefix == "auto"):
+            raise ConfigError(f"evaluation.reuse_prefix: must be true, false or auto, got {self.reuse_prefix!r}")
+        byte_size(self.prefix_memory, "evaluation.prefix_memory")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"evaluation.data_dir: no such folder {self.data_dir!r}")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
@@ -110,6 +119,11 @@ class EvalConfig:
             raise ConfigError(
                 "evaluation: nothing to measure (no tasks, perplexity, latency, similarity or pseudo_perplexity)"
             )
+
+    @property
+    def prefix_bytes(self) -> int:
+        """``prefix_memory`` in bytes."""
+        return byte_size(self.prefix_memory, "evaluation.prefix_memory")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Optional[Path] = None) -> "EvalConfig":

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..model import input_device
 from ..model.devices import execution_device
 from ..model.timing import cache_keyword, cache_of
+from .prefix import PrefixStore, reusing
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class SharedContextLM(InMemoryLM):
         self.plain = False  # True while a request type this engine does not speed up runs
         self.said: set = set()
         self.mode: Optional[str] = None  # "head", "logits" or "plain": how the model is scored (see probe)
+        self.prefix: Optional[PrefixStore] = None  # set by the Evaluator under evaluation.reuse_prefix
 
     def say_once(self, what: str, message: str) -> None:
         if what not in self.said:
@@ -106,14 +108,18 @@ class SharedContextLM(InMemoryLM):
             self.mode = self.probe()
         if not fast or self.mode == "plain":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        start = self.prefix.start() if self.prefix is not None else 0
         with tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
-            return self._score_all(requests, bar.update)
+            return self._score_all(requests, bar.update, start)
 
-    def _score_all(self, requests, done=lambda n: None) -> List[Tuple[float, bool]]:
+    def _score_all(self, requests, done=lambda n: None, start: int = 0) -> List[Tuple[float, bool]]:
+        """Every request's answer; with ``start``, each batch from layer ``start`` on (:mod:`.prefix`)."""
         groups, _, plan = batched(requests, self.max_length, self.batch_size, _sliding(self._model.config))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
         for batch in plan:
-            scores = self._score_batch(batch, [groups[p] for p in batch], requests)
+            members = [groups[p] for p in batch]
+            with reusing(self.prefix, start, batch, [[requests[i][2] for i in m] for m in members]):
+                scores = self._score_batch(batch, members, requests)
             for i, answer in scores.items():
                 results[i] = answer
                 if requests[i][0] is not None:

@@ -69,12 +69,36 @@ def _quiet(verbose: bool):
             datasets.enable_progress_bars()
 
 
-def _lm(model, tokenizer, config: EvalConfig, verbose: bool):
+def _lm(model, tokenizer, config: EvalConfig, verbose: bool, prefix):
     """The lm-eval model ``evaluation.engine`` names over the in-memory model (:mod:`dse.evaluate.engine`)."""
     from .engine import InMemoryLM, SharedContextLM
 
     kind = SharedContextLM if config.engine == "fast" else InMemoryLM
-    return kind(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length, verbose=verbose)
+    lm = kind(model, tokenizer, batch_size=config.batch_size, max_length=config.max_length, verbose=verbose)
+    if kind is SharedContextLM:
+        lm.prefix = prefix
+    return lm
+
+
+def _prefix_store(model, config: EvalConfig):
+    """The :class:`~dse.evaluate.prefix.PrefixStore` of ``evaluation.reuse_prefix``, or None (off,
+    or ``auto`` where it cannot apply); ``true`` where it cannot apply is a one-line error."""
+    if config.reuse_prefix is False:
+        return None
+    from .prefix import PrefixStore
+
+    if not is_causal_lm(model):
+        why = f"the model is not a causal LM ({type(model).__name__})"
+    elif config.perplexity is None and not (config.tasks and config.engine == "fast"):
+        why = "only perplexity and the tasks of evaluation.engine fast start at a later layer"
+    else:
+        try:
+            return PrefixStore(model, config.prefix_bytes)
+        except ConfigError as e:  # no family knows the model's layers
+            why = str(e)
+    if config.reuse_prefix is True:
+        raise ConfigError(f"evaluation.reuse_prefix: {why}")
+    return None
 
 
 def _check_model(model, tokenizer, config: EvalConfig) -> None:
@@ -97,20 +121,22 @@ def _check_model(model, tokenizer, config: EvalConfig) -> None:
 class Evaluator:
     """Measures one in-memory model, as it is at each ``run()``, under one ``EvalConfig``.
 
-    It is built on the dense model: the reference embeddings of ``similarity`` are taken then.
+    It is built on the dense model: the reference embeddings of ``similarity`` are taken then, and
+    the key of its layers that prefix reuse compares each run's model with (``self.prefix``).
     """
 
     def __init__(self, model, tokenizer, config: EvalConfig, *, verbose: bool = False):
         self.model, self.config, self.verbose = model, config, verbose
         self.timings: Dict[str, float] = {}  # seconds per metric of the last run
         _check_model(model, tokenizer, config)
+        self.prefix = _prefix_store(model, config)  # taken on the model as it is now: the dense one
         with _quiet(verbose):
             self.tasks = load_tasks(config.tasks, config.data_dir, config.include_path)
             self.metrics = {
                 name: _chosen_metric(name, list(task.aggregation()), config.metrics.get(name))
                 for name, task in self.tasks.items()
             }
-            self.lm = _lm(model, tokenizer, config, verbose) if self.tasks else None
+            self.lm = _lm(model, tokenizer, config, verbose, self.prefix) if self.tasks else None
         ppl = config.perplexity
         self.windows = token_windows(tokenizer, ppl.text.read(), ppl.window, ppl.max_tokens) if ppl else None
         self.prompt = prompt_ids(tokenizer) if config.latency else None
@@ -148,7 +174,12 @@ class Evaluator:
         measures = [(f"acc/{name}", partial(score, name)) for name in self.tasks]
         if self.windows is not None:
             measures.append(
-                ("perplexity", partial(perplexity, self.model, self.windows, self.config.perplexity.batch_size))
+                (
+                    "perplexity",
+                    partial(
+                        perplexity, self.model, self.windows, self.config.perplexity.batch_size, prefix=self.prefix
+                    ),
+                )
             )
         if self.prompt is not None:
             measures.append(("latency_tokens_per_s", partial(tokens_per_second, self.model, self.prompt)))

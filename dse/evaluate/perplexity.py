@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """exp(mean NLL) of ``model`` over all predicted tokens of ``windows`` (each window alone).
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, prefix=None) -> float:
+    """exp(mean NLL) of ``model`` over all predicted tokens of ``windows`` (each window alone);
+    with a :class:`~dse.evaluate.prefix.PrefixStore`, from the first changed layer on.
 
     Imported by the face at once (it shares its module's name), so it imports torch when it runs."""
     import torch
@@ -19,13 +20,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     from tqdm.auto import tqdm
 
     from ..model.devices import input_device
+    from .prefix import reusing
 
     device = input_device(model)
+    layer = prefix.start() if prefix is not None else 0
     total, count = 0.0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(batch).logits[:, :-1].float()
+            with reusing(prefix, layer, batch):
+                logits = model(batch).logits[:, :-1].float()
             labels = batch[:, 1:].to(logits.device)  # a spread model returns logits where its head is
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
             total += nll.item()

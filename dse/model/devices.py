@@ -11,7 +11,6 @@ inputs go) and :func:`host_state_dict` (every tensor, readable, for saving).
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.validate import is_int, mapping
+from ..core.validate import byte_size, is_int, mapping
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 OFFLOAD_TARGETS = ("cpu", "disk")
@@ -57,9 +56,6 @@ def _check_target(device, where: str) -> None:
         raise ConfigError(f"{where}: {device!r} requested but CUDA is not available here")
 
 
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
-
-
 def parse_max_memory(value, where: str = "max_memory") -> Dict[Union[str, int], Union[str, int]]:
     """Memory per device for ``auto``/``balanced`` maps: ``{0: 20GiB, cpu: 64GiB}`` (a GPU index
     or ``cuda:N``, ``cpu``, ``disk``; bytes, or a size such as ``20GiB``)."""
@@ -70,8 +66,7 @@ def parse_max_memory(value, where: str = "max_memory") -> Dict[Union[str, int], 
             device = int(device[5:])
         elif not (is_int(device) and device >= 0) and device not in OFFLOAD_TARGETS:
             raise ConfigError(f"{at}: expected a GPU index, cuda:N, cpu or disk")
-        if not ((is_int(size) and size > 0) or (isinstance(size, str) and _SIZE.match(size.strip()))):
-            raise ConfigError(f"{at}: expected bytes or a size such as 20GiB, got {size!r}")
+        byte_size(size, at)
         out[device] = size
     return out
 

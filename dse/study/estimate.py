@@ -22,6 +22,9 @@ estimated on a laptop) and from the study's settings. With ``b`` the bytes of th
   largest rank, the budget of an allocation space, each baseline), plus the perplexity
   evaluation's logits, a float32 copy of the shifted logits and their log-softmax,
   ``batch · window · vocab · (b + 8)``. lm-eval tasks add their own batches, not estimated here.
+* **prefix store** (``evaluation.reuse_prefix``): at most ``evaluation.prefix_memory``; per
+  start layer ``hidden · b`` per input position of the evaluation (the perplexity windows' share
+  is printed when ``max_tokens`` bounds them), on the device where the layers compute.
 * **a heal** (the study's ``heal:`` recipe, else :class:`~dse.decompose.HealConfig`'s defaults)
   of the largest plan, for each ``train`` choice, beyond the weights and factors above:
   :func:`dse.decompose.heal_memory` (gradients, AdamW moments and a rollback copy of what trains,
@@ -134,6 +137,8 @@ def estimate(config: StudyConfig, study=None) -> Estimate:
     if config.cache_dir:
         lines.append(Line("factor cache on disk", disk=forms))
     lines.append(_where("one trial", _trial_bytes(config, table, meta.config, b, params), on_device))
+    if config.evaluation.reuse_prefix is not False:
+        lines.append(_prefix_store(config, meta.config, b, on_device))
     recipe = config.heal.recipe if config.heal is not None else HealConfig()
     largest, _ = _space_plan(config, table, params)
     for train in CHOICES["train"]:
@@ -240,6 +245,19 @@ def _trial_bytes(config: StudyConfig, table: Mapping, hf_config, b: int, params:
     if ppl is not None:
         logits = ppl.batch_size * ppl.window * hf_config.vocab_size * (b + 8)
     return largest + logits
+
+
+def _prefix_store(config: StudyConfig, hf_config, b: int, on_device: bool) -> Line:
+    """The prefix store's budget; per start layer it holds ``hidden · b`` bytes per input position:
+    the perplexity windows' tokens (counted when ``max_tokens`` bounds them) and the tasks' padded
+    context and continuation positions (not counted)."""
+    per_token = hf_config.hidden_size * b
+    ppl = config.evaluation.perplexity
+    windows = (
+        f", perplexity {size(ppl.max_tokens // ppl.window * ppl.window * per_token)}" if ppl and ppl.max_tokens else ""
+    )
+    what = f"prefix store, at most ({size(per_token)} per position and start layer{windows})"
+    return _where(what, config.evaluation.prefix_bytes, on_device)
 
 
 def _seconds(study) -> tuple:
