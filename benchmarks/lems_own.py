@@ -190,7 +190,7 @@ def main(argv=None) -> None:
                     "uniform_kept": cap,
                     "lems_kept": lems_kept,
                     "kept_vs_uniform_pct": round(100 * (lems_kept / cap - 1), 3),
-                    "modules_dense": sum(v == 1.0 for v in found.values()),
+                    "modules_dense": sum(int(v == 1.0) for v in found.values()),
                     "statistics_s": round(stats_s),
                     "factors": "LEMS cache" if cached else "computed",
                     "sensitivity_s": round(sens_s),
