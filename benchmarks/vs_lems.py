@@ -36,18 +36,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import BENCHMARKS, ROOT, plan_perplexities
+from common import BENCHMARKS, ROOT, equal_size_study, plan_perplexities
 
 from dse.decompose import FactorCache, Plan, calibrate, factor_forms, make_config, uniform_plan
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model
-from dse.results import TrialRecord
 from dse.results.status import prediction_agreement
-from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
 from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
-from dse.study.runner import run_study
 from dse.study.samplers import parse_sampler
 
 # The issue's figures, all on SmolLM2-135M (printed beside other models' rows as references only)
@@ -155,22 +152,17 @@ def search(args, model, tokenizer, table, calibration, cache, method, windows) -
     for ratio in args.ratios:
         uniform = uniform_plan(table, ratio=ratio, method=method)
         for name in args.samplers:
-            space = dataclasses.replace(
-                space, budget=Budget(ratio=ratio), starts=("flat", "sensitivity", "errormodel"), align=args.align
-            )
-            config = dataclasses.replace(
+            study, plan, minutes = equal_size_study(
                 base,
+                ratio,
+                measurer,
+                storage,
+                args.trials,
+                space=dataclasses.replace(space, starts=("flat", "sensitivity", "errormodel"), align=args.align),
                 name=f"vs-lems-{args.model}-R{ratio:g}-{name}",
-                space=space,
                 sampler=parse_sampler(dict(SAMPLERS[name])),
-                baselines=(parse_baseline({"ratio": ratio}, "baselines[0]"),),
-                n_trials=args.trials,
             )
-            start = time.perf_counter()
-            study = run_study(config, storage=storage, progress=False, measurer=measurer)
-            minutes = (time.perf_counter() - start) / 60
             best = study.best_trial
-            plan = Plan.from_dict(TrialRecord.of(best).plan)
             assert plan.kept_params(table) <= uniform.kept_params(table), "the searched plan is over budget"
             plan.save(out / "plans" / f"R{ratio:g}-{name}.json")
             held = plan_perplexities(model, plan, {"h": windows["held-out"]}, cache=cache, calibration=calibration)

@@ -18,24 +18,21 @@ model (issue 9). Writes ``OUT/plans/R*.json`` (the best plans), ``OUT/allocation
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from common import BENCHMARKS, ROOT, plan_perplexities
+from common import BENCHMARKS, ROOT, equal_size_study, plan_perplexities
 
 from dse.decompose import FactorCache, Plan, calibrate, factor_forms, uniform_plan
 from dse.evaluate import Evaluator, perplexity
 from dse.model import find_projections, load_model, param_count
 from dse.results import TrialRecord
-from dse.space import Budget, parse_baseline
 from dse.study.config import load_study_config
 from dse.study.measure import Measurer
 from dse.study.protocols import P1_HELD_OUT_PAGES, p1_calibration, p1_windows
-from dse.study.runner import run_study
 
 SVDLLM_REFERENCE = {0.1: 84.63, 0.2: 131.83, 0.4: 323.73}  # SVD-LLM's code on SmolLM2, issue 9
 
@@ -96,19 +93,10 @@ def main(argv=None) -> None:
         u_p1, u_held = plan_perplexities(
             model, uniform, {"P1": p1, "held": held}, cache=cache, calibration=calibration
         ).values()
-        space = dataclasses.replace(base_config.space, budget=Budget(ratio=ratio))
-        config = dataclasses.replace(
-            base_config,
-            name=f"vs-svdllm-R{ratio:g}",
-            space=space,
-            baselines=(parse_baseline({"ratio": ratio}, "baselines[0]"),),
-            n_trials=args.trials,
+        study, plan, minutes = equal_size_study(
+            base_config, ratio, measurer, storage, args.trials, name=f"vs-svdllm-R{ratio:g}"
         )
-        start = time.perf_counter()
-        study = run_study(config, storage=storage, progress=False, measurer=measurer)
-        minutes = (time.perf_counter() - start) / 60
         best = study.best_trial
-        plan = Plan.from_dict(TrialRecord.of(best).plan)
         plan.save(out / "plans" / f"R{ratio:g}.json")
         best_plans[ratio] = plan
         s_held = plan_perplexities(model, plan, {"held": held}, cache=cache, calibration=calibration)["held"]
