@@ -45,22 +45,20 @@ def format_front(front: pd.DataFrame) -> str:
 def prediction_agreement(study) -> Optional[Tuple[float, int, str]]:
     """How well the error model's predictions (``predicted_loss``, recorded by the ``errormodel``
     sampler) rank the measured losses: Spearman's rank correlation over the completed trials that
-    have both (nan where either is constant), the number of trials and the metric (perplexity,
-    else accuracy lost); None with fewer than three such trials."""
-    pairs = {"perplexity": [], "accuracy": []}
+    have both (nan where either is constant), the number of trials and the metric the model fits
+    (perplexity when the study optimises it, else accuracy lost); None with fewer than three such
+    trials."""
+    objectives = (study.user_attrs.get("dse") or {}).get("objectives", ())
+    metric, sign = ("perplexity", 1) if "perplexity" in objectives else ("accuracy", -1)
+    pairs = []
     for t in study.get_trials(deepcopy=False):
         record = TrialRecord.of(t)
-        predicted = record.get("predicted_loss")
-        if t.state.name != "COMPLETE" or predicted is None:
-            continue
-        for metric, sign in (("perplexity", 1), ("accuracy", -1)):
-            value = record.get(metric)
-            if value is not None and math.isfinite(value):
-                pairs[metric].append((predicted, sign * value))
-    metric = "perplexity" if pairs["perplexity"] else "accuracy"
-    if len(pairs[metric]) < 3:
+        predicted, value = record.get("predicted_loss"), record.get(metric)
+        if t.state.name == "COMPLETE" and predicted is not None and value is not None and math.isfinite(value):
+            pairs.append((predicted, sign * value))
+    if len(pairs) < 3:
         return None
-    predicted, measured = zip(*pairs[metric])
+    predicted, measured = zip(*pairs)
     constant = len(set(predicted)) < 2 or len(set(measured)) < 2
     rho = math.nan if constant else spearmanr(predicted, measured).statistic
     return float(rho), len(predicted), metric
