@@ -97,6 +97,8 @@ def main(argv=None) -> None:
         flush=True,
     )
     rows = [{"model": "dense", "variant": "-", **measures(model, evaluator, windows)}] if args.controls else []
+    if rows:  # each row as soon as it is measured: a run stopped early keeps what it measured
+        print(pd.DataFrame(rows).to_string(index=False), flush=True)
     full = Plan({n: p.full_rank for n, p in table.items()}, "svd")
     for variant in args.variants if args.controls else ():
         tuned = dataclasses.replace(recipe, **VARIANTS[variant])
@@ -112,12 +114,13 @@ def main(argv=None) -> None:
         kw = {"cache": cache, "calibration": calibration, "table": table}
         with decomposed(model, plan, **kw):
             rows.append({"model": f"R {ratio:g}", "variant": "unhealed", **measures(model, evaluator, windows)})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
         for variant in args.variants:
             tuned = dataclasses.replace(recipe, **VARIANTS[variant])
             start = time.perf_counter()
             row = healed_row(model, plan, tuned, heal_windows, evaluator, windows, **kw)
             rows.append({"model": f"R {ratio:g}", "variant": variant, **row, "wall s": time.perf_counter() - start})
-            print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
     frame = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
