@@ -302,7 +302,7 @@ def test_grid_plan_equals_brute_force(table, group, ranks, rules):
     assert low == min(sizes) and high == params_of({}, sel)
     for fraction in (0.0, 0.3, 0.7, 1.0):
         kept = low + fraction * (high - low)
-        plan = grid_plan(space, context, model, kept)
+        plan = grid_plan(space, context, model, fraction)
         best = min(model.predict(r) for r, size in zip(plans, sizes) if size <= kept)
         assert dict(plan.ranks) in [dict(r) for r in plans]  # a plan of the space, rules included
         assert params_of(plan.ranks, sel) <= kept

@@ -235,11 +235,15 @@ def _layer_rules(rules, layers: List[int], offset: int) -> Tuple[int, list]:
     return len(layers), rows
 
 
-def grid_plan(space, context: SpaceContext, model: ErrorModel, kept: float, coef: Optional[np.ndarray] = None) -> Plan:
+def grid_plan(space, context: SpaceContext, model: ErrorModel, size: float, coef: Optional[np.ndarray] = None) -> Plan:
     """The plan of grid ``space`` that minimises ``model``'s predicted loss (under ``coef``) with at
-    most ``kept`` parameters in its selected modules (see :func:`grid_programs`)."""
+    most ``low + size · (high − low)`` parameters in its selected modules, ``low`` and ``high`` the
+    grid's smallest plan's and dense (:func:`grid_sizes`; ``size`` in [0, 1]); see :func:`grid_programs`."""
+    programs = grid_programs(space, context, model, coef)
+    low, high = _sizes(space, context, programs)
+    kept = low + size * (high - low)
     best = None
-    for program, read in grid_programs(space, context, model, coef):
+    for program, read in programs:
         try:
             x = program.solve(kept)
         except AllocationError:
@@ -254,9 +258,12 @@ def grid_plan(space, context: SpaceContext, model: ErrorModel, kept: float, coef
 
 def grid_sizes(space, context: SpaceContext, model: ErrorModel) -> Tuple[float, float]:
     """The fewest and the most parameters the selected modules of grid ``space``'s plans keep."""
-    layout = space.layout(context.table)
-    dense = float(sum(context.table[n].dense_params for n in layout.resolved))
-    return min(program.cheapest() for program, _ in grid_programs(space, context, model)), dense
+    return _sizes(space, context, grid_programs(space, context, model))
+
+
+def _sizes(space, context: SpaceContext, programs) -> Tuple[float, float]:
+    dense = float(sum(context.table[n].dense_params for n in space.layout(context.table).resolved))
+    return min(program.cheapest() for program, _ in programs), dense
 
 
 def errormodel_start(space, table, method, *, model_params: int, measure, latency=None, importances=None) -> Plan:

@@ -41,7 +41,7 @@ import optuna
 from ..core.errors import StudyError
 from ..decompose import Plan
 from ..results.record import TrialRecord
-from ..space import AllocationError, ErrorModel, Observation, Space, SpaceContext, best_plan, fit, grid_plan, grid_sizes
+from ..space import AllocationError, ErrorModel, Observation, Space, SpaceContext, best_plan, fit, grid_plan
 
 
 def measured_loss(metric: str, value: float, base: float) -> float:
@@ -176,5 +176,4 @@ def _optimum(space, context: SpaceContext, model: ErrorModel, coef, rng, near=No
             return best_plan(space, context, model, coef, near, radius)
         except AllocationError:  # no plan of the space within the budget in the region
             return best_plan(space, context, model, coef)
-    low, high = grid_sizes(space, context, model)
-    return grid_plan(space, context, model, low + rng.random() * (high - low), coef)
+    return grid_plan(space, context, model, rng.random(), coef)
